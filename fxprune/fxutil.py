@@ -1,0 +1,47 @@
+"""Small helpers over torch.fx nodes shared by the passes and the cost model."""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Dict
+
+import torch
+import torch.fx
+
+from .tracing import TensorSpec, value_spec
+
+
+def bind_arguments(node: torch.fx.Node) -> Dict[str, Any]:
+    """Arguments of a call_function node by parameter name (defaults filled in)."""
+    try:
+        sig = inspect.signature(node.target)
+        bound = sig.bind(*node.args, **node.kwargs)
+        bound.apply_defaults()
+        return dict(bound.arguments)
+    except (TypeError, ValueError):
+        from torch.fx.operator_schemas import normalize_function
+        result = normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True)
+        return dict(result.kwargs) if result is not None else {}
+
+
+
+def einsum_subscripts(node: torch.fx.Node):
+    """(operands, subscripts) of a matmul/einsum node, or None if it is not one we understand."""
+    fn = node.target
+    if fn is torch.einsum or getattr(fn, "__name__", "") == "einsum":
+        equation = node.args[0].replace(" ", "")
+        if "..." in equation or "->" not in equation:
+            return None
+        operands = list(node.args[1]) if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else list(node.args[1:])
+        lhs, rhs = equation.split("->")
+        return operands, lhs.split(",") + [rhs]
+    a, b = node.args[0], node.args[1]
+    sa, sb = value_spec(a), value_spec(b)
+    if not (isinstance(sa, TensorSpec) and isinstance(sb, TensorSpec)) or sa.ndim < 2 or sb.ndim < 2:
+        return None
+    nb = max(sa.ndim, sb.ndim) - 2
+    batch = [chr(ord("a") + i) for i in range(nb)]
+    sub_a = "".join(batch[nb - (sa.ndim - 2):]) + "yk"
+    sub_b = "".join(batch[nb - (sb.ndim - 2):]) + "kz"
+    return [a, b], [sub_a, sub_b, "".join(batch) + "yz"]
+
+

@@ -1,0 +1,213 @@
+"""The pruning IR.
+
+Vocabulary (used everywhere in fxprune):
+- element: one channel position of one *source space* (a conv/linear output, ...). Elements are
+  integers; an op that couples two channel positions unions their elements.
+- unit: an equivalence class of elements; the atom of pruning. Removing a unit zeroes every tensor
+  position that carries one of its elements. (A unit can carry several positions: a ViT residual
+  channel is coupled to the same position in every attention head.)
+- ChannelMap: for one tensor value, per dim either None (not a channel dim) or a vector of element
+  ids, one per position. A position is kept iff its units are kept in every tracked dim.
+- ChannelGroup: the units of coupled source spaces (conv3 + downsample + every residual add),
+  scored, allocated and reported together.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch.fx
+
+
+class ElementSets:
+    """Union-find over channel elements, with each element's source space and freeze records."""
+
+    def __init__(self):
+        self._parent = np.zeros(0, dtype=np.int64)
+        self._space = np.zeros(0, dtype=np.int64)
+        self.spaces: List["SourceSpace"] = []
+        self._freezes: List[Tuple[np.ndarray, str]] = []
+
+    def __len__(self) -> int:
+        return len(self._parent)
+
+    def new_space(self, node: torch.fx.Node, size: int, what: str) -> np.ndarray:
+        start = len(self._parent)
+        ids = np.arange(start, start + size, dtype=np.int64)
+        self._parent = np.concatenate([self._parent, ids])
+        self._space = np.concatenate([self._space, np.full(size, len(self.spaces), dtype=np.int64)])
+        self.spaces.append(SourceSpace(node.name, what, size))
+        return ids
+
+    def find(self, elements: np.ndarray) -> np.ndarray:
+        roots = np.asarray(elements, dtype=np.int64)
+        while True:
+            up = self._parent[roots]
+            if np.array_equal(up, roots):
+                return roots
+            roots = up
+
+    def _find_one(self, x: int) -> int:
+        parent = self._parent
+        root = x
+        while parent[root] != root:
+            root = parent[root]
+        while parent[x] != root:  # path compression
+            parent[x], x = root, parent[x]
+        return int(root)
+
+    def union(self, a: np.ndarray, b: np.ndarray) -> None:
+        """Union a[i] with b[i] for every i."""
+        a, b = np.asarray(a), np.asarray(b)
+        assert a.shape == b.shape, (a.shape, b.shape)
+        ra, rb = self.find(a), self.find(b)
+        for x, y in zip(ra[ra != rb].tolist(), rb[ra != rb].tolist()):
+            x, y = self._find_one(x), self._find_one(y)
+            if x != y:
+                self._parent[max(x, y)] = min(x, y)
+
+    def union_all(self, elements: np.ndarray) -> None:
+        elements = np.asarray(elements).reshape(-1)
+        if elements.size > 1:
+            self.union(elements[1:], np.full(elements.size - 1, elements[0]))
+
+    def freeze(self, elements: np.ndarray, reason: str) -> None:
+        elements = np.asarray(elements).reshape(-1)
+        if elements.size:
+            self._freezes.append((elements, reason))
+
+    def freeze_records(self) -> List[Tuple[np.ndarray, str]]:
+        return list(self._freezes)
+
+    def space_of(self, elements: np.ndarray) -> np.ndarray:
+        return self._space[np.asarray(elements, dtype=np.int64)]
+
+
+@dataclass(frozen=True)
+class SourceSpace:
+    node: str
+    what: str
+    size: int
+
+
+@dataclass(frozen=True, eq=False)
+class ChannelMap:
+    """Per dim of one tensor: None, or the element id at each position of that dim."""
+
+    dims: Tuple[Optional[np.ndarray], ...]
+
+    @staticmethod
+    def untracked(ndim: int) -> "ChannelMap":
+        return ChannelMap((None,) * ndim)
+
+    @staticmethod
+    def single(ndim: int, dim: int, elements: np.ndarray) -> "ChannelMap":
+        dims = [None] * ndim
+        dims[dim] = np.asarray(elements, dtype=np.int64)
+        return ChannelMap(tuple(dims))
+
+    @property
+    def ndim(self) -> int:
+        return len(self.dims)
+
+    def tracked(self) -> List[int]:
+        return [d for d, e in enumerate(self.dims) if e is not None]
+
+    def is_tracked(self) -> bool:
+        return any(e is not None for e in self.dims)
+
+    def replace(self, dim: int, elements: Optional[np.ndarray]) -> "ChannelMap":
+        dims = list(self.dims)
+        dims[dim] = elements
+        return ChannelMap(tuple(dims))
+
+    def all_elements(self) -> np.ndarray:
+        parts = [e for e in self.dims if e is not None]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+@dataclass(frozen=True)
+class ParamSlice:
+    """Parameter or buffer `name` (qualified, as in named_parameters) is sliced along `dim` by `elements`."""
+
+    name: str
+    dim: int
+    elements: np.ndarray = field(compare=False, repr=False)
+
+
+@dataclass
+class ChannelGroup:
+    """Coupled channels: scored, allocated and reported together."""
+
+    id: int
+    name: str
+    units: np.ndarray  # unit indices (into ChannelGroups.unit_* arrays)
+    spaces: List[str]  # producing nodes of the coupled source spaces
+    members: List[Tuple[str, int]] = field(default_factory=list)  # (node, dim) carrying these channels
+    params: List[Tuple[str, int]] = field(default_factory=list)  # (param name, dim) sliced by these channels
+    frozen_reasons: List[str] = field(default_factory=list)
+    n_frozen: int = 0
+
+    @property
+    def size(self) -> int:
+        return int(len(self.units))
+
+    @property
+    def prunable(self) -> bool:
+        return self.n_frozen < self.size
+
+
+@dataclass
+class ChannelGroups:
+    """Result of ChannelGroupAnalysis: maps of every node, units, groups and parameter slices."""
+
+    maps: Dict[str, object]  # node name -> ChannelMap | tuple | None
+    element_unit: np.ndarray  # element id -> unit index
+    unit_group: np.ndarray  # unit index -> group id
+    unit_frozen: np.ndarray  # bool per unit
+    groups: List[ChannelGroup]
+    param_slices: Dict[str, Dict[int, np.ndarray]]  # param name -> dim -> elements
+    elements: ElementSets
+    special: Dict[str, dict]  # node name -> rule-specific facts the rewrite needs (e.g. attention)
+
+    @property
+    def n_units(self) -> int:
+        return len(self.unit_group)
+
+    def units_of(self, elements: np.ndarray) -> np.ndarray:
+        return self.element_unit[np.asarray(elements, dtype=np.int64)]
+
+    def kept_positions(self, elements: Optional[np.ndarray], keep_unit: np.ndarray) -> Optional[np.ndarray]:
+        """Indices along a dim that survive, given a keep flag per unit (None: dim not tracked)."""
+        if elements is None:
+            return None
+        return np.nonzero(keep_unit[self.units_of(elements)])[0]
+
+    def table(self) -> str:
+        """A readable table of the groups."""
+        rows = [("group", "size", "frozen", "spaces", "status")]
+        for g in self.groups:
+            status = "prunable" if g.prunable else "blocked: " + "; ".join(g.frozen_reasons[:2])
+            if g.prunable and g.n_frozen:
+                status = f"prunable ({g.n_frozen} frozen: {'; '.join(g.frozen_reasons[:1])})"
+            spaces = ", ".join(g.spaces[:3]) + (f" +{len(g.spaces) - 3}" if len(g.spaces) > 3 else "")
+            rows.append((str(g.id), str(g.size), str(g.n_frozen), spaces, status))
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4] for r in rows]
+        n_prunable = sum(g.prunable for g in self.groups)
+        lines.append(f"{len(self.groups)} groups, {n_prunable} prunable, {self.n_units} channel units")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+@dataclass
+class PrunePlan:
+    """Which units are kept; produced by an allocation pass, consumed by the rewrite."""
+
+    keep_unit: np.ndarray  # bool per unit
+
+    def kept_in_group(self, groups: ChannelGroups, group: ChannelGroup) -> int:
+        return int(self.keep_unit[group.units].sum())

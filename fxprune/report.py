@@ -1,0 +1,63 @@
+"""The report attached to every pruned model at `pruned.meta["fxprune"]`: plain Python data
+(dicts, lists, numbers, strings), so `json.dumps(report)` works as is."""
+from __future__ import annotations
+
+import json
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch.fx
+
+from .budget import Budget
+from .cost import CostModel
+from .ir import ChannelGroups, PrunePlan
+
+
+def build_report(groups: ChannelGroups, plan: PrunePlan, cost: CostModel, budget: Budget, options: Dict[str, Any],
+                 verification: Optional[Dict[str, Any]], seconds: Dict[str, float]) -> Dict[str, Any]:
+    full = np.ones(groups.n_units, dtype=bool)
+    keep = plan.keep_unit
+    flops0, flops1 = cost.flops(full), cost.flops(keep)
+    params0, params1 = cost.params(full), cost.params(keep)
+    report = {
+        "format": "fxprune.report/1",
+        "budget": {"flops": budget.flops, "params": budget.params},
+        "options": options,
+        "flops": {"before": flops0, "after": flops1, "ratio": flops1 / flops0 if flops0 else 1.0,
+                  "convention": "2 x MACs of conv/linear/matmul/attention (as FlopCounterMode)"},
+        "params": {"before": params0, "after": params1, "ratio": params1 / params0 if params0 else 1.0},
+        "groups": [
+            {"id": g.id, "name": g.name, "size": g.size, "kept": plan.kept_in_group(groups, g),
+             "frozen": g.n_frozen, "blocked": not g.prunable, "reasons": list(g.frozen_reasons),
+             "spaces": list(g.spaces), "members": [[n, d] for n, d in g.members],
+             "params": [[p, d] for p, d in g.params]}
+            for g in groups.groups
+        ],
+        "modules": _module_slices(groups, keep),
+        "verification": verification,
+        "seconds": seconds,
+    }
+    return report
+
+
+def _module_slices(groups: ChannelGroups, keep: np.ndarray) -> Dict[str, Any]:
+    """Per module whose parameters were sliced: kept indices of each sliced param dim, plus
+    `out`/`in` (dims 0 and 1 of its weight) for the common case."""
+    modules: Dict[str, Any] = {}
+    for name, dims in sorted(groups.param_slices.items()):
+        module, _, local = name.rpartition(".")
+        entry = modules.setdefault(module, {"params": {}})
+        kept = {int(d): groups.kept_positions(e, keep).tolist() for d, e in dims.items()}
+        if all(len(v) == len(dims[d]) for d, v in kept.items()):
+            continue
+        entry["params"][local] = {str(d): v for d, v in kept.items()}
+        if local in ("weight", "in_proj_weight"):
+            if 0 in kept:
+                entry["out"] = kept[0]
+            if 1 in kept:
+                entry["in"] = kept[1]
+    return {m: e for m, e in modules.items() if e["params"]}
+
+
+def report_json(pruned: torch.fx.GraphModule, indent: int = 2) -> str:
+    return json.dumps(pruned.meta["fxprune"], indent=indent)

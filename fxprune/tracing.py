@@ -1,0 +1,133 @@
+"""Tracing (torch.fx.symbolic_trace on a private eval-mode copy) and shape propagation.
+
+Shape propagation runs the traced graph once on the example inputs and records, for every node,
+a frozen `TensorSpec` (or a tuple of them) in `node.meta["fxprune.value"]`. Wrong example inputs
+fail here, with the node that could not run."""
+from __future__ import annotations
+
+import copy
+import traceback
+import warnings
+from dataclasses import dataclass
+from typing import Any, Iterable, Optional, Sequence, Tuple
+
+import torch
+import torch.fx
+
+from .errors import ExampleInputsError, UnsupportedModelError, describe_node
+
+VALUE_KEY = "fxprune.value"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    shape: Tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+
+class _Tracer(torch.fx.Tracer):
+    """symbolic_trace's tracer, plus user-chosen leaf modules (kept opaque, hence frozen)."""
+
+    def __init__(self, leaf_modules: Sequence[Any] = ()):
+        super().__init__()
+        self._leaf_types = tuple(m for m in leaf_modules if isinstance(m, type))
+        self._leaf_names = {m for m in leaf_modules if isinstance(m, str)}
+
+    def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
+        if isinstance(m, self._leaf_types) or qualname in self._leaf_names:
+            return True
+        return super().is_leaf_module(m, qualname)
+
+
+def private_eval_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy in eval mode: the user's model (weights, buffers, training flags) is never touched."""
+    if not isinstance(model, torch.nn.Module):
+        raise UnsupportedModelError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if model.training:
+        warnings.warn(
+            "fxprune: the model is in training mode; it is traced and pruned in eval mode (BatchNorm uses "
+            "running statistics, dropout is off, auxiliary heads are dropped) and the result is returned in "
+            "eval mode. Call .train() on the result to fine-tune it.",
+            stacklevel=3,
+        )
+    return copy.deepcopy(model).eval()
+
+
+def trace_model(model: torch.nn.Module, leaf_modules: Sequence[Any] = ()) -> torch.fx.GraphModule:
+    """Symbolically trace `model` (already a private copy). Errors point at the user's line."""
+    if isinstance(model, torch.fx.GraphModule):
+        return model
+    tracer = _Tracer(leaf_modules)
+    try:
+        graph = tracer.trace(model)
+    except Exception as exc:  # fx raises TraceError, TypeError, NotImplementedError, ...
+        raise UnsupportedModelError(_trace_failure_message(model, exc)) from exc
+    name = model.__class__.__name__
+    return torch.fx.GraphModule(tracer.root, graph, name)
+
+
+def _trace_failure_message(model: torch.nn.Module, exc: Exception) -> str:
+    frames = traceback.extract_tb(exc.__traceback__)
+    user = [f for f in frames if "/torch/" not in f.filename and "/fxprune/" not in f.filename]
+    where = f"{user[-1].filename}:{user[-1].lineno}: `{(user[-1].line or '').strip()}`" if user else "unknown line"
+    hint = (
+        "fx traces the forward once with symbolic values, so Python control flow (if/for/while) may not "
+        "depend on tensor values or shapes. Fix: rewrite the branch with tensor ops (torch.where), move it "
+        "into a submodule and pass that module in `leaf_modules=` (its channels are then frozen), or trace "
+        "the model yourself with `concrete_args` and pass the GraphModule."
+    )
+    return f"cannot trace {type(model).__name__} with torch.fx: {type(exc).__name__}: {exc}\n  at {where}\n  {hint}"
+
+
+def normalise_example_inputs(example_inputs) -> Tuple[Any, ...]:
+    if example_inputs is None:
+        raise ExampleInputsError("example_inputs is required: a tuple of tensors the model accepts, e.g. (torch.randn(1, 3, 224, 224),)")
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (list, tuple)):
+        return tuple(example_inputs)
+    raise ExampleInputsError(f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}")
+
+
+def spec_of(value: Any):
+    if isinstance(value, torch.Tensor):
+        return TensorSpec(tuple(value.shape), value.dtype)
+    if isinstance(value, (tuple, list)):
+        return tuple(spec_of(v) for v in value)
+    return None
+
+
+class ShapePropagation(torch.fx.Interpreter):
+    """Analysis pass: records `node.meta["fxprune.value"]`; leaves the graph unchanged."""
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        try:
+            result = super().run_node(n)
+        except Exception as exc:
+            placeholders = [p for p in self.graph.nodes if p.op == "placeholder"]
+            raise ExampleInputsError(
+                f"the model failed on example_inputs at {describe_node(n)}: {type(exc).__name__}: {exc}\n"
+                f"  check the shape and dtype of example_inputs (the model takes {len(placeholders)} input(s): "
+                f"{', '.join(p.name for p in placeholders)})"
+            ) from exc
+        n.meta[VALUE_KEY] = spec_of(result)
+        return result
+
+
+def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Tuple[Any, ...]) -> Any:
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(example_inputs) != len(placeholders):
+        raise ExampleInputsError(
+            f"the model takes {len(placeholders)} input(s) ({', '.join(p.name for p in placeholders)}) but "
+            f"example_inputs has {len(example_inputs)}"
+        )
+    with torch.no_grad():
+        return ShapePropagation(gm).run(*example_inputs)
+
+
+def value_spec(node: torch.fx.Node) -> Optional[Any]:
+    return node.meta.get(VALUE_KEY)

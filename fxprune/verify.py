@@ -1,0 +1,243 @@
+"""Verification: the pruned model against its specification, the masked original.
+
+The masked original (DESIGN.md, "Reference semantics") is the original graph in float64 where every
+pruned channel is zero wherever it is read: each node's output is masked along its channel dims,
+every parameter slice of a pruned channel is zeroed (so attention's internal q/k/v positions vanish
+too), and ops that reduce over channels (LayerNorm, GroupNorm) normalise over the kept channels
+only. `pruned(x) == masked(x)` in float64 tests the dependency analysis and the rewrite together.
+
+Also here: the invariant checks that run after every pass in the tests and with FXPRUNE_VERIFY=1."""
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch.fx.node import map_aggregate
+
+from .errors import FxPruneError, VerificationError, describe_node
+from .ir import ChannelGroups, ChannelMap, PrunePlan
+from .tracing import TensorSpec, value_spec
+
+
+def debug_checks_enabled() -> bool:
+    return os.environ.get("FXPRUNE_VERIFY", "") not in ("", "0")
+
+
+@dataclass(frozen=True)
+class VerificationResult:
+    max_abs_error: float
+    reference_scale: float
+    tolerance: float
+    n_trials: int
+
+    def as_dict(self) -> Dict[str, Any]:
+        return {"passed": True, "max_abs_error": self.max_abs_error, "reference_scale": self.reference_scale,
+                "tolerance": self.tolerance, "trials": self.n_trials, "dtype": "float64"}
+
+
+class MaskedOriginal(torch.fx.Interpreter):
+    """Runs the original graph with pruned channels zeroed wherever they are read."""
+
+    def __init__(self, gm: torch.fx.GraphModule, groups: ChannelGroups, keep_unit: np.ndarray, record: bool = False):
+        super().__init__(gm)
+        self.groups, self.keep_unit, self.record = groups, keep_unit, record
+        self.values: Dict[str, Any] = {}
+        self._masks: Dict[bytes, torch.Tensor] = {}
+
+    def kept_mask(self, elements: np.ndarray) -> Optional[torch.Tensor]:
+        keep = self.keep_unit[self.groups.units_of(elements)]
+        return None if keep.all() else torch.as_tensor(keep)
+
+    def mask(self, value: Any, m: Any) -> Any:
+        if isinstance(value, torch.Tensor) and isinstance(m, ChannelMap):
+            for d in m.tracked():
+                keep = self.kept_mask(m.dims[d])
+                if keep is not None:
+                    shape = [1] * value.ndim
+                    shape[d] = -1
+                    value = torch.where(keep.reshape(shape), value, torch.zeros((), dtype=value.dtype))
+            return value
+        if isinstance(value, (tuple, list)) and isinstance(m, tuple):
+            return type(value)(self.mask(v, mm) for v, mm in zip(value, m))
+        return value
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        info = self.groups.special.get(n.name, {})
+        if "reduces_over" in info:
+            with self._set_current_node(n):
+                args, kwargs = self.fetch_args_kwargs_from_env(n)
+                result = self.normalise_over_kept(n, info, args, kwargs)
+        else:
+            result = super().run_node(n)
+        result = self.mask(result, self.groups.maps.get(n.name))
+        if self.record:
+            self.values[n.name] = result
+        return result
+
+    def normalise_over_kept(self, n: torch.fx.Node, info: dict, args, kwargs) -> torch.Tensor:
+        """LayerNorm/GroupNorm applied to the kept channels only (their reference semantics)."""
+        x = args[0]
+        d = info["reduces_over"]
+        m = self.groups.maps[n.args[0].name]
+        idx = torch.as_tensor(self.groups.kept_positions(m.dims[d], self.keep_unit))
+        xs = x.index_select(d, idx)
+        if n.op == "call_module":
+            module = self.fetch_attr(n.target)
+            weight, bias, eps = module.weight, module.bias, module.eps
+            k = len(module.normalized_shape) if info["kind"] == "layer_norm" else None
+        else:
+            bound = dict(zip(["input", "normalized_shape", "weight", "bias", "eps"], args))
+            bound.update(kwargs)
+            weight, bias, eps = bound.get("weight"), bound.get("bias"), bound.get("eps", 1e-5)
+            k = len(bound["normalized_shape"])
+        if info["kind"] == "layer_norm":
+            pd = d - info["first"]
+            w = weight.index_select(pd, idx) if weight is not None else None
+            b = bias.index_select(pd, idx) if bias is not None else None
+            ys = F.layer_norm(xs, xs.shape[x.ndim - k:], w, b, eps)
+        else:
+            w = weight.index_select(0, idx) if weight is not None else None
+            b = bias.index_select(0, idx) if bias is not None else None
+            ys = F.group_norm(xs, info["num_groups"], w, b, eps)
+        return torch.zeros_like(x).index_copy(d, idx, ys)
+
+
+class _Recorder(torch.fx.Interpreter):
+    def __init__(self, gm):
+        super().__init__(gm)
+        self.values: Dict[str, Any] = {}
+
+    def run_node(self, n):
+        result = super().run_node(n)
+        self.values[n.name] = result
+        return result
+
+
+def masked_model_copy(gm: torch.fx.GraphModule, groups: ChannelGroups, keep_unit: np.ndarray) -> torch.fx.GraphModule:
+    """A float64 copy of the original with every parameter slice of a pruned channel zeroed."""
+    masked = copy.deepcopy(gm).double()
+    with torch.no_grad():
+        for name, dims in groups.param_slices.items():
+            tensor = masked.get_parameter(name) if _is_param(masked, name) else masked.get_buffer(name)
+            for dim, elements in dims.items():
+                pruned = np.nonzero(~keep_unit[groups.units_of(elements)])[0]
+                if len(pruned):
+                    tensor.index_fill_(dim, torch.as_tensor(pruned), 0.0)
+    return masked
+
+
+def _is_param(gm: torch.nn.Module, name: str) -> bool:
+    return name in dict(gm.named_parameters())
+
+
+def verify_pruned(original: torch.fx.GraphModule, pruned: torch.fx.GraphModule, groups: ChannelGroups,
+                  plan: PrunePlan, example_inputs: Tuple[Any, ...], trials: int = 1, seed: int = 0) -> VerificationResult:
+    """Raise VerificationError unless pruned(x) == masked_original(x) in float64 on random inputs."""
+    masked = masked_model_copy(original, groups, plan.keep_unit)
+    pruned64 = copy.deepcopy(pruned).double()
+    generator = torch.Generator().manual_seed(seed)
+    worst, scale_seen, tol_seen = 0.0, 0.0, 0.0
+    with torch.no_grad():
+        for _ in range(trials):
+            inputs = tuple(_random_like(x, generator) for x in example_inputs)
+            ref = MaskedOriginal(masked, groups, plan.keep_unit).run(*inputs)
+            got = pruned64(*inputs)
+            err, scale = _max_error(ref, got)
+            tol = 1e-7 * max(1.0, scale)
+            worst, scale_seen, tol_seen = max(worst, err), max(scale_seen, scale), tol
+            if not err <= tol:
+                raise VerificationError(_localise(masked, pruned64, groups, plan, inputs, err, tol))
+    return VerificationResult(worst, scale_seen, tol_seen, trials)
+
+
+def _random_like(x: Any, generator: torch.Generator) -> Any:
+    if isinstance(x, torch.Tensor) and x.is_floating_point():
+        return torch.randn(x.shape, generator=generator, dtype=torch.float64)
+    return x
+
+
+def _max_error(ref: Any, got: Any) -> Tuple[float, float]:
+    refs, gots = [], []
+    map_aggregate(ref, lambda t: refs.append(t) if isinstance(t, torch.Tensor) else None)
+    map_aggregate(got, lambda t: gots.append(t) if isinstance(t, torch.Tensor) else None)
+    if len(refs) != len(gots):
+        return float("inf"), 0.0
+    err, scale = 0.0, 0.0
+    for r, g in zip(refs, gots):
+        if r.shape != g.shape:
+            return float("inf"), 0.0
+        if r.numel():
+            err = max(err, float((r.double() - g.double()).abs().max()))
+            scale = max(scale, float(r.double().abs().max()))
+    return err, scale
+
+
+def _localise(masked, pruned64, groups, plan, inputs, err, tol) -> str:
+    """Find the first node whose pruned value differs from the masked one at the kept positions."""
+    reference = MaskedOriginal(masked, groups, plan.keep_unit, record=True)
+    reference.run(*inputs)
+    recorder = _Recorder(pruned64)
+    try:
+        recorder.run(*inputs)
+    except Exception as exc:  # the pruned graph did not even run: report where
+        failing = next((n for n in pruned64.graph.nodes if n.name not in recorder.values), None)
+        return (f"fxprune internal error: the pruned model fails at {describe_node(failing)}: {type(exc).__name__}: "
+                f"{exc}{_groups_of(groups, failing.name if failing else '')}")
+    for node in masked.graph.nodes:
+        if node.op in ("placeholder", "output") or node.name not in recorder.values:
+            continue
+        ref, got = reference.values.get(node.name), recorder.values[node.name]
+        if not isinstance(ref, torch.Tensor) or not isinstance(got, torch.Tensor):
+            continue
+        m = groups.maps.get(node.name)
+        if isinstance(m, ChannelMap):
+            for d in m.tracked():
+                ref = ref.index_select(d, torch.as_tensor(groups.kept_positions(m.dims[d], plan.keep_unit)))
+        if ref.shape != got.shape:
+            return (f"fxprune internal error: {describe_node(node)} has shape {tuple(got.shape)} after pruning, "
+                    f"expected {tuple(ref.shape)}{_groups_of(groups, node.name)}")
+        node_err = float((ref - got).abs().max()) if ref.numel() else 0.0
+        if node_err > 1e-7 * max(1.0, float(ref.abs().max()) if ref.numel() else 0.0):
+            return (f"fxprune internal error: pruned model differs from the masked original (max error {err:.3g} > "
+                    f"{tol:.3g}); first divergence at {describe_node(node)} (error {node_err:.3g})"
+                    f"{_groups_of(groups, node.name)}")
+    return f"fxprune internal error: pruned model differs from the masked original (max error {err:.3g} > {tol:.3g})"
+
+
+def _groups_of(groups: ChannelGroups, node_name: str) -> str:
+    ids = sorted({g.id for g in groups.groups for (n, _) in g.members if n == node_name})
+    return f"; channel groups involved: {ids}" if ids else ""
+
+
+# --------------------------------------------------------------------------- invariant checks
+def check_graph(gm: torch.fx.GraphModule, where: str) -> None:
+    try:
+        gm.graph.lint()
+    except Exception as exc:
+        raise FxPruneError(f"graph lint failed after {where}: {exc}") from exc
+
+
+def graph_fingerprint(gm: torch.fx.GraphModule) -> str:
+    return gm.code
+
+
+def check_groups(gm: torch.fx.GraphModule, groups: ChannelGroups) -> None:
+    """Group sizes agree with weight and tensor shapes."""
+    named = dict(gm.named_parameters())
+    named.update(dict(gm.named_buffers()))
+    for name, dims in groups.param_slices.items():
+        for d, elements in dims.items():
+            if named[name].shape[d] != len(elements):
+                raise FxPruneError(f"invariant: {name} dim {d} has size {named[name].shape[d]}, its channel map {len(elements)}")
+    for node in gm.graph.nodes:
+        m, spec = groups.maps.get(node.name), value_spec(node)
+        for mm, ss in zip(m if isinstance(m, tuple) else (m,), spec if isinstance(spec, tuple) else (spec,)):
+            if isinstance(mm, ChannelMap) and isinstance(ss, TensorSpec):
+                if mm.ndim != ss.ndim or any(e is not None and len(e) != s for e, s in zip(mm.dims, ss.shape)):
+                    raise FxPruneError(f"invariant: channel map of {describe_node(node)} does not fit shape {ss.shape}")

@@ -1,0 +1,1 @@
+"""fxprune's passes (installed as `fxprune.passes`): dependency analysis, importance, allocation, rewrite."""

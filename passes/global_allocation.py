@@ -1,0 +1,105 @@
+"""GlobalAllocation: one ranking of channels across all groups, cut where the budget is met.
+
+Each unit's value is its importance normalised within its group divided by the FLOPs (or params)
+it costs, so a cheap, important channel outlives an expensive, unimportant one. Units leave in
+chunks that keep every group's width legal (round_to, min_channels, frozen units); the chunks are
+merged into one order and the shortest prefix that meets the budget is found by bisection on the
+exact cost model. Requires: ChannelGroups, CostModel, scores. Produces: PrunePlan."""
+from __future__ import annotations
+
+import heapq
+from typing import List, Tuple
+
+import numpy as np
+
+from fxprune.budget import Budget
+from fxprune.cost import CostModel
+from fxprune.errors import BudgetError, NoPrunableChannelsError
+from fxprune.ir import ChannelGroups, PrunePlan
+from .allocation_common import allowed_kept_counts, normalised_importance, removal_order
+
+
+class GlobalAllocation:
+    mutates_input = False
+
+    def __init__(self, budget: Budget, round_to: int = 1, min_channels: int = 1):
+        self.budget, self.round_to, self.min_channels = budget, round_to, min_channels
+
+    def run(self, groups: ChannelGroups, cost: CostModel, scores: np.ndarray) -> PrunePlan:
+        norm = normalised_importance(groups, scores)
+        unit_cost = cost.unit_cost("flops" if self.budget.flops is not None else "params")
+        prunable = ~groups.unit_frozen
+        if not prunable.any():
+            raise NoPrunableChannelsError(_no_prunable_message(groups))
+        scale = unit_cost[prunable].mean() or 1.0
+        value = norm / np.maximum(unit_cost / scale, 1e-12)
+
+        chunks: List[np.ndarray] = []
+        heap: List[Tuple[float, int, int]] = []
+        per_group: List[List[np.ndarray]] = []
+        for g in groups.groups:
+            order = removal_order(groups, g, norm)
+            counts = allowed_kept_counts(g, g.n_frozen, self.round_to, self.min_channels)
+            group_chunks, removed = [], 0
+            for kept in counts[1:]:
+                n_remove = g.size - kept
+                group_chunks.append(order[removed:n_remove])
+                removed = n_remove
+            per_group.append(group_chunks)
+            if group_chunks:
+                heapq.heappush(heap, (float(value[group_chunks[0]].mean()), g.id, 0))
+        while heap:  # merge the groups' chunk sequences by value, each group in its own order
+            _, gid, i = heapq.heappop(heap)
+            chunks.append(per_group[gid][i])
+            if i + 1 < len(per_group[gid]):
+                heapq.heappush(heap, (float(value[per_group[gid][i + 1]].mean()), gid, i + 1))
+        return PrunePlan(_shortest_prefix(chunks, groups.n_units, cost, self.budget))
+
+
+def _shortest_prefix(chunks: List[np.ndarray], n_units: int, cost: CostModel, budget: Budget) -> np.ndarray:
+    full = np.ones(n_units, dtype=bool)
+    flops0, params0 = cost.flops(full), cost.params(full)
+
+    def keep_after(k: int) -> np.ndarray:
+        keep = full.copy()
+        if k:
+            keep[np.concatenate(chunks[:k])] = False
+        return keep
+
+    def meets(keep: np.ndarray) -> bool:
+        ok = True
+        if budget.flops is not None:
+            ok &= cost.flops(keep) <= budget.flops * flops0 * (1 + 1e-9)
+        if budget.params is not None:
+            ok &= cost.params(keep) <= budget.params * params0 * (1 + 1e-9)
+        return bool(ok)
+
+    if not meets(keep_after(len(chunks))):
+        raise BudgetError(unreachable_message(cost, keep_after(len(chunks)), budget, flops0, params0))
+    lo, hi = 0, len(chunks)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if meets(keep_after(mid)):
+            hi = mid
+        else:
+            lo = mid + 1
+    return keep_after(lo)
+
+
+def unreachable_message(cost: CostModel, keep: np.ndarray, budget: Budget, flops0: float, params0: float) -> str:
+    got = f"FLOPs {cost.flops(keep) / flops0:.1%}, params {cost.params(keep) / params0:.1%}"
+    want = ", ".join(f"{k} {v:.1%}" for k, v in (("FLOPs", budget.flops), ("params", budget.params)) if v is not None)
+    return (f"budget unreachable: pruning every prunable channel down to min_channels/round_to keeps {got} of the "
+            f"original, but the budget asks for {want}. Frozen groups (graph outputs, ignored modules, ops without "
+            f"a rule; see fxprune.analyze(...)) keep the rest. Loosen the budget, lower min_channels/round_to, or "
+            f"remove entries from ignore.")
+
+
+def _no_prunable_message(groups: ChannelGroups) -> str:
+    reasons = []
+    for g in groups.groups:
+        for r in g.frozen_reasons:
+            if r not in reasons:
+                reasons.append(r)
+    listed = "\n  ".join(reasons[:10])
+    return f"no channel can be pruned: every group is frozen. Reasons:\n  {listed}"

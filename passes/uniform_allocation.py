@@ -1,0 +1,55 @@
+"""UniformAllocation: the same keep ratio in every prunable group (the least important units leave),
+with the ratio found by bisection so the budget is met. Requires/produces as GlobalAllocation."""
+from __future__ import annotations
+
+import numpy as np
+
+from fxprune.budget import Budget
+from fxprune.cost import CostModel
+from fxprune.errors import BudgetError, NoPrunableChannelsError
+from fxprune.ir import ChannelGroups, PrunePlan
+from .allocation_common import allowed_kept_counts, normalised_importance, removal_order
+from .global_allocation import _no_prunable_message, unreachable_message
+
+
+class UniformAllocation:
+    mutates_input = False
+
+    def __init__(self, budget: Budget, round_to: int = 1, min_channels: int = 1):
+        self.budget, self.round_to, self.min_channels = budget, round_to, min_channels
+
+    def run(self, groups: ChannelGroups, cost: CostModel, scores: np.ndarray) -> PrunePlan:
+        if groups.unit_frozen.all():
+            raise NoPrunableChannelsError(_no_prunable_message(groups))
+        norm = normalised_importance(groups, scores)
+        orders = [removal_order(groups, g, norm) for g in groups.groups]
+        allowed = [allowed_kept_counts(g, g.n_frozen, self.round_to, self.min_channels) for g in groups.groups]
+        full = np.ones(groups.n_units, dtype=bool)
+        flops0, params0 = cost.flops(full), cost.params(full)
+
+        def keep_at(ratio: float) -> np.ndarray:
+            keep = full.copy()
+            for g, order, counts in zip(groups.groups, orders, allowed):
+                want = ratio * g.size
+                kept = min(counts, key=lambda c: (abs(c - want), -c))
+                keep[order[: g.size - kept]] = False
+            return keep
+
+        def meets(keep) -> bool:
+            ok = True
+            if self.budget.flops is not None:
+                ok &= cost.flops(keep) <= self.budget.flops * flops0 * (1 + 1e-9)
+            if self.budget.params is not None:
+                ok &= cost.params(keep) <= self.budget.params * params0 * (1 + 1e-9)
+            return bool(ok)
+
+        if not meets(keep_at(0.0)):
+            raise BudgetError(unreachable_message(cost, keep_at(0.0), self.budget, flops0, params0))
+        lo, hi = 0.0, 1.0  # invariant: keep_at(lo) meets the budget
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            if meets(keep_at(mid)):
+                lo = mid
+            else:
+                hi = mid
+        return PrunePlan(keep_at(lo))
