@@ -147,7 +147,10 @@ def verify_pruned(original: torch.fx.GraphModule, pruned: torch.fx.GraphModule, 
         for _ in range(trials):
             inputs = tuple(_random_like(x, generator) for x in example_inputs)
             ref = MaskedOriginal(masked, groups, plan.keep_unit).run(*inputs)
-            got = pruned64(*inputs)
+            try:
+                got = pruned64(*inputs)
+            except Exception:
+                raise VerificationError(_localise(masked, pruned64, groups, plan, inputs, float("inf"), 0.0)) from None
             err, scale = _max_error(ref, got)
             tol = 1e-7 * max(1.0, scale)
             worst, scale_seen, tol_seen = max(worst, err), max(scale_seen, scale), tol

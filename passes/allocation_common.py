@@ -5,7 +5,7 @@ from typing import List
 
 import numpy as np
 
-from fxprune.ir import ChannelGroup, ChannelGroups
+from fxprune.ir import ChannelGroup, ChannelGroups, ChannelMap
 
 
 def allowed_kept_counts(group: ChannelGroup, n_frozen: int, round_to: int, min_channels: int) -> List[int]:
@@ -36,7 +36,28 @@ def normalised_importance(groups: ChannelGroups, scores: np.ndarray) -> np.ndarr
     return out
 
 
-def removal_order(groups: ChannelGroups, group: ChannelGroup, norm_scores: np.ndarray) -> np.ndarray:
-    """The group's prunable units, least important first (ties broken by position)."""
-    units = group.units[~groups.unit_frozen[group.units]]
+def protected_units(groups: ChannelGroups, norm_scores: np.ndarray) -> np.ndarray:
+    """Units that must stay so that no tensor dim is pruned to zero width.
+
+    min_channels bounds a group, but one half of a split (ShuffleNet's chunk) or one segment of a
+    tensor may hold only some of a group's units; each tracked dim keeps its most important unit."""
+    protected = groups.unit_frozen.copy()
+    seen = set()
+    for value in groups.maps.values():
+        for m in value if isinstance(value, tuple) else (value,):
+            if not isinstance(m, ChannelMap):
+                continue
+            for d in m.tracked():
+                units = np.unique(groups.units_of(m.dims[d]))
+                key = units.tobytes()
+                if key in seen or protected[units].any():
+                    continue
+                seen.add(key)
+                protected[units[np.argmax(norm_scores[units])]] = True
+    return protected
+
+
+def removal_order(group: ChannelGroup, protected: np.ndarray, norm_scores: np.ndarray) -> np.ndarray:
+    """The group's removable units, least important first (ties broken by position)."""
+    units = group.units[~protected[group.units]]
     return units[np.argsort(norm_scores[units], kind="stable")]

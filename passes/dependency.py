@@ -29,7 +29,7 @@ from fxprune.tracing import TensorSpec, value_spec
 
 try:  # torchvision's fx-wrapped helpers, recognised by identity when torchvision is present
     from torchvision.models import swin_transformer as _tv_swin
-    from torchvision.ops import stochastic_depth as _tv_stochastic_depth
+    from torchvision.ops.stochastic_depth import stochastic_depth as _tv_stochastic_depth
 except Exception:  # pragma: no cover - torchvision is optional
     _tv_swin = None
     _tv_stochastic_depth = None
@@ -235,7 +235,7 @@ class _AnalysisState:
             return self.attribute(node)
         if fn in _BINARY_FUNCTIONS:
             return self.elementwise(node, [a for a in node.args if isinstance(a, torch.fx.Node)])
-        if fn in _UNARY_FUNCTIONS or fn is getattr(_tv_stochastic_depth, "stochastic_depth", None):
+        if fn in _UNARY_FUNCTIONS or (_tv_stochastic_depth is not None and fn is _tv_stochastic_depth):
             return self.unary(node, node.args[0])
         if fn in (F.softmax, F.log_softmax, torch.softmax, torch.log_softmax):
             return self.softmax(node, node.args[0], _arg(node, fn, "dim"))
@@ -522,6 +522,8 @@ class _AnalysisState:
                 m.dims[tracked[0]].reshape([-1 if d == tracked[0] else 1 for d in in_dims]), block_in
             ).reshape([out_spec.shape[d] for d in out_dims])
             varying = [a for a in range(grid.ndim) if grid.shape[a] > 1 and np.any(np.diff(grid, axis=a) != 0)]
+            if not varying:  # every position is the same element: the last non-trivial dim carries it
+                varying = [max(a for a in range(grid.ndim) if grid.shape[a] > 1)]
             carrier = varying[-1]
             # Outer split dims (heads, shuffle groups) keep all their positions: the same channel
             # position in each of them is one unit, so the kept set stays a product set.

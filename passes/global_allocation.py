@@ -16,7 +16,7 @@ from fxprune.budget import Budget
 from fxprune.cost import CostModel
 from fxprune.errors import BudgetError, NoPrunableChannelsError
 from fxprune.ir import ChannelGroups, PrunePlan
-from .allocation_common import allowed_kept_counts, normalised_importance, removal_order
+from .allocation_common import allowed_kept_counts, normalised_importance, protected_units, removal_order
 
 
 class GlobalAllocation:
@@ -32,14 +32,15 @@ class GlobalAllocation:
         if not prunable.any():
             raise NoPrunableChannelsError(_no_prunable_message(groups))
         scale = unit_cost[prunable].mean() or 1.0
+        protected = protected_units(groups, norm)
         value = norm / np.maximum(unit_cost / scale, 1e-12)
 
         chunks: List[np.ndarray] = []
         heap: List[Tuple[float, int, int]] = []
         per_group: List[List[np.ndarray]] = []
         for g in groups.groups:
-            order = removal_order(groups, g, norm)
-            counts = allowed_kept_counts(g, g.n_frozen, self.round_to, self.min_channels)
+            order = removal_order(g, protected, norm)
+            counts = allowed_kept_counts(g, int(protected[g.units].sum()), self.round_to, self.min_channels)
             group_chunks, removed = [], 0
             for kept in counts[1:]:
                 n_remove = g.size - kept

@@ -112,14 +112,14 @@ class PruneRewrite(PassBase):
     def rewrite_arguments(self, node: torch.fx.Node, new: torch.fx.Node) -> None:
         maps = self.groups.maps
         if node.op == "call_method" and node.target in _SIZE_ARG_METHODS:
-            sizes = node.args[1:]
+            sizes, new_sizes = node.args[1:], new.args[1:]
             packed = len(sizes) == 1 and isinstance(sizes[0], (tuple, list))
-            sizes = list(sizes[0]) if packed else list(sizes)
-            fixed = self.fixed_sizes(node, sizes)
+            sizes, new_sizes = (list(sizes[0]), list(new_sizes[0])) if packed else (list(sizes), list(new_sizes))
+            fixed = self.fixed_sizes(node, sizes, new_sizes)
             if fixed is not None:
                 new.args = (new.args[0], tuple(fixed)) if packed else (new.args[0], *fixed)
         elif node.op == "call_function" and node.target is torch.reshape:
-            fixed = self.fixed_sizes(node, list(node.args[1]))
+            fixed = self.fixed_sizes(node, list(node.args[1]), list(new.args[1]))
             if fixed is not None:
                 new.args = (new.args[0], tuple(fixed))
         elif self.is_split(node):
@@ -133,9 +133,10 @@ class PruneRewrite(PassBase):
             else:
                 new.kwargs = {**new.kwargs, "normalized_shape": tuple(shape)}
 
-    def fixed_sizes(self, node: torch.fx.Node, sizes: List[Any]) -> Optional[List[Any]]:
+    def fixed_sizes(self, node: torch.fx.Node, sizes: List[Any], new_sizes: List[Any]) -> Optional[List[Any]]:
         """Shape arguments with every channel dim (literal or computed from a channel count)
-        replaced by its new literal size; batch and spatial arguments stay as traced."""
+        replaced by its new literal size; batch and spatial arguments stay as traced.
+        `sizes` are the original graph's arguments, `new_sizes` the same in the new graph."""
         from fxprune.passes.dependency import ChannelCount
         spec = value_spec(node)
         if len(sizes) != spec.ndim:
@@ -143,14 +144,14 @@ class PruneRewrite(PassBase):
         shape = self.new_shape(spec.shape, self.groups.maps.get(node.name))
         m = self.groups.maps.get(node.name)
         out, changed = [], False
-        for i, s in enumerate(sizes):
+        for i, (s, new_s) in enumerate(zip(sizes, new_sizes)):
             tracked = isinstance(m, ChannelMap) and m.dims[i] is not None
             counts = isinstance(s, torch.fx.Node) and isinstance(self.groups.maps.get(s.name), ChannelCount)
             if (tracked and not (isinstance(s, int) and s == -1)) or counts:
                 out.append(shape[i] if tracked else spec.shape[i])
                 changed = True
             else:
-                out.append(s)
+                out.append(new_s)
         return out if changed else None
 
     @staticmethod

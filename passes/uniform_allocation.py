@@ -8,7 +8,7 @@ from fxprune.budget import Budget
 from fxprune.cost import CostModel
 from fxprune.errors import BudgetError, NoPrunableChannelsError
 from fxprune.ir import ChannelGroups, PrunePlan
-from .allocation_common import allowed_kept_counts, normalised_importance, removal_order
+from .allocation_common import allowed_kept_counts, normalised_importance, protected_units, removal_order
 from .global_allocation import _no_prunable_message, unreachable_message
 
 
@@ -22,8 +22,10 @@ class UniformAllocation:
         if groups.unit_frozen.all():
             raise NoPrunableChannelsError(_no_prunable_message(groups))
         norm = normalised_importance(groups, scores)
-        orders = [removal_order(groups, g, norm) for g in groups.groups]
-        allowed = [allowed_kept_counts(g, g.n_frozen, self.round_to, self.min_channels) for g in groups.groups]
+        protected = protected_units(groups, norm)
+        orders = [removal_order(g, protected, norm) for g in groups.groups]
+        allowed = [allowed_kept_counts(g, int(protected[g.units].sum()), self.round_to, self.min_channels)
+                   for g in groups.groups]
         full = np.ones(groups.n_units, dtype=bool)
         flops0, params0 = cost.flops(full), cost.params(full)
 
