@@ -10,17 +10,36 @@ import torch.fx
 from .tracing import TensorSpec, value_spec
 
 
+_CONV_PARAMETERS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+# Builtins without a Python signature (and with overloaded schemas fx cannot pick between).
+_BUILTIN_PARAMETERS = {
+    torch.nn.functional.conv1d: (_CONV_PARAMETERS, {"bias": None, "groups": 1}),
+    torch.nn.functional.conv2d: (_CONV_PARAMETERS, {"bias": None, "groups": 1}),
+    torch.nn.functional.conv3d: (_CONV_PARAMETERS, {"bias": None, "groups": 1}),
+    torch.nn.functional.linear: (("input", "weight", "bias"), {"bias": None}),
+    torch.roll: (("input", "shifts", "dims"), {"dims": None}),
+    torch.cat: (("tensors", "dim"), {"dim": 0}),
+    torch.concat: (("tensors", "dim"), {"dim": 0}),
+    torch.softmax: (("input", "dim", "dtype"), {"dtype": None}),
+    torch.log_softmax: (("input", "dim", "dtype"), {"dtype": None}),
+}
+
+
 def bind_arguments(node: torch.fx.Node) -> Dict[str, Any]:
     """Arguments of a call_function node by parameter name (defaults filled in)."""
+    if node.target in _BUILTIN_PARAMETERS:
+        names, defaults = _BUILTIN_PARAMETERS[node.target]
+        bound = dict(defaults)
+        bound.update(zip(names, node.args))
+        bound.update(node.kwargs)
+        return bound
     try:
         sig = inspect.signature(node.target)
         bound = sig.bind(*node.args, **node.kwargs)
         bound.apply_defaults()
         return dict(bound.arguments)
     except (TypeError, ValueError):
-        from torch.fx.operator_schemas import normalize_function
-        result = normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True)
-        return dict(result.kwargs) if result is not None else {}
+        return {}
 
 
 

@@ -5,6 +5,8 @@ from typing import List
 
 import numpy as np
 
+from fxprune.budget import Budget
+from fxprune.cost import CostModel
 from fxprune.ir import ChannelGroup, ChannelGroups, ChannelMap
 
 
@@ -61,3 +63,12 @@ def removal_order(group: ChannelGroup, protected: np.ndarray, norm_scores: np.nd
     """The group's removable units, least important first (ties broken by position)."""
     units = group.units[~protected[group.units]]
     return units[np.argsort(norm_scores[units], kind="stable")]
+
+
+def meets_budget(cost: CostModel, keep: np.ndarray, budget: Budget, flops0: float, params0: float) -> bool:
+    """Every constraint of the budget holds for this keep vector."""
+    if budget.flops is not None and cost.flops(keep) > budget.flops * flops0 * (1 + 1e-9):
+        return False
+    if budget.params is not None and cost.params(keep) > budget.params * params0 * (1 + 1e-9):
+        return False
+    return True

@@ -16,7 +16,8 @@ from fxprune.budget import Budget
 from fxprune.cost import CostModel
 from fxprune.errors import BudgetError, NoPrunableChannelsError
 from fxprune.ir import ChannelGroups, PrunePlan
-from .allocation_common import allowed_kept_counts, normalised_importance, protected_units, removal_order
+from .allocation_common import (allowed_kept_counts, meets_budget, normalised_importance, protected_units,
+                                removal_order)
 
 
 class GlobalAllocation:
@@ -35,7 +36,7 @@ class GlobalAllocation:
         protected = protected_units(groups, norm)
         value = norm / np.maximum(unit_cost / scale, 1e-12)
 
-        chunks: List[np.ndarray] = []
+        chunks: List[Tuple[int, np.ndarray]] = []  # (group id, units), in removal order
         heap: List[Tuple[float, int, int]] = []
         per_group: List[List[np.ndarray]] = []
         for g in groups.groups:
@@ -51,40 +52,68 @@ class GlobalAllocation:
                 heapq.heappush(heap, (float(value[group_chunks[0]].mean()), g.id, 0))
         while heap:  # merge the groups' chunk sequences by value, each group in its own order
             _, gid, i = heapq.heappop(heap)
-            chunks.append(per_group[gid][i])
+            chunks.append((gid, per_group[gid][i]))
             if i + 1 < len(per_group[gid]):
                 heapq.heappush(heap, (float(value[per_group[gid][i + 1]].mean()), gid, i + 1))
         return PrunePlan(_shortest_prefix(chunks, groups.n_units, cost, self.budget))
 
 
-def _shortest_prefix(chunks: List[np.ndarray], n_units: int, cost: CostModel, budget: Budget) -> np.ndarray:
+def _shortest_prefix(chunks: List[Tuple[int, np.ndarray]], n_units: int, cost: CostModel, budget: Budget) -> np.ndarray:
     full = np.ones(n_units, dtype=bool)
     flops0, params0 = cost.flops(full), cost.params(full)
 
     def keep_after(k: int) -> np.ndarray:
         keep = full.copy()
         if k:
-            keep[np.concatenate(chunks[:k])] = False
+            keep[np.concatenate([units for _, units in chunks[:k]])] = False
         return keep
 
-    def meets(keep: np.ndarray) -> bool:
-        ok = True
-        if budget.flops is not None:
-            ok &= cost.flops(keep) <= budget.flops * flops0 * (1 + 1e-9)
-        if budget.params is not None:
-            ok &= cost.params(keep) <= budget.params * params0 * (1 + 1e-9)
-        return bool(ok)
-
-    if not meets(keep_after(len(chunks))):
+    if not meets_budget(cost, keep_after(len(chunks)), budget, flops0, params0):
         raise BudgetError(unreachable_message(cost, keep_after(len(chunks)), budget, flops0, params0))
     lo, hi = 0, len(chunks)
     while lo < hi:
         mid = (lo + hi) // 2
-        if meets(keep_after(mid)):
+        if meets_budget(cost, keep_after(mid), budget, flops0, params0):
             hi = mid
         else:
             lo = mid + 1
-    return keep_after(lo)
+    return _tighten(chunks, lo, keep_after, cost, budget, flops0, params0)
+
+
+def _tighten(chunks, k: int, keep_after, cost: CostModel, budget: Budget, flops0: float, params0: float) -> np.ndarray:
+    """The k-th chunk may be large (a ViT residual channel spans every block) and overshoot the
+    budget. Retry from the state before it, skipping chunks that would overshoot by more than 0.5%
+    (a skipped group stops there, its later chunks depend on it); keep whichever result is closer."""
+    best = keep_after(k)
+    if k == 0 or _slack(cost, best, budget, flops0, params0) < 0.005:
+        return best
+    keep, stopped = keep_after(k - 1), set()
+    for gid, units in chunks[k - 1:]:
+        if gid in stopped:
+            continue
+        trial = keep.copy()
+        trial[units] = False
+        if meets_budget(cost, trial, budget, flops0, params0):
+            if _slack(cost, trial, budget, flops0, params0) < 0.005:
+                keep = trial
+                break
+            stopped.add(gid)
+        else:
+            keep = trial
+    if meets_budget(cost, keep, budget, flops0, params0) and \
+            _slack(cost, keep, budget, flops0, params0) < _slack(cost, best, budget, flops0, params0):
+        return keep
+    return best
+
+
+def _slack(cost: CostModel, keep: np.ndarray, budget: Budget, flops0: float, params0: float) -> float:
+    """How far below the budget (relative) the tightest constraint is."""
+    slacks = []
+    if budget.flops is not None:
+        slacks.append(1 - cost.flops(keep) / (budget.flops * flops0))
+    if budget.params is not None:
+        slacks.append(1 - cost.params(keep) / (budget.params * params0))
+    return min(slacks)
 
 
 def unreachable_message(cost: CostModel, keep: np.ndarray, budget: Budget, flops0: float, params0: float) -> str:

@@ -8,7 +8,7 @@ from fxprune.budget import Budget
 from fxprune.cost import CostModel
 from fxprune.errors import BudgetError, NoPrunableChannelsError
 from fxprune.ir import ChannelGroups, PrunePlan
-from .allocation_common import allowed_kept_counts, normalised_importance, protected_units, removal_order
+from .allocation_common import allowed_kept_counts, meets_budget, normalised_importance, protected_units, removal_order
 from .global_allocation import _no_prunable_message, unreachable_message
 
 
@@ -38,12 +38,7 @@ class UniformAllocation:
             return keep
 
         def meets(keep) -> bool:
-            ok = True
-            if self.budget.flops is not None:
-                ok &= cost.flops(keep) <= self.budget.flops * flops0 * (1 + 1e-9)
-            if self.budget.params is not None:
-                ok &= cost.params(keep) <= self.budget.params * params0 * (1 + 1e-9)
-            return bool(ok)
+            return meets_budget(cost, keep, self.budget, flops0, params0)
 
         if not meets(keep_at(0.0)):
             raise BudgetError(unreachable_message(cost, keep_at(0.0), self.budget, flops0, params0))

@@ -1,0 +1,182 @@
+"""Differential tests on one fixture per coupling pattern: pruned == masked original (float64)."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+import fxprune
+from fixtures import FIXTURES, BlockingOp, ConvChain, example_input
+
+
+def state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_same_state(before, model):
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    for k in before:
+        assert torch.equal(before[k], after[k]), k
+
+
+@pytest.mark.parametrize("name", sorted(FIXTURES))
+@pytest.mark.parametrize("budget", [0.7, 0.4])
+def test_fixture_prunes_and_verifies(name, budget):
+    torch.manual_seed(0)
+    model = FIXTURES[name]().eval()
+    before = state(model)
+    x = example_input()
+    pruned = fxprune.compile(model, budget, example_inputs=(x,))
+    report = pruned.meta["fxprune"]
+    assert report["verification"]["passed"]
+    assert report["flops"]["ratio"] <= budget + 1e-9
+    assert report["flops"]["after"] < report["flops"]["before"]
+    assert pruned(x).shape == model(x).shape
+    assert_same_state(before, model)
+    n_params = sum(p.numel() for p in pruned.parameters())
+    assert n_params < sum(p.numel() for p in model.parameters())
+
+
+def test_conv_chain_against_hand_masked_model():
+    """Independent of fxprune's verifier: zero the removed channels by hand from the report."""
+    torch.manual_seed(1)
+    model = ConvChain().eval()
+    x = example_input().double()
+    pruned = fxprune.compile(model, 0.5, example_inputs=(x.float(),))
+    modules = pruned.meta["fxprune"]["modules"]
+    masked = copy.deepcopy(model).double()
+    with torch.no_grad():
+        for i in range(3):
+            kept = modules[f"body.{i}.0"]["out"]
+            drop = sorted(set(range(masked.body[i][0].out_channels)) - set(kept))
+            assert drop, "the fixture should lose channels in every layer at budget 0.5"
+            # a removed channel reads as zero downstream: zero its BN output (weight and bias)
+            masked.body[i][1].weight[drop] = 0
+            masked.body[i][1].bias[drop] = 0
+    expected = masked(x)
+    got = copy.deepcopy(pruned).double()(x)
+    assert torch.allclose(expected, got, atol=1e-10, rtol=0)
+
+
+def test_verifier_catches_a_wrong_rewrite():
+    """The verifier is not vacuous: a rewrite against a different plan than the reference fails."""
+    from fxprune.compiler import _analyse
+    from fxprune.cost import build_cost_model
+    from fxprune.ir import PrunePlan
+    from fxprune.passes.global_allocation import GlobalAllocation
+    from fxprune.passes.l1_importance import L1Importance
+    from fxprune.passes.rewrite import PruneRewrite
+    from fxprune.verify import verify_pruned
+
+    model = ConvChain().eval()
+    x = example_input()
+    gm, groups = _analyse(model, (x,), set(), ())
+    cost = build_cost_model(gm, groups)
+    plan = GlobalAllocation(fxprune.Budget(flops=0.5)).run(groups, cost, L1Importance().score(gm, groups))
+    pruned = PruneRewrite(groups, plan)(gm).graph_module
+    verify_pruned(gm, pruned, groups, plan, (x,))  # consistent: passes
+    other = plan.keep_unit.copy()
+    group = next(g for g in groups.groups if plan.kept_in_group(groups, g) < g.size)
+    kept = group.units[plan.keep_unit[group.units]]
+    dropped = group.units[~plan.keep_unit[group.units]]
+    other[kept[0]], other[dropped[0]] = False, True  # same sizes, different channels
+    with pytest.raises(fxprune.VerificationError, match="first divergence"):
+        verify_pruned(gm, pruned, groups, PrunePlan(other), (x,))
+
+
+def test_blocking_op_freezes_its_channels_and_names_the_node():
+    model = BlockingOp().eval()
+    groups = fxprune.analyze(model, (example_input(),))
+    blocked = [g for g in groups.groups if not g.prunable]
+    reasons = " ".join(r for g in blocked for r in g.frozen_reasons)
+    assert "cumsum" in reasons and "no channel rule" in reasons
+    assert any("a_0" in g.spaces for g in blocked)
+    pruned = fxprune.compile(model, 0.8, example_inputs=(example_input(),))
+    report = pruned.meta["fxprune"]
+    assert report["modules"]["b.0"]["out"]  # the unblocked conv still prunes
+    assert "a.0" not in report["modules"] or "out" not in report["modules"]["a.0"]
+
+
+def test_analyze_table_is_readable():
+    table = str(fxprune.analyze(ConvChain(), (example_input(),)))
+    assert "body_0_0" in table and "prunable" in table and "graph output" in table
+
+
+def test_report_is_plain_json():
+    import json
+    pruned = fxprune.compile(ConvChain(), 0.5, example_inputs=(example_input(),))
+    text = fxprune.report_json(pruned)
+    data = json.loads(text)
+    assert data["flops"]["ratio"] <= 0.5
+    entry = data["modules"]["body.1.0"]
+    assert len(entry["out"]) == pruned.get_submodule("body.1.0").out_channels
+    assert len(entry["in"]) == pruned.get_submodule("body.1.0").in_channels
+    assert all(g["size"] >= g["kept"] >= 1 for g in data["groups"])
+
+
+@pytest.mark.parametrize("round_to", [4, 8])
+def test_round_to_makes_kept_widths_multiples(round_to):
+    pruned = fxprune.compile(ConvChain(), 0.5, example_inputs=(example_input(),), round_to=round_to)
+    for g in pruned.meta["fxprune"]["groups"]:
+        if not g["blocked"] and g["size"] >= round_to:
+            assert g["kept"] % round_to == 0 or g["kept"] == g["size"], g
+
+
+def test_min_channels_is_respected():
+    pruned = fxprune.compile(ConvChain(), 0.3, example_inputs=(example_input(),), min_channels=6)
+    for g in pruned.meta["fxprune"]["groups"]:
+        assert g["kept"] >= min(6, g["size"])
+
+
+def test_ignore_keeps_a_modules_output_channels():
+    model = ConvChain()
+    pruned = fxprune.compile(model, 0.5, example_inputs=(example_input(),), ignore=["body.1.0"])
+    assert pruned.get_submodule("body.1.0").out_channels == 24
+    pruned2 = fxprune.compile(model, 0.5, example_inputs=(example_input(),), ignore=[model.body[1][0]])
+    assert pruned2.get_submodule("body.1.0").out_channels == 24
+
+
+def test_params_budget_and_both():
+    model = ConvChain()
+    p = fxprune.compile(model, fxprune.Budget(params=0.5), example_inputs=(example_input(),))
+    assert p.meta["fxprune"]["params"]["ratio"] <= 0.5
+    p = fxprune.compile(model, fxprune.Budget(flops=0.6, params=0.4), example_inputs=(example_input(),))
+    assert p.meta["fxprune"]["params"]["ratio"] <= 0.4 and p.meta["fxprune"]["flops"]["ratio"] <= 0.6
+
+
+@pytest.mark.parametrize("allocation", ["global", "uniform"])
+def test_allocations_meet_the_budget_closely(allocation):
+    model = FIXTURES["Residual"]()
+    p = fxprune.compile(model, 0.5, example_inputs=(torch.randn(1, 3, 16, 16),), allocation=allocation)
+    ratio = p.meta["fxprune"]["flops"]["ratio"]
+    assert 0.45 <= ratio <= 0.5
+
+
+def test_uniform_keeps_the_same_ratio_everywhere():
+    p = fxprune.compile(ConvChain(), 0.5, example_inputs=(example_input(),), allocation="uniform")
+    ratios = [g["kept"] / g["size"] for g in p.meta["fxprune"]["groups"] if not g["blocked"]]
+    assert max(ratios) - min(ratios) < 0.15
+
+
+def test_l2_importance_ranks_a_dead_channel_last():
+    model = ConvChain().eval()
+    with torch.no_grad():
+        model.body[0][0].weight[5] = 0  # a dead filter
+        model.body[0][1].weight[5] = 0
+        model.body[1][0].weight[:, 5] = 0
+    for importance in ("l1", "l2"):
+        p = fxprune.compile(model, 0.9, example_inputs=(example_input(),), importance=importance)
+        assert 5 not in p.meta["fxprune"]["modules"]["body.0.0"]["out"]
+
+
+def test_result_is_independent_of_the_input_model():
+    model = ConvChain()
+    pruned = fxprune.compile(model, 0.5, example_inputs=(example_input(),))
+    with torch.no_grad():
+        for p in pruned.parameters():
+            p.add_(1.0)
+    fresh = fxprune.compile(model, 0.5, example_inputs=(example_input(),))
+    assert not torch.equal(next(iter(fresh.parameters())), next(iter(pruned.parameters())))
+    shared = {id(p) for p in model.parameters()} & {id(p) for p in pruned.parameters()}
+    assert not shared
