@@ -11,8 +11,8 @@ fxprune
 
 Torch-Pruning (same architecture and weights, on its own deep copy)
     - L1 magnitude pruning (`BasePruner` + `MagnitudeImportance(p=1)`, per-layer ratio, final
-      classifier ignored), its `pruning_ratio` chosen by a bracketed search so that the FLOPs it keeps, by
-      its own counter `tp.utils.count_ops_and_params`, match the ratio fxprune kept;
+      classifier ignored), its `pruning_ratio` chosen by a bracketed search so that the FLOPs it
+      keeps, by its own counter `tp.utils.count_ops_and_params`, match the ratio fxprune kept;
     - the time of one final run at that ratio: pruner construction (which builds the dependency
       graph) and `pruner.step()`, separately and together. The search probes are not timed;
     - the FLOPs ratio it reached by its own counter and by fxprune's convention
@@ -134,6 +134,7 @@ def warm_up() -> None:
 
 
 def run_model(name: str, budget: float, max_params: Optional[float]) -> Dict[str, Any]:
+    torch.manual_seed(0)               # the same random weights and input on every run
     model = torchvision.models.get_model(name).eval()
     size = INPUT_SIZE.get(name, 224)
     x = torch.randn(1, 3, size, size)
@@ -324,16 +325,20 @@ def print_summary(rows: List[Dict[str, Any]], budget: float) -> None:
     def on_target(ratio):
         return ratio is not None and abs(ratio - budget) / budget <= TARGET_TOLERANCE
 
-    speed = [r["speed_ratio"] for r in run if r.get("speed_ratio")]
+    counts = [("fxprune compiled", sum(bool(f.get("ok")) for f in fx)),
+              ("fxprune verified", sum(bool(f.get("verified")) for f in fx)),
+              ("fxprune FLOPs within 2% of budget", sum(on_target(f.get("flops_ratio")) for f in fx)),
+              ("torch-pruning ran", sum(bool(t.get("ok")) for t in tps)),
+              ("torch-pruning within 2%, its counter", sum(on_target(t.get("flops_ratio")) for t in tps)),
+              ("torch-pruning within 2%, fxprune's", sum(on_target(t.get("flops_ratio_fxprune_convention"))
+                                                         for t in tps))]
     print(f"\nsummary: {len(run)} models run, {len(rows) - len(run)} skipped, budget {budget}")
-    print(f"  fxprune compiled          {sum(bool(f.get('ok')) for f in fx)}/{len(run)}")
-    print(f"  fxprune verified          {sum(bool(f.get('verified')) for f in fx)}/{len(run)}")
-    print(f"  fxprune within 2% of budget (FLOPs)  {sum(on_target(f.get('flops_ratio')) for f in fx)}/{len(run)}")
-    print(f"  torch-pruning ran         {sum(bool(t.get('ok')) for t in tps)}/{len(run)}")
-    print(f"  torch-pruning within 2% of budget (its counter)  {sum(on_target(t.get('flops_ratio')) for t in tps)}/{len(run)}")
+    for label, count in counts:
+        print(f"  {label:<38} {count}/{len(run)}")
+    speed = [r["speed_ratio"] for r in run if r.get("speed_ratio")]
     if speed:
-        print(f"  median speed ratio tp/fx  {statistics.median(speed):.1f}x over {len(speed)} models "
-              f"(min {min(speed):.1f}x, max {max(speed):.1f}x)")
+        print(f"  {'median speed ratio tp/fx':<38} {statistics.median(speed):.2f}x over {len(speed)} models "
+              f"(min {min(speed):.2f}x, max {max(speed):.2f}x)")
     highlighted = [r for r in rows if r["model"] in HIGHLIGHT]
     if highlighted:
         print("\nhighlighted:")

@@ -11,7 +11,7 @@ import torch.fx
 
 from .budget import Budget, as_budget
 from .cost import CostModel, build_cost_model
-from .errors import ConfigError
+from .errors import ConfigError, UnsupportedModelError
 from .importance import Importance, resolve_importance
 from .ir import ChannelGroups, PrunePlan
 from .report import build_report
@@ -36,6 +36,7 @@ def compile(model: torch.nn.Module, budget: Union[float, Budget], *, example_inp
 
     The model is never modified; the result is in eval mode and carries a report at
     `result.meta["fxprune"]`."""
+    _check_model(model)
     budget = as_budget(budget)
     round_to, min_channels = _positive_int(round_to, "round_to"), _positive_int(min_channels, "min_channels")
     allocation_pass = _allocation(allocation)
@@ -71,6 +72,7 @@ def compile(model: torch.nn.Module, budget: Union[float, Budget], *, example_inp
 def analyze(model: torch.nn.Module, example_inputs, *, ignore: Iterable[Any] = (),
             leaf_modules: Sequence[Any] = ()) -> ChannelGroups:
     """The channel groups of `model` (print it for a table). The model is not modified."""
+    _check_model(model)
     inputs = normalise_example_inputs(example_inputs)
     _, groups = _analyse(model, inputs, resolve_ignore(model, ignore), leaf_modules)
     return groups
@@ -89,6 +91,11 @@ def _analyse(model, inputs: Tuple[Any, ...], ignore_names, leaf_modules) -> Tupl
             raise AssertionError("ChannelGroupAnalysis modified the graph")
         check_groups(gm, groups)
     return gm, groups
+
+
+def _check_model(model) -> None:
+    if not isinstance(model, torch.nn.Module):
+        raise UnsupportedModelError(f"model must be a torch.nn.Module, got {type(model).__name__}")
 
 
 def _allocation(name: str):

@@ -104,16 +104,11 @@ def spec_of(value: Any):
 class ShapePropagation(torch.fx.Interpreter):
     """Analysis pass: records `node.meta["fxprune.value"]`; leaves the graph unchanged."""
 
+    failed_node: Optional[torch.fx.Node] = None
+
     def run_node(self, n: torch.fx.Node) -> Any:
-        try:
-            result = super().run_node(n)
-        except Exception as exc:
-            placeholders = [p for p in self.graph.nodes if p.op == "placeholder"]
-            raise ExampleInputsError(
-                f"the model failed on example_inputs at {describe_node(n)}: {type(exc).__name__}: {exc}\n"
-                f"  check the shape and dtype of example_inputs (the model takes {len(placeholders)} input(s): "
-                f"{', '.join(p.name for p in placeholders)})"
-            ) from exc
+        self.failed_node = n
+        result = super().run_node(n)
         n.meta[VALUE_KEY] = spec_of(result)
         return result
 
@@ -125,8 +120,18 @@ def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Tuple[Any, ...]) 
             f"the model takes {len(placeholders)} input(s) ({', '.join(p.name for p in placeholders)}) but "
             f"example_inputs has {len(example_inputs)}"
         )
-    with torch.no_grad():
-        return ShapePropagation(gm).run(*example_inputs)
+    interpreter = ShapePropagation(gm)
+    try:
+        with torch.no_grad():
+            return interpreter.run(*example_inputs)
+    except Exception as exc:
+        # fx appends its own "While executing ..." text to the message; keep the first line only
+        first_line = (str(exc).strip().splitlines() or [""])[0]
+        raise ExampleInputsError(
+            f"the model failed on example_inputs at {describe_node(interpreter.failed_node)}: "
+            f"{type(exc).__name__}: {first_line}\n  check the shape and dtype of example_inputs (the model takes "
+            f"{len(placeholders)} input(s): {', '.join(p.name for p in placeholders)})"
+        ) from None
 
 
 def value_spec(node: torch.fx.Node) -> Optional[Any]:
