@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import logging
 import time
 from typing import Any, Dict, Iterable, Optional, Sequence, Tuple, Union
 
@@ -17,6 +18,9 @@ from .ir import ChannelGroups, PrunePlan
 from .report import build_report
 from .tracing import normalise_example_inputs, private_eval_copy, propagate_shapes, trace_model
 from .verify import check_graph, check_groups, debug_checks_enabled, graph_fingerprint, verify_pruned
+
+
+log = logging.getLogger("fxprune")
 
 
 def compile(model: torch.nn.Module, budget: Union[float, Budget], *, example_inputs,
@@ -48,21 +52,28 @@ def compile(model: torch.nn.Module, budget: Union[float, Budget], *, example_inp
 
     gm, groups = _analyse(model, inputs, ignore_names, leaf_modules)        # trace, shapes, channel groups
     cost = build_cost_model(gm, groups)                                     # FLOPs/params per kept unit
+    log.info("analysed: %d nodes, %d channel groups (%d prunable), %.2fs", len(gm.graph.nodes),
+             len(groups.groups), sum(g.prunable for g in groups.groups), time.perf_counter() - clock)
     scores = scorer.score(gm, groups)                                       # importance of every unit
     plan = allocation_pass(budget, round_to, min_channels).run(groups, cost, scores)  # what stays
     seconds["analyse_and_plan"] = time.perf_counter() - clock
+    log.info("planned with %s importance, %s allocation: FLOPs kept %.3f, %.2fs", scorer.name, allocation,
+             cost.flops(plan.keep_unit) / max(cost.flops(plan.keep_unit | True), 1.0), seconds["analyse_and_plan"])
 
     from fxprune.passes.rewrite import PruneRewrite
     pruned = PruneRewrite(groups, plan)(gm).graph_module                     # new, smaller GraphModule
     if debug_checks_enabled():
         check_graph(pruned, "PruneRewrite")
     seconds["rewrite"] = time.perf_counter() - clock - seconds["analyse_and_plan"]
+    log.info("rewrote the graph, %.2fs", seconds["rewrite"])
 
     verification = None
     if verify:                                                              # pruned == masked original
         start = time.perf_counter()
         verification = verify_pruned(gm, pruned, groups, plan, inputs).as_dict()
         seconds["verify"] = time.perf_counter() - start
+        log.info("verified against the masked original in float64 (max error %.2g), %.2fs",
+                 verification["max_abs_error"], seconds["verify"])
     options = {"importance": scorer.name, "allocation": allocation, "round_to": round_to,
                "min_channels": min_channels, "ignore": sorted(ignore_names)}
     pruned.meta["fxprune"] = build_report(groups, plan, cost, budget, options, verification, seconds)
