@@ -44,7 +44,9 @@ class _Tracer(torch.fx.Tracer):
 
 
 def private_eval_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """A deep copy in eval mode: the user's model (weights, buffers, training flags) is never touched."""
+    """A structural copy in eval mode: new module objects (so eval() leaves the user's training flags
+    alone) sharing the user's parameter tensors, which fxprune only reads. Copying the weights here
+    would cost as much as a forward pass; the rewrite copies exactly what the result keeps."""
     if not isinstance(model, torch.nn.Module):
         raise UnsupportedModelError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if model.training:
@@ -54,7 +56,15 @@ def private_eval_copy(model: torch.nn.Module) -> torch.nn.Module:
             "eval mode. Call .train() on the result to fine-tune it.",
             stacklevel=3,
         )
-    return copy.deepcopy(model).eval()
+    return _structural_copy(model).eval()
+
+
+def _structural_copy(module: torch.nn.Module) -> torch.nn.Module:
+    new = copy.copy(module)
+    new._parameters = dict(module._parameters)
+    new._buffers = dict(module._buffers)
+    new._modules = {k: (_structural_copy(v) if v is not None else None) for k, v in module._modules.items()}
+    return new
 
 
 def trace_model(model: torch.nn.Module, leaf_modules: Sequence[Any] = ()) -> torch.fx.GraphModule:
@@ -120,6 +130,13 @@ def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Tuple[Any, ...]) 
             f"the model takes {len(placeholders)} input(s) ({', '.join(p.name for p in placeholders)}) but "
             f"example_inputs has {len(example_inputs)}"
         )
+    try:  # shapes only: on the meta device no kernel computes anything
+        with torch.no_grad():
+            return ShapePropagation(_meta_copy(gm)).run(*[_to_meta(x) for x in example_inputs])
+    except Exception:
+        pass  # an op without a meta kernel, or inputs that do not fit: the real run tells which
+    finally:
+        gm.graph.owning_module = gm  # the meta module borrowed the graph
     interpreter = ShapePropagation(gm)
     try:
         with torch.no_grad():
@@ -132,6 +149,20 @@ def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Tuple[Any, ...]) 
             f"{type(exc).__name__}: {first_line}\n  check the shape and dtype of example_inputs (the model takes "
             f"{len(placeholders)} input(s): {', '.join(p.name for p in placeholders)})"
         ) from None
+
+
+def _to_meta(x: Any) -> Any:
+    return torch.empty_like(x, device="meta") if isinstance(x, torch.Tensor) else x
+
+
+def _meta_copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """The same graph (node.meta is written on the shared nodes) over meta-device weights."""
+    root = _structural_copy(gm)
+    for module in root.modules():
+        module._parameters = {k: (torch.nn.Parameter(_to_meta(v), v.requires_grad) if v is not None else None)
+                              for k, v in module._parameters.items()}
+        module._buffers = {k: (_to_meta(v) if v is not None else None) for k, v in module._buffers.items()}
+    return torch.fx.GraphModule(root, gm.graph)
 
 
 def value_spec(node: torch.fx.Node) -> Optional[Any]:

@@ -27,10 +27,12 @@ class L1Importance(Importance):
             for name, dims in groups.param_slices.items():
                 if name not in params:
                     continue
-                magnitude = params[name].detach().abs().double() ** self.power
+                magnitude = params[name].detach().abs()
+                if self.power != 1:
+                    magnitude = magnitude.double() ** self.power
                 for dim, elements in dims.items():
                     other = [d for d in range(magnitude.ndim) if d != dim]
-                    per_position = magnitude.sum(dim=other).cpu().numpy() if other else magnitude.cpu().numpy()
+                    per_position = (magnitude.sum(dim=other) if other else magnitude).double().cpu().numpy()
                     np.add.at(scores, groups.units_of(elements), per_position)
         return scores ** (1.0 / self.power)
 

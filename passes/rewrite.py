@@ -1,8 +1,8 @@
 """PruneRewrite: emit a new, physically smaller GraphModule.
 
 Requires: the traced GraphModule, its ChannelGroups and a PrunePlan. Produces: a NEW GraphModule
-(node names preserved, so the verifier can compare node by node); the input module, its parameters
-and its graph are never modified.
+(node names preserved, so the verifier can compare node by node) that shares no tensor with the input:
+sliced tensors are new, everything else is copied. The input module and its graph are never modified.
 
 What changes: every sliced parameter/buffer (index_select along its channel dims); modules whose
 parameters changed get resized shallow copies (in/out channels, groups of depthwise convs,
@@ -49,6 +49,8 @@ class PruneRewrite(PassBase):
     # ----------------------------------------------------------------- the pass
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         new_tensors = self.sliced_tensors(gm)
+        resized_prefixes = {name.rsplit(".", 1)[0] for name in new_tensors}
+        resized_prefixes |= {p.rsplit(".", i)[0] for p in list(resized_prefixes) for i in range(1, p.count(".") + 1)}
         root: Dict[str, Any] = {}
         graph = torch.fx.Graph()
         env: Dict[torch.fx.Node, torch.fx.Node] = {}
@@ -58,9 +60,16 @@ class PruneRewrite(PassBase):
             self.rewrite_arguments(node, new)
             env[node] = new
             if node.op == "call_module" and node.target not in root:
-                root[node.target] = self.resized_module(gm, node, new_tensors)
+                module = gm.get_submodule(node.target)
+                if node.target in resized_prefixes:
+                    module = _with_tensors(module, node.target + ".", new_tensors)
+                    _refresh_attributes(module, self, node)
+                    root[node.target] = module
+                else:
+                    root[node.target] = copy.deepcopy(module)
             elif node.op == "get_attr" and node.target not in root:
-                root[node.target] = new_tensors.get(node.target, _get_attr(gm, node.target))
+                root[node.target] = new_tensors.get(node.target) if node.target in new_tensors else \
+                    _copy_tensor(_get_attr(gm, node.target))
         graph.lint()
         pruned = torch.fx.GraphModule(root, graph, class_name="Pruned" + type(gm).__name__)
         return PassResult(pruned, True)
@@ -76,9 +85,8 @@ class PruneRewrite(PassBase):
                     idx = self.kept(elements)
                     if len(idx) != tensor.shape[dim]:
                         tensor = tensor.index_select(dim, torch.as_tensor(idx, device=tensor.device))
-                if tensor is original.detach():
-                    continue
-                out[name] = tensor.clone()
+                if tensor is not original.detach():  # index_select made a new tensor
+                    out[name] = tensor
             self.fold_attention_scale(out)
         return {name: (nn.Parameter(t, requires_grad=_get_attr(gm, name).requires_grad)
                        if isinstance(_get_attr(gm, name), nn.Parameter) else t) for name, t in out.items()}
@@ -98,15 +106,6 @@ class PruneRewrite(PassBase):
             for name in (info["q_weight"], info["q_bias"]):
                 if name is not None and name in tensors:
                     tensors[name][:new] *= factor
-
-    def resized_module(self, gm: torch.fx.GraphModule, node: torch.fx.Node, new_tensors: Dict[str, torch.Tensor]) -> nn.Module:
-        module = gm.get_submodule(node.target)
-        prefix = node.target + "."
-        if not any(name.startswith(prefix) for name in new_tensors):
-            return module
-        resized = _with_tensors(module, prefix, new_tensors)
-        _refresh_attributes(resized, self, node)
-        return resized
 
     # ----------------------------------------------------------------- shape literals
     def rewrite_arguments(self, node: torch.fx.Node, new: torch.fx.Node) -> None:
@@ -179,16 +178,21 @@ def _get_attr(gm: torch.nn.Module, qualname: str) -> Any:
     return obj
 
 
+def _copy_tensor(t: Any) -> Any:
+    if isinstance(t, nn.Parameter):
+        return nn.Parameter(t.detach().clone(), requires_grad=t.requires_grad)
+    return t.detach().clone() if isinstance(t, torch.Tensor) else copy.deepcopy(t)
+
+
 def _with_tensors(module: nn.Module, prefix: str, new_tensors: Dict[str, torch.Tensor]) -> nn.Module:
-    """Shallow copy of `module` (recursively where needed) holding the new tensors."""
+    """Copy of `module` holding the new tensors where it has them and copies of the rest."""
     new = copy.copy(module)
-    new._parameters = {k: new_tensors.get(prefix + k, v) for k, v in module._parameters.items()}
-    new._buffers = {k: new_tensors.get(prefix + k, v) for k, v in module._buffers.items()}
-    new._modules = {
-        k: (_with_tensors(sub, prefix + k + ".", new_tensors)
-            if sub is not None and any(n.startswith(prefix + k + ".") for n in new_tensors) else sub)
-        for k, sub in module._modules.items()
-    }
+    new._parameters = {k: new_tensors[prefix + k] if prefix + k in new_tensors else _copy_tensor(v)
+                       for k, v in module._parameters.items()}
+    new._buffers = {k: new_tensors[prefix + k] if prefix + k in new_tensors else _copy_tensor(v)
+                    for k, v in module._buffers.items()}
+    new._modules = {k: (_with_tensors(sub, prefix + k + ".", new_tensors) if sub is not None else None)
+                    for k, sub in module._modules.items()}
     return new
 
 

@@ -148,7 +148,7 @@ def draw_options(c) -> Options:
     return Options(budget=c.choice(BUDGETS), budget_kind=c.choice(["float", "float", "flops", "params", "both"]),
                    importance=c.choice(["l1", "l2"]), allocation=c.choice(["global", "uniform"]),
                    round_to=c.choice([1, 2]), min_channels=c.choice([1, 1, 2]),
-                   ignore_stem=c.choice([False, False, False, True]))
+                   ignore_stem=c.choice([False] * 7 + [True]))
 
 
 def draw_norm(c, ch: int, allow_gn: bool = True) -> Optional[str]:
@@ -165,7 +165,7 @@ CNN_KINDS = ("conv", "dwconv", "gconv", "res", "res_inplace", "resproj", "shared
 
 def cnn_kinds(ch: int, hw: int, exclude: Sequence[str] = ()) -> List[str]:
     ok = {
-        "split": ch >= 2, "tensor_split": ch >= 3, "chunk3": ch >= 3, "gconv": bool(divisors(ch, 2, ch - 1)),
+        "split": ch >= 2, "tensor_split": ch >= 3, "chunk3": len(torch.arange(ch).chunk(3)) == 3, "gconv": bool(divisors(ch, 2, ch - 1)),
         "shuffle": ch % 2 == 0,
     }
     return [k for k in CNN_KINDS if ok.get(k, True) and k not in exclude]
@@ -194,7 +194,8 @@ def draw_cnn_block(c, kind: str, ch: int, hw: int, allow_gn: bool = True) -> Tup
     if kind == "shared_res":
         return block("shared_res", act=act()), ch, hw
     if kind == "concat":
-        o1, o2, dense = c.integer(1, 8), c.integer(1, 8), c.boolean()
+        o1, o2 = c.integer(1, 8), c.integer(1, 8)
+        dense = c.boolean() and ch + o1 + o2 <= 16
         return block("concat", o1=o1, o2=o2, dense=dense, dim=c.choice([1, -3]), act=act()), o1 + o2 + (ch if dense else 0), hw
     if kind == "split":
         mode = c.choice(["chunk", "split"] if ch % 2 == 0 else ["split"])
@@ -252,7 +253,7 @@ def draw_cnn_spec(c, kinds: Sequence[str] = CNN_KINDS, heads: Sequence[str] = CN
                   exclude: Sequence[str] = (), allow_gn: bool = True) -> NetSpec:
     cin, hw0 = c.integer(1, 4), c.integer(6, 10)
     batch = c.choice([1, 2])
-    stem_out = c.integer(2, 12)
+    stem_out = c.integer(4, 12)
     blocks = [block("conv", out=stem_out, k=3, norm=draw_norm(c, stem_out, allow_gn), act=c.choice(list(ACTS)),
                     bias=c.boolean())]
     ch, hw = stem_out, hw0
@@ -293,7 +294,7 @@ def draw_mlp_spec(c, family: str, exclude: Sequence[str] = ()) -> NetSpec:
     fin = c.integer(2, 12)
     tokens = c.integer(2, 6)
     in_shape = (fin,) if family == "mlp" else (tokens, fin)
-    stem = c.integer(2, 12)
+    stem = c.integer(4, 12)
     blocks = [block("linear", out=stem, norm=None, act=c.choice(list(ACTS)))]
     f = stem
     kinds = [k for k in TOKEN_KINDS if (family == "tokens" or k in ("linear", "res_linear", "cat_linear"))
