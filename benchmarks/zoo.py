@@ -211,11 +211,32 @@ def tp_prune(model: torch.nn.Module, x: torch.Tensor, ratio: float) -> Tuple[tor
     start = time.perf_counter()
     pruner = tp.pruner.BasePruner(model, x, importance=tp.importance.MagnitudeImportance(p=1),
                                   pruning_ratio=ratio, global_pruning=False,
-                                  ignored_layers=[classifier(model)])
+                                  ignored_layers=[classifier(model)], **tp_vit_options(model))
     built = time.perf_counter()
     pruner.step()
+    patched = tp_vit_patch(model)
     done = time.perf_counter()
-    return model, {"graph_seconds": built - start, "step_seconds": done - built, "seconds": done - start}
+    return model, {"graph_seconds": built - start, "step_seconds": done - built, "seconds": done - start,
+                   "manual_patch": patched}
+
+
+def tp_vit_options(model: torch.nn.Module) -> Dict[str, Any]:
+    """Torch-Pruning's own recipe for torchvision's ViT (its examples): declare the attention heads
+    and the parameters used directly (class token, position embedding)."""
+    if not isinstance(model, torchvision.models.VisionTransformer):
+        return {}
+    heads = {m: m.num_heads for m in model.modules() if isinstance(m, torch.nn.MultiheadAttention)}
+    return {"num_heads": heads,
+            "unwrapped_parameters": [(model.class_token, 2), (model.encoder.pos_embedding, 2)]}
+
+
+def tp_vit_patch(model: torch.nn.Module) -> bool:
+    """The attribute Torch-Pruning's ViT example patches by hand after pruning (the model's reshape
+    uses it); fxprune rewrites such constants itself. Returns whether a patch was needed."""
+    if not isinstance(model, torchvision.models.VisionTransformer):
+        return False
+    model.hidden_dim = model.conv_proj.out_channels
+    return True
 
 
 def search_tp_ratio(model: torch.nn.Module, x: torch.Tensor, target: float) -> Tuple[float, int]:

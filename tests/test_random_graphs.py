@@ -48,6 +48,15 @@ ACTS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "hardswish": nn.Hards
 SETTINGS = dict(derandomize=True, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    """The graphs are tiny: intra-op threads only add overhead (10x on a loaded 2-core CI box)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # =========================================================================== choosers
 class HypothesisChooser:
     """Draws from hypothesis, so failing examples shrink."""
@@ -152,7 +161,7 @@ def draw_options(c) -> Options:
 
 
 def draw_norm(c, ch: int, allow_gn: bool = True) -> Optional[str]:
-    norms = [None, "bn", "bn"] + (["gn"] if allow_gn and ch >= 2 else [])
+    norms = [None, "bn", "bn", "bn_noaffine"] + (["gn"] if allow_gn and ch >= 2 else [])
     norm = c.choice(norms)
     if norm == "gn":
         return f"gn{c.choice(divisors(ch, 1, ch // 2 if ch >= 2 else 1))}"
@@ -160,13 +169,23 @@ def draw_norm(c, ch: int, allow_gn: bool = True) -> Optional[str]:
 
 
 CNN_KINDS = ("conv", "dwconv", "gconv", "res", "res_inplace", "resproj", "shared_res", "concat", "split", "chunk3",
-             "tensor_split", "se", "shuffle", "cl_mlp", "scale", "prelu", "updown", "flip", "cbam", "pool")
+             "tensor_split", "se", "shuffle", "cl_mlp", "scale", "prelu", "updown", "flip", "cbam", "pool",
+             "fconv", "ln_chw", "sum_gate", "hcat", "pad", "slice_channels")
+
+
+# Blocks that freeze the channels around them (ops without a rule, token mixing): drawn less often
+# so that most random graphs still have something to prune.
+RARE_KINDS = ("flip", "cbam", "token_mix", "slice_channels")
+
+
+def weighted(kinds: Sequence[str]) -> List[str]:
+    return [k for k in kinds for _ in range(1 if k in RARE_KINDS else 3)]
 
 
 def cnn_kinds(ch: int, hw: int, exclude: Sequence[str] = ()) -> List[str]:
     ok = {
         "split": ch >= 2, "tensor_split": ch >= 3, "chunk3": len(torch.arange(ch).chunk(3)) == 3, "gconv": bool(divisors(ch, 2, ch - 1)),
-        "shuffle": ch % 2 == 0,
+        "shuffle": ch % 2 == 0, "slice_channels": ch >= 4, "hcat": hw <= 8,
     }
     return [k for k in CNN_KINDS if ok.get(k, True) and k not in exclude]
 
@@ -176,8 +195,13 @@ def draw_cnn_block(c, kind: str, ch: int, hw: int, allow_gn: bool = True) -> Tup
     act = lambda: c.choice(list(ACTS))  # noqa: E731
     if kind == "conv":
         out = c.integer(2, 12)
-        return block("conv", out=out, k=c.choice([1, 3]), norm=draw_norm(c, out, allow_gn),
-                     act=c.choice(list(ACTS) + [None]), bias=c.boolean()), out, hw
+        k = c.choice([1, 3])
+        stride = c.choice([1, 1, 2]) if hw >= 6 else 1
+        return block("conv", out=out, k=k, stride=stride, norm=draw_norm(c, out, allow_gn),
+                     act=c.choice(list(ACTS) + [None]), bias=c.boolean()), out, (hw + 2 * (k // 2) - k) // stride + 1
+    if kind == "fconv":
+        out = c.integer(2, 12)
+        return block("fconv", out=out, bias=c.boolean()), out, hw
     if kind == "dwconv":
         mult = c.choice([1, 2]) if 2 * ch <= 16 else 1
         return block("dwconv", mult=mult, norm=draw_norm(c, ch * mult, allow_gn),
@@ -232,6 +256,18 @@ def draw_cnn_block(c, kind: str, ch: int, hw: int, allow_gn: bool = True) -> Tup
         return block("flip"), ch, hw
     if kind == "cbam":
         return block("cbam"), ch, hw
+    if kind == "ln_chw":
+        return block("ln_chw", affine=c.boolean()), ch, hw
+    if kind == "sum_gate":
+        return block("sum_gate"), ch, hw
+    if kind == "hcat":
+        o = c.integer(2, 12)
+        return block("hcat", out=o), o, hw
+    if kind == "pad":
+        return block("pad", mode=c.choice(["constant", "reflect", "replicate"]), then=c.choice(["conv", "crop", "roll"])), ch, hw
+    if kind == "slice_channels":
+        keep = c.integer(2, ch - 1)
+        return block("slice_channels", keep=keep), keep, hw
     if kind == "pool":
         how = c.choice(["max2", "avg3"] if hw >= 4 else ["avg3"])
         return block("pool", how=how), ch, (hw // 2 if how == "max2" else hw)
@@ -254,12 +290,12 @@ def draw_cnn_spec(c, kinds: Sequence[str] = CNN_KINDS, heads: Sequence[str] = CN
     cin, hw0 = c.integer(1, 4), c.integer(6, 10)
     batch = c.choice([1, 2])
     stem_out = c.integer(4, 12)
-    blocks = [block("conv", out=stem_out, k=3, norm=draw_norm(c, stem_out, allow_gn), act=c.choice(list(ACTS)),
-                    bias=c.boolean())]
+    blocks = [block("conv", out=stem_out, k=3, stride=1, norm=draw_norm(c, stem_out, allow_gn),
+                    act=c.choice(list(ACTS)), bias=c.boolean())]
     ch, hw = stem_out, hw0
     for _ in range(c.integer(0, max_blocks)):
         allowed = [k for k in cnn_kinds(ch, hw, exclude) if k in kinds]
-        b, ch, hw = draw_cnn_block(c, c.choice(allowed), ch, hw, allow_gn)
+        b, ch, hw = draw_cnn_block(c, c.choice(weighted(allowed)), ch, hw, allow_gn)
         blocks.append(b)
     head = draw_cnn_head(c, ch, [h for h in heads if h not in exclude])
     return NetSpec("cnn", batch, (cin, hw0, hw0), tuple(blocks), head, c.integer(0, 2**16))
@@ -300,7 +336,7 @@ def draw_mlp_spec(c, family: str, exclude: Sequence[str] = ()) -> NetSpec:
     kinds = [k for k in TOKEN_KINDS if (family == "tokens" or k in ("linear", "res_linear", "cat_linear"))
              and k not in exclude]
     for _ in range(c.integer(0, 4)):
-        b, f = draw_mlp_block(c, c.choice(kinds), f, family, tokens)
+        b, f = draw_mlp_block(c, c.choice(weighted(kinds)), f, family, tokens)
         blocks.append(b)
     heads = ["token_mean", "token_flatten"] if family == "tokens" else ["linear_head"]
     head = block(c.choice([h for h in heads if h not in exclude]), classes=c.integer(2, 5))
@@ -324,14 +360,16 @@ def norm2d(norm: Optional[str], c: int) -> nn.Module:
         return nn.Identity()
     if norm == "bn":
         return nn.BatchNorm2d(c)
+    if norm == "bn_noaffine":
+        return nn.BatchNorm2d(c, affine=False)
     return nn.GroupNorm(int(norm[2:]), c)
 
 
 class ConvNormAct(nn.Module):
     def __init__(self, cin: int, cout: int, k: int = 3, groups: int = 1, norm: Optional[str] = "bn",
-                 act: Optional[str] = "relu", bias: bool = False):
+                 act: Optional[str] = "relu", bias: bool = False, stride: int = 1):
         super().__init__()
-        self.conv = nn.Conv2d(cin, cout, k, padding=k // 2, groups=groups, bias=bias or norm is None)
+        self.conv = nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, groups=groups, bias=bias or norm is None)
         self.norm = norm2d(norm, cout)
         self.act = activation(act)
 
@@ -505,6 +543,75 @@ class SpatialAttention(nn.Module):
     def forward(self, x):
         s = torch.cat([x.mean(1, keepdim=True), x.amax(1, keepdim=True)], dim=1)
         return x * torch.sigmoid(self.conv(s))
+
+
+class FunctionalConv(nn.Module):
+    """F.conv2d with the module's own parameters (the functional_conv rule)."""
+
+    def __init__(self, cin: int, cout: int, bias: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(cout, cin, 3, 3) / (3 * cin ** 0.5))
+        self.bias = nn.Parameter(torch.randn(cout) * 0.1) if bias else None
+
+    def forward(self, x):
+        return F.relu(F.conv2d(x, self.weight, self.bias, padding=1))
+
+
+class LayerNormCHW(nn.Module):
+    """nn.LayerNorm over (C, H, W) of an NCHW tensor: reduces over the channel dim and more."""
+
+    def __init__(self, c: int, hw: int, affine: bool):
+        super().__init__()
+        self.norm = nn.LayerNorm([c, hw, hw], elementwise_affine=affine)
+
+    def forward(self, x):
+        return self.norm(x)
+
+
+class SumGate(nn.Module):
+    """A sum over channels is exact over the kept ones (zeros add nothing)."""
+
+    def forward(self, x):
+        return x * torch.sigmoid(x.sum(1, keepdim=True))
+
+
+class HeightCat(nn.Module):
+    """Two convs concatenated along H (their channels couple), then pooled back to the input height."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.a, self.b = ConvNormAct(cin, cout, 3, act="relu"), ConvNormAct(cin, cout, 1, act="gelu")
+
+    def forward(self, x):
+        return F.avg_pool2d(torch.cat([self.a(x), self.b(x)], dim=2), (2, 1))
+
+
+class PadThen(nn.Module):
+    """F.pad on the spatial dims, then a valid conv, a crop (spatial slicing) or a roll."""
+
+    def __init__(self, c: int, mode: str, then: str):
+        super().__init__()
+        self.mode, self.then = mode, then
+        self.conv = nn.Conv2d(c, c, 3) if then == "conv" else None
+
+    def forward(self, x):
+        y = F.pad(x, (1, 1, 1, 1), mode=self.mode)
+        if self.then == "conv":
+            return self.conv(y)
+        if self.then == "crop":
+            return y[:, :, 1:-1, 1:-1] + x
+        return torch.roll(y, shifts=(1, 1), dims=(2, 3))[:, :, 1:-1, 1:-1]
+
+
+class SliceChannels(nn.Module):
+    """x[:, :k]: indexing a channel dim has no rule here, so its channels must stay."""
+
+    def __init__(self, keep: int):
+        super().__init__()
+        self.keep = keep
+
+    def forward(self, x):
+        return x[:, : self.keep]
 
 
 class AttentionBlock(nn.Module):
@@ -705,7 +812,21 @@ class RandomNet(nn.Module):
 def build_block(b: Block, ch: int, hw: int) -> Tuple[nn.Module, int, int]:
     k = b.kind
     if k == "conv":
-        return ConvNormAct(ch, b["out"], b["k"], norm=b["norm"], act=b["act"], bias=b["bias"]), b["out"], hw
+        hw_out = (hw + 2 * (b["k"] // 2) - b["k"]) // b["stride"] + 1
+        return (ConvNormAct(ch, b["out"], b["k"], norm=b["norm"], act=b["act"], bias=b["bias"], stride=b["stride"]),
+                b["out"], hw_out)
+    if k == "fconv":
+        return FunctionalConv(ch, b["out"], b["bias"]), b["out"], hw
+    if k == "ln_chw":
+        return LayerNormCHW(ch, hw, b["affine"]), ch, hw
+    if k == "sum_gate":
+        return SumGate(), ch, hw
+    if k == "hcat":
+        return HeightCat(ch, b["out"]), b["out"], hw
+    if k == "pad":
+        return PadThen(ch, b["mode"], b["then"]), ch, hw
+    if k == "slice_channels":
+        return SliceChannels(b["keep"]), b["keep"], hw
     if k == "dwconv":
         out = ch * b["mult"]
         return ConvNormAct(ch, out, 3, groups=ch, norm=b["norm"], act=b["act"]), out, hw
@@ -835,8 +956,13 @@ def compile_and_check(spec: NetSpec, opts: Options) -> Tuple[str, Optional[torch
         y1 = pruned(x)
     assert y1.shape == y0.shape and y1.dtype == y0.dtype
     assert torch.isfinite(y1).all()
+    # shapes are specialised to example_inputs except the batch dim: another batch size still runs
+    with torch.no_grad():
+        y3 = pruned(torch.cat([x, x[:1]]))
+    assert y3.shape == (y1.shape[0] + 1,) + y1.shape[1:]
+    torch.testing.assert_close(y3[: y1.shape[0]], y1, rtol=1e-4, atol=1e-5)
     check_sliced_parameters(model, pruned, report)
-    check_costs(model, pruned, report, x)
+    check_costs(model, pruned, report, x, flops_budget, spec)
     if opts.ignore_stem:
         first = "blocks.0.conv.weight" if spec.family == "cnn" else "blocks.0.fc.weight"
         assert pruned.get_parameter(first).shape[0] == model.get_parameter(first).shape[0], "ignored module was pruned"
@@ -871,20 +997,37 @@ def check_sliced_parameters(model: nn.Module, pruned: torch.fx.GraphModule, repo
             assert torch.equal(tensor, expected), f"{name} is not the user's tensor sliced as the report says"
 
 
-def check_costs(model: nn.Module, pruned: torch.fx.GraphModule, report: Dict[str, Any], x: torch.Tensor) -> None:
+def check_costs(model: nn.Module, pruned: torch.fx.GraphModule, report: Dict[str, Any], x: torch.Tensor,
+                budget: Optional[float], spec: Optional[NetSpec] = None) -> None:
     """The report's costs against independent counts: parameters by numel, FLOPs by FlopCounterMode
     (which counts nothing for nn.MultiheadAttention's fused CPU path, so those graphs are skipped)."""
     assert report["params"]["before"] == sum(p.numel() for p in model.parameters())
     assert report["params"]["after"] == sum(p.numel() for p in pruned.parameters())
-    if not has_attention_module(model):
-        assert report["flops"]["before"] == count_flops(model, x)
-        assert report["flops"]["after"] == count_flops(pruned, x)
+    if has_attention_module(model):
+        return
+    before, after = count_flops(model, x), count_flops(pruned, x)
+    assert report["flops"]["before"] == before
+    if budget is not None:
+        assert after <= (budget + 1e-6) * before, "the pruned model's measured FLOPs exceed the budget"
+    if spec is not None and any(b.kind in KNOWN_COST_BUGS for b in spec.blocks):
+        # known bug (see KNOWN_COST_BUGS): the report over-counts, so only its direction is checked
+        assert report["flops"]["after"] >= after
+        return
+    assert report["flops"]["after"] == after
 
 
 # =========================================================================== the property test
-# Block kinds that fail because of a known fxprune bug are excluded from the property test and the
-# seed-list test, and tracked by a strict xfail test of their own below (the value names that test).
-KNOWN_BUGS: Dict[str, str] = {}
+# Block kinds that hit a known fxprune bug are excluded from the property test and the seed-list
+# test; each is tracked by a strict xfail test of its own (named in the value) holding a minimal
+# reproducer, so the exclusion is removed when the bug is fixed (the xfail then passes and fails).
+KNOWN_BUGS: Dict[str, str] = {
+    "cbam": "test_known_bug_broadcast_of_a_one_channel_gate_crashes_analysis",
+}
+# Block kinds for which only the exact report["flops"]["after"] == FlopCounterMode check is skipped
+# (everything else, verification included, still runs on them).
+KNOWN_COST_BUGS: Dict[str, str] = {
+    "token_mix": "test_known_bug_cost_model_ignores_channels_on_a_linear_leading_dim",
+}
 
 
 @st.composite
@@ -909,7 +1052,7 @@ def test_most_random_graphs_prune():
     """Over a fixed seed list, at least 80% of random graphs reach their budget (BudgetError is the
     only acceptable exception), and every one that compiles passes every check."""
     outcomes = []
-    for seed in range(60):
+    for seed in range(100):
         c = SeededChooser(seed)
         spec, opts = draw_spec(c, exclude=tuple(KNOWN_BUGS)), draw_options(c)
         outcomes.append(compile_and_check(spec, opts)[0])
@@ -965,3 +1108,62 @@ def test_conv_chains_match_hand_built_reference(data):
         got = copy.deepcopy(pruned).double()(x)
     scale = max(1.0, float(expected.abs().max()))
     assert float((got - expected).abs().max()) <= 1e-9 * scale
+
+
+# =========================================================================== known fxprune bugs
+class SpatialGate(nn.Module):
+    """Minimal reproducer: a one-channel gate broadcast over C channels (CBAM / spatial attention)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.gate = nn.Conv2d(8, 1, 1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        y = y * torch.sigmoid(self.gate(y))      # (N, 8, H, W) * (N, 1, H, W)
+        return self.fc(y.mean((2, 3)))
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "fxprune bug: ChannelGroupAnalysis.elementwise unions the channel elements of a broadcast operand "
+    "whose channel dim has size 1 (a conv with one output channel) with the C elements of the other "
+    "operand: ElementSets.union asserts ((8,), (1,)). Random-graph block 'cbam' is excluded until fixed."))
+def test_known_bug_broadcast_of_a_one_channel_gate_crashes_analysis():
+    model = SpatialGate().eval()
+    x = torch.randn(2, 3, 8, 8)
+    before = snapshot(model)
+    pruned = fxprune.compile(model, 0.5, example_inputs=(x,), verify=True)
+    assert_state_unchanged(model, before)
+    assert pruned.meta["fxprune"]["flops"]["ratio"] <= 0.5 + 1e-6
+    assert pruned(x).shape == (2, 4)
+
+
+class TokenMixer(nn.Module):
+    """Minimal reproducer: MLP-Mixer token mixing puts the channels on a linear's leading dim."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(8, 6)
+        self.mix = nn.Linear(4, 4)             # over the 4 tokens; the 6 channels sit on dim 1
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):                      # x: (N, 4 tokens, 8 features)
+        y = self.mix(self.embed(x).transpose(1, 2)).transpose(1, 2)
+        return self.head(y).sum(1)
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "fxprune bug: the cost model of nn.Linear/conv multiplies the weight's kept sizes by a constant "
+    "taken from the original output shape, so channels pruned on the linear's leading dims (token "
+    "mixing) are not counted: the report's FLOPs after pruning are too high (560 vs 240 measured) and "
+    "the allocation over-prunes (measured ratio 0.17 for a 0.5 budget). Random-graph block 'token_mix' "
+    "skips only the exact FLOPs-after check until fixed."))
+def test_known_bug_cost_model_ignores_channels_on_a_linear_leading_dim():
+    model = TokenMixer().eval()
+    x = torch.randn(2, 4, 8)
+    pruned = fxprune.compile(model, 0.5, example_inputs=(x,), verify=True)
+    report = pruned.meta["fxprune"]
+    assert report["flops"]["before"] == count_flops(model, x)
+    assert report["flops"]["after"] == count_flops(pruned, x)
