@@ -15,7 +15,7 @@ import logging
 import os
 import sys
 import time
-from typing import Callable, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 

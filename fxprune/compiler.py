@@ -5,16 +5,16 @@ import difflib
 import fnmatch
 import logging
 import time
-from typing import Any, Dict, Iterable, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, Sequence, Tuple, Union
 
 import torch
 import torch.fx
 
 from .budget import Budget, as_budget
-from .cost import CostModel, build_cost_model
+from .cost import build_cost_model
 from .errors import ConfigError, UnsupportedModelError
 from .importance import Importance, resolve_importance
-from .ir import ChannelGroups, PrunePlan
+from .ir import ChannelGroups
 from .report import build_report
 from .tracing import normalise_example_inputs, private_eval_copy, propagate_shapes, trace_model
 from .verify import check_graph, check_groups, debug_checks_enabled, graph_fingerprint, verify_pruned

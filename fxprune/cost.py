@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Sequence, Union
+from typing import Dict, List, Union
 
 import numpy as np
 import torch
@@ -57,7 +57,6 @@ class CostModel:
     def unit_cost(self, which: str = "flops") -> np.ndarray:
         """d cost / d unit at full width: what removing one unit alone would save."""
         cost = np.zeros(self.n_units)
-        full = np.ones(self.n_units, dtype=np.int64)
         for term in (self.flops_terms if which == "flops" else self.param_terms):
             sizes = [f if isinstance(f, int) else len(f) for f in term.factors]
             for i, f in enumerate(term.factors):
@@ -66,12 +65,6 @@ class CostModel:
                 others = term.coef * math.prod(s for j, s in enumerate(sizes) if j != i)
                 np.add.at(cost, f, others)
         return cost
-
-    def node_flops(self, keep_unit: np.ndarray) -> Dict[str, float]:
-        per_node: Dict[str, float] = {}
-        for term in self.flops_terms:
-            per_node[term.node] = per_node.get(term.node, 0.0) + self._evaluate([term], keep_unit)
-        return per_node
 
 
 def build_cost_model(gm: torch.fx.GraphModule, groups: ChannelGroups) -> CostModel:

@@ -9,7 +9,7 @@ import copy
 import traceback
 import warnings
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional, Sequence, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 import torch
 import torch.fx

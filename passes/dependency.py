@@ -11,10 +11,9 @@ every channel it touches; it is never assumed to be elementwise. See fxprune/ir.
 from __future__ import annotations
 
 import inspect
-import math
 import operator
 from collections import defaultdict
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -238,7 +237,7 @@ class _AnalysisState:
         if fn in _UNARY_FUNCTIONS or (_tv_stochastic_depth is not None and fn is _tv_stochastic_depth):
             return self.unary(node, node.args[0])
         if fn in (F.softmax, F.log_softmax, torch.softmax, torch.log_softmax):
-            return self.softmax(node, node.args[0], _arg(node, fn, "dim"))
+            return self.softmax(node, node.args[0], _arg(node, "dim"))
         if fn is F.normalize:  # an L2 norm over a dim: zeros do not contribute, so it is zero-exact
             return self.unary(node, node.args[0])
         if fn in _RESHAPE_FUNCTIONS:
@@ -246,7 +245,7 @@ class _AnalysisState:
         if fn in (torch.permute, torch.transpose, torch.swapaxes, torch.swapdims):
             return self.permute(node, node.args[0])
         if fn is torch.cat or fn is torch.concat:
-            return self.cat(node, list(node.args[0]), _arg(node, fn, "dim", 0))
+            return self.cat(node, list(node.args[0]), _arg(node, "dim", 0))
         if fn in (torch.split, torch.chunk, torch.tensor_split):
             return self.split(node, node.args[0])
         if fn in _POOL_FUNCTIONS:
@@ -450,7 +449,7 @@ class _AnalysisState:
 
     def roll(self, node) -> Any:
         m = self.tensor_map(node.args[0])
-        dims = _arg(node, torch.roll, "dims")
+        dims = _arg(node, "dims")
         dims = [dims] if isinstance(dims, int) else list(dims or [])
         if m is None or not dims or any(m.dims[d] is not None for d in dims):
             return self.opaque(node, "roll over a channel dim")
@@ -582,7 +581,6 @@ class _AnalysisState:
         spec = value_spec(node)
         if m is None or not isinstance(spec, tuple):
             return self.opaque(node, "split of an unknown value")
-        fn = node.target
         dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0)
         dim %= m.ndim
         outs, start = [], 0
@@ -874,7 +872,7 @@ def _is_get_attr(arg) -> bool:
     return isinstance(arg, torch.fx.Node) and arg.op == "get_attr"
 
 
-def _arg(node: torch.fx.Node, fn: Callable, name: str, default=None):
+def _arg(node: torch.fx.Node, name: str, default=None):
     value = _bind(node).get(name, default)
     return default if value is None else value
 

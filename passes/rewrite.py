@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import math
-import operator
 from typing import Any, Dict, List, Optional
 
 import numpy as np
@@ -23,7 +22,7 @@ from torch import nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from fxprune.ir import ChannelGroups, ChannelMap, PrunePlan
-from fxprune.tracing import TensorSpec, value_spec
+from fxprune.tracing import value_spec
 
 _SIZE_ARG_METHODS = {"view", "reshape", "expand"}
 

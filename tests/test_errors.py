@@ -1,6 +1,5 @@
 """Bad input gets a clear error that names the problem, and the user's model is unchanged."""
 import math
-import warnings
 
 import pytest
 import torch

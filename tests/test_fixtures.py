@@ -1,7 +1,6 @@
 """Differential tests on one fixture per coupling pattern: pruned == masked original (float64)."""
 import copy
 
-import numpy as np
 import pytest
 import torch
 
