@@ -79,15 +79,22 @@ def build_cost_model(gm: torch.fx.GraphModule, groups: ChannelGroups) -> CostMod
         sliced = groups.param_slices.get(name, {})
         return [dim_factor(sliced.get(d), s) for d, s in enumerate(shape)]
 
+    def leading_factors(node: torch.fx.Node, spec: TensorSpec) -> List[Factor]:
+        """A linear layer's output dims before the feature dim (tokens; channels in token mixing)."""
+        m = groups.maps.get(node.name)
+        return [dim_factor(m.dims[d] if isinstance(m, ChannelMap) else None, spec.shape[d]) for d in range(spec.ndim - 1)]
+
     flops: List[Term] = []
     for node in gm.graph.nodes:
         spec = value_spec(node)
         if node.op == "call_module":
             module = modules[node.target]
-            if isinstance(module, (torch.nn.modules.conv._ConvNd, torch.nn.Linear)) and isinstance(spec, TensorSpec):
-                channel_dim = spec.ndim - 1 if isinstance(module, torch.nn.Linear) else 1
-                coef = 2.0 * math.prod(spec.shape) / spec.shape[channel_dim]
+            if isinstance(module, torch.nn.modules.conv._ConvNd) and isinstance(spec, TensorSpec):
+                # the conv rule keeps channels on dim 1 only: batch and spatial sizes are constants
+                coef = 2.0 * math.prod(spec.shape) / spec.shape[1]
                 flops.append(Term(coef, weight_factors(node.target + ".weight"), node.name))
+            elif isinstance(module, torch.nn.Linear) and isinstance(spec, TensorSpec):
+                flops.append(Term(2.0, leading_factors(node, spec) + weight_factors(node.target + ".weight"), node.name))
             elif isinstance(module, torch.nn.MultiheadAttention):
                 flops.extend(_attention_terms(node, groups, weight_factors, node.target + ".in_proj_weight",
                                               node.target + ".out_proj.weight", value_spec(node.args[0]), None))
@@ -96,7 +103,7 @@ def build_cost_model(gm: torch.fx.GraphModule, groups: ChannelGroups) -> CostMod
             if node.target in (torch.nn.functional.linear,) and isinstance(spec, TensorSpec):
                 w = node.args[1]
                 if isinstance(w, torch.fx.Node) and w.op == "get_attr":
-                    flops.append(Term(2.0 * math.prod(spec.shape) / spec.shape[-1], weight_factors(w.target), node.name))
+                    flops.append(Term(2.0, leading_factors(node, spec) + weight_factors(w.target), node.name))
             elif node.target in (torch.nn.functional.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv3d):
                 w = node.args[1]
                 if isinstance(w, torch.fx.Node) and w.op == "get_attr":

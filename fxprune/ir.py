@@ -19,6 +19,8 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch.fx
 
+from .errors import FxPruneError
+
 
 class ElementSets:
     """Union-find over channel elements, with each element's source space and freeze records."""
@@ -60,7 +62,8 @@ class ElementSets:
     def union(self, a: np.ndarray, b: np.ndarray) -> None:
         """Union a[i] with b[i] for every i."""
         a, b = np.asarray(a), np.asarray(b)
-        assert a.shape == b.shape, (a.shape, b.shape)
+        if a.shape != b.shape:  # a rule coupled dims of different sizes: a bug in that rule
+            raise FxPruneError(f"fxprune internal error: coupling channel dims of sizes {a.shape} and {b.shape}")
         ra, rb = self.find(a), self.find(b)
         for x, y in zip(ra[ra != rb].tolist(), rb[ra != rb].tolist()):
             x, y = self._find_one(x), self._find_one(y)

@@ -392,6 +392,7 @@ class _AnalysisState:
                     continue
                 m = self.tensor_map(a)
                 entries.append((a, ad, m.dims[ad] if m is not None else None, a_spec.shape[ad]))
+            entries = self.freeze_broadcast_channels(node, entries, spec.shape[d])
             tracked = [e for _, _, e, _ in entries if e is not None]
             if not tracked:
                 continue
@@ -405,6 +406,19 @@ class _AnalysisState:
                                         "whose channels fxprune cannot slice")
             out[d] = ref
         return ChannelMap(tuple(out))
+
+    def freeze_broadcast_channels(self, node, entries, size: int):
+        """A one-channel tensor broadcast over `size` channels (a CBAM spatial gate): its channel is
+        read by every output channel, so it cannot be removed; it is frozen and takes no part."""
+        if size == 1:
+            return entries
+        kept = []
+        for a, ad, e, s in entries:
+            if e is not None and s == 1:
+                self.es.freeze(e, f"blocked by {describe_node(node)}: one channel of %{a.name} is broadcast over {size}")
+                e = None
+            kept.append((a, ad, e, s))
+        return kept
 
     def make_sliceable(self, arg: torch.fx.Node, dim: int, elements: np.ndarray) -> bool:
         """A constant operand (a parameter, possibly expanded) met a channel dim: slice the parameter."""
@@ -611,6 +625,7 @@ class _AnalysisState:
                 by_letter[letter].append((op, d, m.dims[d], spec.shape[d]))
         letter_elements: Dict[str, Optional[np.ndarray]] = {}
         for letter, entries in by_letter.items():
+            entries = self.freeze_broadcast_channels(node, entries, max(size for _, _, _, size in entries))
             tracked = [e for _, _, e, _ in entries if e is not None]
             if not tracked:
                 letter_elements[letter] = None

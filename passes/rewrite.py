@@ -60,7 +60,9 @@ class PruneRewrite(PassBase):
             env[node] = new
             if node.op == "call_module" and node.target not in root:
                 module = gm.get_submodule(node.target)
-                if node.target in resized_prefixes:
+                # modules whose size attributes follow their input even without sliced tensors
+                # (LayerNorm without affine parameters) are refreshed too
+                if node.target in resized_prefixes or "reduces_over" in self.groups.special.get(node.name, {}):
                     module = _with_tensors(module, node.target + ".", new_tensors)
                     _refresh_attributes(module, self, node)
                     root[node.target] = module
@@ -209,8 +211,9 @@ def _refresh_attributes(module: nn.Module, rewrite: PruneRewrite, node: torch.fx
     elif isinstance(module, nn.modules.batchnorm._BatchNorm):
         module.num_features = (module.running_mean if module.running_mean is not None else module.weight).shape[0]
     elif isinstance(module, nn.LayerNorm):
-        if module.weight is not None:
-            module.normalized_shape = tuple(module.weight.shape)
+        x = node.args[0]
+        shape = rewrite.new_shape(value_spec(x).shape, groups.maps.get(x.name))
+        module.normalized_shape = tuple(shape[len(shape) - len(module.normalized_shape):])
     elif isinstance(module, nn.GroupNorm):
         module.num_channels = module.weight.shape[0]
     elif isinstance(module, nn.PReLU):

@@ -30,8 +30,8 @@ The generator is written against a small `chooser` interface, so the same code d
 (with shrinking) and from a seeded `random.Random` (the fixed seed-list test). A failing example prints
 as its NetSpec (one line per block) and the model's repr.
 
-Known fxprune bugs found by this file are listed in KNOWN_BUGS / KNOWN_COST_BUGS, each with a strict
-xfail test at the end holding a minimal reproducer.
+A known fxprune bug found by this file goes into KNOWN_BUGS / KNOWN_COST_BUGS with a strict xfail test
+holding a minimal reproducer; fixed ones stay at the end of the file as regression tests.
 """
 from __future__ import annotations
 
@@ -1042,13 +1042,10 @@ class KnownBug:
     matches: Callable[[Block], bool]
 
 
-KNOWN_BUGS: Dict[str, KnownBug] = {
-    "a one-channel tensor broadcast against C channels (CBAM gate)": KnownBug(
-        "test_known_bug_broadcast_of_a_one_channel_gate_crashes_analysis", lambda b: b.kind == "cbam"),
-    "LayerNorm over channels without elementwise_affine": KnownBug(
-        "test_known_bug_layer_norm_without_affine_keeps_stale_normalized_shape",
-        lambda b: (b.kind == "ln_chw" and not b["affine"]) or (b.kind == "linear" and b["norm"] == "ln_noaffine")),
-}
+# Empty: the three bugs this file found (a one-channel gate broadcast over C channels, LayerNorm
+# without affine parameters, channels on a linear's leading dim in the cost model) are fixed and their
+# reproducers are regression tests at the end of the file.
+KNOWN_BUGS: Dict[str, KnownBug] = {}
 
 
 def known_bug(spec: NetSpec) -> Optional[str]:
@@ -1060,9 +1057,7 @@ def known_bug(spec: NetSpec) -> Optional[str]:
 
 # Block kinds for which only the exact report["flops"]["after"] == FlopCounterMode check is skipped
 # (everything else, verification included, still runs on them).
-KNOWN_COST_BUGS: Dict[str, str] = {
-    "token_mix": "test_known_bug_cost_model_ignores_channels_on_a_linear_leading_dim",
-}
+KNOWN_COST_BUGS: Dict[str, str] = {}
 
 
 @st.composite
@@ -1170,12 +1165,7 @@ class SpatialGate(nn.Module):
         return self.fc(y.mean((2, 3)))
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "fxprune bug: ChannelGroupAnalysis.elementwise unions the channel elements of a broadcast operand "
-    "whose channel dim has size 1 (a conv with one output channel) with the C elements of the other "
-    "operand: ElementSets.union asserts ((8,), (1,)). Random graphs with a 'cbam' block are filtered out "
-    "until fixed."))
-def test_known_bug_broadcast_of_a_one_channel_gate_crashes_analysis():
+def test_one_channel_gate_broadcast_over_channels_is_frozen_not_coupled():
     model = SpatialGate().eval()
     x = torch.randn(2, 3, 8, 8)
     before = snapshot(model)
@@ -1199,13 +1189,7 @@ class TokenMixer(nn.Module):
         return self.head(y).sum(1)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "fxprune bug: the cost model of nn.Linear/conv multiplies the weight's kept sizes by a constant "
-    "taken from the original output shape, so channels pruned on the linear's leading dims (token "
-    "mixing) are not counted: the report's FLOPs after pruning are too high (560 vs 240 measured) and "
-    "the allocation over-prunes (measured ratio 0.17 for a 0.5 budget). Random-graph block 'token_mix' "
-    "skips only the exact FLOPs-after check until fixed."))
-def test_known_bug_cost_model_ignores_channels_on_a_linear_leading_dim():
+def test_cost_model_counts_channels_on_a_linear_leading_dim():
     model = TokenMixer().eval()
     x = torch.randn(2, 4, 8)
     pruned = fxprune.compile(model, 0.5, example_inputs=(x,), verify=True)
@@ -1227,13 +1211,7 @@ class NormalisedMLP(nn.Module):
         return self.fc2(self.norm(self.fc1(x)))
 
 
-@pytest.mark.xfail(strict=True, raises=fxprune.VerificationError, reason=(
-    "fxprune bug: PruneRewrite refreshes LayerNorm.normalized_shape from its weight only, so a LayerNorm "
-    "with elementwise_affine=False keeps normalized_shape=[8] after fc1 is pruned and the pruned model "
-    "fails (VerificationError: 'Given normalized_shape=[8], expected input with shape [*, 8], but got "
-    "input of size[2, 4]'). Random graphs with ln_chw(affine=False) or linear(norm='ln_noaffine') are "
-    "filtered out until fixed."))
-def test_known_bug_layer_norm_without_affine_keeps_stale_normalized_shape():
+def test_layer_norm_without_affine_gets_its_new_normalized_shape():
     model = NormalisedMLP().eval()
     x = torch.randn(2, 4)
     pruned = fxprune.compile(model, 0.5, example_inputs=(x,), verify=True)
