@@ -36,23 +36,14 @@ class CostModel:
         self.flops_terms = flops_terms
         self.param_terms = param_terms
         self.n_units = n_units
-
-    @staticmethod
-    def _evaluate(terms: List[Term], keep: np.ndarray) -> float:
-        keep = keep.astype(np.int64)
-        total = 0.0
-        for term in terms:
-            value = term.coef
-            for f in term.factors:
-                value *= f if isinstance(f, int) else int(keep[f].sum())
-            total += value
-        return total
+        self._flops = _VectorisedTerms(flops_terms)
+        self._params = _VectorisedTerms(param_terms)
 
     def flops(self, keep_unit: np.ndarray) -> float:
-        return self._evaluate(self.flops_terms, keep_unit)
+        return self._flops(keep_unit)
 
     def params(self, keep_unit: np.ndarray) -> float:
-        return self._evaluate(self.param_terms, keep_unit)
+        return self._params(keep_unit)
 
     def unit_cost(self, which: str = "flops") -> np.ndarray:
         """d cost / d unit at full width: what removing one unit alone would save."""
@@ -65,6 +56,46 @@ class CostModel:
                 others = term.coef * math.prod(s for j, s in enumerate(sizes) if j != i)
                 np.add.at(cost, f, others)
         return cost
+
+
+class _VectorisedTerms:
+    """sum_t coef_t * prod_i size_ti in a few numpy calls: allocation evaluates it hundreds of times.
+
+    Every channel factor's positions are laid end to end in one index array; kept counts per factor
+    come from one `np.add.reduceat`, and per-term products from one `np.multiply.reduceat`."""
+
+    def __init__(self, terms: List[Term]):
+        self.coef = np.array([t.coef for t in terms], dtype=np.float64)
+        sizes, channel_slots, indices, starts = [], [], [], []
+        term_starts, offset = [], 0
+        for term in terms:
+            term_starts.append(len(sizes))
+            for f in term.factors or [1]:
+                if isinstance(f, int):
+                    sizes.append(float(f))
+                else:
+                    channel_slots.append(len(sizes))
+                    sizes.append(0.0)
+                    starts.append(offset)
+                    indices.append(np.asarray(f, dtype=np.int64))
+                    offset += len(f)
+        self.sizes = np.array(sizes, dtype=np.float64)
+        self.channel_slots = np.array(channel_slots, dtype=np.int64)
+        self.indices = np.concatenate(indices) if indices else np.zeros(0, dtype=np.int64)
+        self.starts = np.array(starts, dtype=np.int64)
+        self.term_starts = np.array(term_starts, dtype=np.int64)
+        self.empty = np.array([len(f) == 0 for t in terms for f in (t.factors or [1]) if not isinstance(f, int)])
+
+    def __call__(self, keep_unit: np.ndarray) -> float:
+        if not len(self.coef):
+            return 0.0
+        sizes = self.sizes.copy()
+        if len(self.channel_slots):
+            counts = np.add.reduceat(keep_unit[self.indices].astype(np.float64), self.starts) if len(self.indices) \
+                else np.zeros(len(self.channel_slots))
+            counts[self.empty] = 0.0  # reduceat returns the element at a start for empty segments
+            sizes[self.channel_slots] = counts
+        return float(np.dot(self.coef, np.multiply.reduceat(sizes, self.term_starts)))
 
 
 def build_cost_model(gm: torch.fx.GraphModule, groups: ChannelGroups) -> CostModel:

@@ -36,25 +36,26 @@ class GlobalAllocation:
         protected = protected_units(groups, norm)
         value = norm / np.maximum(unit_cost / scale, 1e-12)
 
-        chunks: List[Tuple[int, np.ndarray]] = []  # (group id, units), in removal order
-        heap: List[Tuple[float, int, int]] = []
         per_group: List[List[np.ndarray]] = []
+        per_group_values: List[np.ndarray] = []
         for g in groups.groups:
             order = removal_order(g, protected, norm)
             counts = allowed_kept_counts(g, int(protected[g.units].sum()), self.round_to, self.min_channels)
-            group_chunks, removed = [], 0
-            for kept in counts[1:]:
-                n_remove = g.size - kept
-                group_chunks.append(order[removed:n_remove])
-                removed = n_remove
-            per_group.append(group_chunks)
-            if group_chunks:
-                heapq.heappush(heap, (float(value[group_chunks[0]].mean()), g.id, 0))
-        while heap:  # merge the groups' chunk sequences by value, each group in its own order
+            ends = g.size - np.asarray(counts[1:], dtype=np.int64)  # units removed after each chunk
+            starts = np.concatenate([[0], ends[:-1]]).astype(np.int64) if len(ends) else ends
+            per_group.append([order[a:b] for a, b in zip(starts, ends)])
+            sums = np.add.reduceat(value[order], starts) if len(starts) else np.zeros(0)
+            per_group_values.append(sums / np.maximum(ends - starts, 1))
+
+        # merge the groups' chunk sequences by value, each group keeping its own order
+        chunks: List[Tuple[int, np.ndarray]] = []  # (group id, units), in removal order
+        heap: List[Tuple[float, int, int]] = [(float(v[0]), gid, 0) for gid, v in enumerate(per_group_values) if len(v)]
+        heapq.heapify(heap)
+        while heap:
             _, gid, i = heapq.heappop(heap)
             chunks.append((gid, per_group[gid][i]))
             if i + 1 < len(per_group[gid]):
-                heapq.heappush(heap, (float(value[per_group[gid][i + 1]].mean()), gid, i + 1))
+                heapq.heappush(heap, (float(per_group_values[gid][i + 1]), gid, i + 1))
         return PrunePlan(_shortest_prefix(chunks, groups.n_units, cost, self.budget))
 
 
