@@ -43,32 +43,30 @@ class ElementSets:
         return ids
 
     def find(self, elements: np.ndarray) -> np.ndarray:
-        roots = np.asarray(elements, dtype=np.int64)
+        elements = np.asarray(elements, dtype=np.int64)
+        roots = elements
         while True:
             up = self._parent[roots]
             if np.array_equal(up, roots):
-                return roots
+                break
             roots = up
-
-    def _find_one(self, x: int) -> int:
-        parent = self._parent
-        root = x
-        while parent[root] != root:
-            root = parent[root]
-        while parent[x] != root:  # path compression
-            parent[x], x = root, parent[x]
-        return int(root)
+        self._parent[elements] = roots  # path compression for the queried elements
+        return roots
 
     def union(self, a: np.ndarray, b: np.ndarray) -> None:
-        """Union a[i] with b[i] for every i."""
+        """Union a[i] with b[i] for every i (vectorised: link larger roots to smaller ones until done)."""
         a, b = np.asarray(a), np.asarray(b)
         if a.shape != b.shape:  # a rule coupled dims of different sizes: a bug in that rule
             raise FxPruneError(f"fxprune internal error: coupling channel dims of sizes {a.shape} and {b.shape}")
-        ra, rb = self.find(a), self.find(b)
-        for x, y in zip(ra[ra != rb].tolist(), rb[ra != rb].tolist()):
-            x, y = self._find_one(x), self._find_one(y)
-            if x != y:
-                self._parent[max(x, y)] = min(x, y)
+        while True:
+            ra, rb = self.find(a), self.find(b)
+            differ = ra != rb
+            if not differ.any():
+                return
+            # parent always points to a smaller id, so no cycle can form; when a root appears in
+            # several pairs only one link is written now and the others are made next round
+            ra, rb = ra[differ], rb[differ]
+            self._parent[np.maximum(ra, rb)] = np.minimum(ra, rb)
 
     def union_all(self, elements: np.ndarray) -> None:
         elements = np.asarray(elements).reshape(-1)

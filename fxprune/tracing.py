@@ -61,9 +61,10 @@ def private_eval_copy(model: torch.nn.Module) -> torch.nn.Module:
 
 def _structural_copy(module: torch.nn.Module) -> torch.nn.Module:
     new = copy.copy(module)
-    new._parameters = dict(module._parameters)
-    new._buffers = dict(module._buffers)
-    new._modules = {k: (_structural_copy(v) if v is not None else None) for k, v in module._modules.items()}
+    # direct __dict__ writes: nn.Module.__setattr__ is slow and these are plain dicts
+    new.__dict__["_parameters"] = dict(module._parameters)
+    new.__dict__["_buffers"] = dict(module._buffers)
+    new.__dict__["_modules"] = {k: (_structural_copy(v) if v is not None else None) for k, v in module._modules.items()}
     return new
 
 
@@ -111,14 +112,31 @@ def spec_of(value: Any):
     return None
 
 
+# Layers whose output has their input's shape and dtype: on the meta device their kernels are Python
+# decompositions (batch_norm costs more than a conv), so shape propagation skips them.
+_SHAPE_PRESERVING = (
+    torch.nn.modules.batchnorm._BatchNorm, torch.nn.ReLU, torch.nn.ReLU6, torch.nn.SiLU, torch.nn.GELU,
+    torch.nn.Hardswish, torch.nn.Hardsigmoid, torch.nn.Sigmoid, torch.nn.Tanh, torch.nn.Identity,
+    torch.nn.Dropout, torch.nn.LayerNorm, torch.nn.GroupNorm,
+)
+
+
 class ShapePropagation(torch.fx.Interpreter):
     """Analysis pass: records `node.meta["fxprune.value"]`; leaves the graph unchanged."""
 
     failed_node: Optional[torch.fx.Node] = None
 
+    def __init__(self, module: torch.nn.Module, graph: torch.fx.Graph, meta: bool):
+        super().__init__(module, graph=graph)
+        self.meta = meta
+
     def run_node(self, n: torch.fx.Node) -> Any:
         self.failed_node = n
-        result = super().run_node(n)
+        if self.meta and n.op == "call_module" and isinstance(self.submodules.get(n.target), _SHAPE_PRESERVING) \
+                and len(n.args) == 1 and not n.kwargs and isinstance(self.env.get(n.args[0]), torch.Tensor):
+            result = self.env[n.args[0]]
+        else:
+            result = super().run_node(n)
         n.meta[VALUE_KEY] = spec_of(result)
         return result
 
@@ -132,12 +150,10 @@ def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Tuple[Any, ...]) 
         )
     try:  # shapes only: on the meta device no kernel computes anything
         with torch.no_grad():
-            return ShapePropagation(_meta_copy(gm)).run(*[_to_meta(x) for x in example_inputs])
+            return ShapePropagation(_meta_weights(gm), gm.graph, meta=True).run(*[_to_meta(x) for x in example_inputs])
     except Exception:
         pass  # an op without a meta kernel, or inputs that do not fit: the real run tells which
-    finally:
-        gm.graph.owning_module = gm  # the meta module borrowed the graph
-    interpreter = ShapePropagation(gm)
+    interpreter = ShapePropagation(gm, gm.graph, meta=False)
     try:
         with torch.no_grad():
             return interpreter.run(*example_inputs)
@@ -155,14 +171,14 @@ def _to_meta(x: Any) -> Any:
     return torch.empty_like(x, device="meta") if isinstance(x, torch.Tensor) else x
 
 
-def _meta_copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """The same graph (node.meta is written on the shared nodes) over meta-device weights."""
+def _meta_weights(gm: torch.fx.GraphModule) -> torch.nn.Module:
+    """A copy of the module tree over meta-device weights, for interpreting gm's graph on shapes."""
     root = _structural_copy(gm)
     for module in root.modules():
-        module._parameters = {k: (torch.nn.Parameter(_to_meta(v), v.requires_grad) if v is not None else None)
-                              for k, v in module._parameters.items()}
-        module._buffers = {k: (_to_meta(v) if v is not None else None) for k, v in module._buffers.items()}
-    return torch.fx.GraphModule(root, gm.graph)
+        module.__dict__["_parameters"] = {k: (torch.nn.Parameter(_to_meta(v), v.requires_grad) if v is not None else None)
+                                          for k, v in module._parameters.items()}
+        module.__dict__["_buffers"] = {k: (_to_meta(v) if v is not None else None) for k, v in module._buffers.items()}
+    return root
 
 
 def value_spec(node: torch.fx.Node) -> Optional[Any]:

@@ -44,12 +44,15 @@ def protected_units(groups: ChannelGroups, norm_scores: np.ndarray) -> np.ndarra
     min_channels bounds a group, but one half of a split (ShuffleNet's chunk) or one segment of a
     tensor may hold only some of a group's units; each tracked dim keeps its most important unit."""
     protected = groups.unit_frozen.copy()
-    seen = set()
+    seen, seen_arrays = set(), set()
     for value in groups.maps.values():
         for m in value if isinstance(value, tuple) else (value,):
             if not isinstance(m, ChannelMap):
                 continue
             for d in m.tracked():
+                if id(m.dims[d]) in seen_arrays:  # elementwise ops pass the same array along
+                    continue
+                seen_arrays.add(id(m.dims[d]))
                 units = np.unique(groups.units_of(m.dims[d]))
                 key = units.tobytes()
                 if key in seen or protected[units].any():

@@ -3,12 +3,10 @@
 Each unit's value is its importance normalised within its group divided by the FLOPs (or params)
 it costs, so a cheap, important channel outlives an expensive, unimportant one. Units leave in
 chunks that keep every group's width legal (round_to, min_channels, frozen units); the chunks are
-merged into one order and the shortest prefix that meets the budget is found by bisection on the
-exact cost model. Requires: ChannelGroups, CostModel, scores. Produces: PrunePlan."""
+sorted into one order (each group's own order preserved) and the shortest prefix that meets the
+budget is found by bisection on the exact cost model. Requires: ChannelGroups, CostModel, scores. Produces: PrunePlan."""
 from __future__ import annotations
 
-import heapq
-from typing import List, Tuple
 
 import numpy as np
 
@@ -36,37 +34,63 @@ class GlobalAllocation:
         protected = protected_units(groups, norm)
         value = norm / np.maximum(unit_cost / scale, 1e-12)
 
-        per_group: List[List[np.ndarray]] = []
-        per_group_values: List[np.ndarray] = []
+        # Each group's units leave in chunks (its removal order cut at the legal kept counts). All
+        # chunks of all groups are laid end to end in `units`; chunk c is units[begin[c]:end[c]].
+        units_parts, begin, end, chunk_group, chunk_value, offset = [], [], [], [], [], 0
         for g in groups.groups:
             order = removal_order(g, protected, norm)
             counts = allowed_kept_counts(g, int(protected[g.units].sum()), self.round_to, self.min_channels)
             ends = g.size - np.asarray(counts[1:], dtype=np.int64)  # units removed after each chunk
-            starts = np.concatenate([[0], ends[:-1]]).astype(np.int64) if len(ends) else ends
-            per_group.append([order[a:b] for a, b in zip(starts, ends)])
-            sums = np.add.reduceat(value[order], starts) if len(starts) else np.zeros(0)
-            per_group_values.append(sums / np.maximum(ends - starts, 1))
-
-        # merge the groups' chunk sequences by value, each group keeping its own order
-        chunks: List[Tuple[int, np.ndarray]] = []  # (group id, units), in removal order
-        heap: List[Tuple[float, int, int]] = [(float(v[0]), gid, 0) for gid, v in enumerate(per_group_values) if len(v)]
-        heapq.heapify(heap)
-        while heap:
-            _, gid, i = heapq.heappop(heap)
-            chunks.append((gid, per_group[gid][i]))
-            if i + 1 < len(per_group[gid]):
-                heapq.heappush(heap, (float(per_group_values[gid][i + 1]), gid, i + 1))
+            if not len(ends):
+                continue
+            starts = np.concatenate([[0], ends[:-1]]).astype(np.int64)
+            means = np.add.reduceat(value[order], starts) / np.maximum(ends - starts, 1)
+            # a group's chunks must leave in its own order: a running max makes their values monotone,
+            # so one global sort respects every group's order
+            chunk_value.append(np.maximum.accumulate(means))
+            units_parts.append(order[: ends[-1]])
+            begin.append(offset + starts)
+            end.append(offset + ends)
+            chunk_group.append(np.full(len(ends), g.id))
+            offset += int(ends[-1])
+        if not units_parts:
+            raise BudgetError(unreachable_message(cost, np.ones(groups.n_units, dtype=bool), self.budget,
+                                                  cost.flops(np.ones(groups.n_units, dtype=bool)),
+                                                  cost.params(np.ones(groups.n_units, dtype=bool))))
+        values, begin, end = np.concatenate(chunk_value), np.concatenate(begin), np.concatenate(end)
+        sequence = np.lexsort((np.arange(len(values)), values))  # stable: ties keep group order
+        chunks = _Chunks(np.concatenate(units_parts), begin[sequence], end[sequence],
+                         np.concatenate(chunk_group)[sequence])
         return PrunePlan(_shortest_prefix(chunks, groups.n_units, cost, self.budget))
 
 
-def _shortest_prefix(chunks: List[Tuple[int, np.ndarray]], n_units: int, cost: CostModel, budget: Budget) -> np.ndarray:
+class _Chunks:
+    """Chunks in removal order; `removed(k)` = the units of the first k, as one index array."""
+
+    def __init__(self, units: np.ndarray, begin: np.ndarray, end: np.ndarray, group: np.ndarray):
+        lengths = end - begin
+        # the chunks' ranges gathered in removal order (vectorised concatenation of ranges)
+        ends_in_order = np.cumsum(lengths)
+        index = np.arange(int(ends_in_order[-1])) - np.repeat(ends_in_order - lengths - begin, lengths)
+        self.flat, self.ends, self.group = units[index], ends_in_order, group
+
+    def __len__(self) -> int:
+        return len(self.ends)
+
+    def removed(self, k: int) -> np.ndarray:
+        return self.flat[: self.ends[k - 1]] if k else self.flat[:0]
+
+    def units(self, i: int) -> np.ndarray:
+        return self.flat[(self.ends[i - 1] if i else 0): self.ends[i]]
+
+
+def _shortest_prefix(chunks: _Chunks, n_units: int, cost: CostModel, budget: Budget) -> np.ndarray:
     full = np.ones(n_units, dtype=bool)
     flops0, params0 = cost.flops(full), cost.params(full)
 
     def keep_after(k: int) -> np.ndarray:
         keep = full.copy()
-        if k:
-            keep[np.concatenate([units for _, units in chunks[:k]])] = False
+        keep[chunks.removed(k)] = False
         return keep
 
     if not meets_budget(cost, keep_after(len(chunks)), budget, flops0, params0):
@@ -81,7 +105,8 @@ def _shortest_prefix(chunks: List[Tuple[int, np.ndarray]], n_units: int, cost: C
     return _tighten(chunks, lo, keep_after, cost, budget, flops0, params0)
 
 
-def _tighten(chunks, k: int, keep_after, cost: CostModel, budget: Budget, flops0: float, params0: float) -> np.ndarray:
+def _tighten(chunks: _Chunks, k: int, keep_after, cost: CostModel, budget: Budget, flops0: float,
+             params0: float) -> np.ndarray:
     """The k-th chunk may be large (a ViT residual channel spans every block) and overshoot the
     budget. Retry from the state before it, skipping chunks that would overshoot by more than 0.5%
     (a skipped group stops there, its later chunks depend on it); keep whichever result is closer."""
@@ -89,11 +114,12 @@ def _tighten(chunks, k: int, keep_after, cost: CostModel, budget: Budget, flops0
     if k == 0 or _slack(cost, best, budget, flops0, params0) < 0.005:
         return best
     keep, stopped = keep_after(k - 1), set()
-    for gid, units in chunks[k - 1:]:
+    for i in range(k - 1, len(chunks)):
+        gid = int(chunks.group[i])
         if gid in stopped:
             continue
         trial = keep.copy()
-        trial[units] = False
+        trial[chunks.units(i)] = False
         if meets_budget(cost, trial, budget, flops0, params0):
             if _slack(cost, trial, budget, flops0, params0) < 0.005:
                 keep = trial

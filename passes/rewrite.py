@@ -188,12 +188,12 @@ def _copy_tensor(t: Any) -> Any:
 def _with_tensors(module: nn.Module, prefix: str, new_tensors: Dict[str, torch.Tensor]) -> nn.Module:
     """Copy of `module` holding the new tensors where it has them and copies of the rest."""
     new = copy.copy(module)
-    new._parameters = {k: new_tensors[prefix + k] if prefix + k in new_tensors else _copy_tensor(v)
-                       for k, v in module._parameters.items()}
-    new._buffers = {k: new_tensors[prefix + k] if prefix + k in new_tensors else _copy_tensor(v)
-                    for k, v in module._buffers.items()}
-    new._modules = {k: (_with_tensors(sub, prefix + k + ".", new_tensors) if sub is not None else None)
-                    for k, sub in module._modules.items()}
+    new.__dict__["_parameters"] = {k: new_tensors[prefix + k] if prefix + k in new_tensors else _copy_tensor(v)
+                                   for k, v in module._parameters.items()}
+    new.__dict__["_buffers"] = {k: new_tensors[prefix + k] if prefix + k in new_tensors else _copy_tensor(v)
+                                for k, v in module._buffers.items()}
+    new.__dict__["_modules"] = {k: (_with_tensors(sub, prefix + k + ".", new_tensors) if sub is not None else None)
+                                for k, sub in module._modules.items()}
     return new
 
 
