@@ -74,7 +74,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(header(), flush=True)
     rows: List[Dict[str, Any]] = []
     for name in names:
-        row = run_model(name, args.budget, args.max_params)
+        row = run_model(name, args.budget, args.max_params, args.repeat)
         rows.append(row)
         print(format_row(row), flush=True)
         out.write_text(json.dumps({"environment": env, "rows": rows}, indent=2))
@@ -95,6 +95,8 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
                         help="skip models with more parameters than this, e.g. 200e6 (default: no limit)")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                         help="torch.set_num_threads (default: all cores available to this process)")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="timed runs per tool and model; the median is reported (default 3)")
     parser.add_argument("--out", default="benchmarks/results/zoo.json", help="JSON output path")
     return parser.parse_args(argv)
 
@@ -133,7 +135,7 @@ def warm_up() -> None:
 # one model
 
 
-def run_model(name: str, budget: float, max_params: Optional[float]) -> Dict[str, Any]:
+def run_model(name: str, budget: float, max_params: Optional[float], repeat: int = 3) -> Dict[str, Any]:
     torch.manual_seed(0)               # the same random weights and input on every run
     model = torchvision.models.get_model(name).eval()
     size = INPUT_SIZE.get(name, 224)
@@ -145,21 +147,24 @@ def run_model(name: str, budget: float, max_params: Optional[float]) -> Dict[str
         return row
 
     tp_model = copy.deepcopy(model)    # Torch-Pruning prunes in place; keep it apart from fxprune
-    row["fxprune"] = run_fxprune(model, x, budget)
+    row["fxprune"] = run_fxprune(model, x, budget, repeat)
     target = row["fxprune"].get("flops_ratio", budget)     # match what fxprune kept, else the budget
-    row["torch_pruning"] = run_torch_pruning(tp_model, x, target)
+    row["torch_pruning"] = run_torch_pruning(tp_model, x, target, repeat)
     fx_s, tp_s = row["fxprune"].get("seconds"), row["torch_pruning"].get("seconds")
     row["speed_ratio"] = tp_s / fx_s if fx_s and tp_s else None
     return row
 
 
-def run_fxprune(model: torch.nn.Module, x: torch.Tensor, budget: float) -> Dict[str, Any]:
+def run_fxprune(model: torch.nn.Module, x: torch.Tensor, budget: float, repeat: int = 3) -> Dict[str, Any]:
     result: Dict[str, Any] = {}
     try:
         with torch.no_grad():
-            start = time.perf_counter()
-            pruned = fxprune.compile(model, budget, example_inputs=(x,), verify=False)
-            result["seconds"] = time.perf_counter() - start
+            runs = []
+            for _ in range(repeat):    # the median of several runs: these machines are noisy
+                start = time.perf_counter()
+                pruned = fxprune.compile(model, budget, example_inputs=(x,), verify=False)
+                runs.append(time.perf_counter() - start)
+            result["seconds"], result["seconds_runs"] = statistics.median(runs), runs
     except Exception as exc:           # a failure on one model must not stop the zoo
         result["error"] = describe(exc)
         return result
@@ -180,13 +185,17 @@ def run_fxprune(model: torch.nn.Module, x: torch.Tensor, budget: float) -> Dict[
     return result
 
 
-def run_torch_pruning(model: torch.nn.Module, x: torch.Tensor, target: float) -> Dict[str, Any]:
+def run_torch_pruning(model: torch.nn.Module, x: torch.Tensor, target: float, repeat: int = 3) -> Dict[str, Any]:
     result: Dict[str, Any] = {"target_flops_ratio": target}
     try:
         ratio, probes = search_tp_ratio(model, x, target)
         result.update(pruning_ratio=ratio, probes=probes)
-        pruned, timing = tp_prune(copy.deepcopy(model), x, ratio)     # the one timed run
-        result.update(timing)
+        timed = [tp_prune(copy.deepcopy(model), x, ratio) for _ in range(repeat)]  # the timed runs
+        pruned = timed[-1][0]
+        runs = [t for _, t in timed]
+        median_run = sorted(runs, key=lambda t: t["seconds"])[len(runs) // 2]
+        result.update(median_run)
+        result["seconds_runs"] = [t["seconds"] for t in runs]
         with torch.no_grad():
             out = pruned(x)            # a pruned model that cannot run is a failure, not a result
         if out.shape != (1, 1000):

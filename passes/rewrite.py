@@ -82,7 +82,7 @@ class PruneRewrite(PassBase):
             for name, dims in self.groups.param_slices.items():
                 original = _get_attr(gm, name)
                 tensor = original.detach()
-                for dim, elements in dims.items():
+                for dim, elements in sorted(dims.items()):  # rows first: gathering columns of fewer rows is cheaper
                     idx = self.kept(elements)
                     if len(idx) != tensor.shape[dim]:
                         tensor = tensor.index_select(dim, torch.as_tensor(idx, device=tensor.device))
