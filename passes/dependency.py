@@ -857,13 +857,16 @@ class _AnalysisState:
             units = np.nonzero(unit_group == gid)[0]
             groups.append(ChannelGroup(id=gid, name=spaces[0], units=units, spaces=spaces,
                                        frozen_reasons=group_reasons.get(gid, []), n_frozen=int(unit_frozen[units].sum())))
+        groups_of_array: Dict[int, List[int]] = {}  # elementwise ops pass the same arrays along
         for name, value in self.maps.items():
             for m in (value if isinstance(value, tuple) else (value,)):
                 if isinstance(m, ChannelMap):
                     for d in m.tracked():
-                        for g in np.unique(unit_group[element_unit[m.dims[d]]]).tolist():
-                            if (name, d) not in groups[g].members:
-                                groups[g].members.append((name, d))
+                        key = id(m.dims[d])
+                        if key not in groups_of_array:
+                            groups_of_array[key] = np.unique(unit_group[element_unit[m.dims[d]]]).tolist()
+                        for g in groups_of_array[key]:
+                            groups[g].members.append((name, d))  # each (node, dim) is visited once
         for pname, dims in self.param_slices.items():
             for d, elements in dims.items():
                 for g in np.unique(unit_group[element_unit[elements]]).tolist():

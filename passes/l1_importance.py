@@ -30,10 +30,14 @@ class L1Importance(Importance):
                 magnitude = params[name].detach().abs()
                 if self.power != 1:
                     magnitude = magnitude.double() ** self.power
+                # sum the dims no channel slices first (a conv's kernel), once for all sliced dims
+                free = [d for d in range(magnitude.ndim) if d not in dims and magnitude.shape[d] > 1]
+                if free:
+                    magnitude = magnitude.sum(dim=free, keepdim=True)
                 for dim, elements in dims.items():
                     other = [d for d in range(magnitude.ndim) if d != dim]
                     per_position = (magnitude.sum(dim=other) if other else magnitude).double().cpu().numpy()
-                    np.add.at(scores, groups.units_of(elements), per_position)
+                    np.add.at(scores, groups.units_of(elements), per_position.reshape(-1))
         return scores ** (1.0 / self.power)
 
 
