@@ -172,9 +172,20 @@ def _to_meta(x: Any) -> Any:
 
 
 def _meta_weights(gm: torch.fx.GraphModule) -> torch.nn.Module:
-    """A copy of the module tree over meta-device weights, for interpreting gm's graph on shapes."""
+    """A copy of the module tree over meta-device weights, for interpreting gm's graph on shapes.
+    Only modules the graph calls (and the get_attr targets) get meta tensors; shape-preserving
+    layers are skipped by the interpreter and need none."""
     root = _structural_copy(gm)
+    wanted = set()
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and not isinstance(root.get_submodule(node.target), _SHAPE_PRESERVING):
+            wanted.update(id(m) for m in root.get_submodule(node.target).modules())
+        elif node.op == "get_attr":
+            owner = node.target.rpartition(".")[0]
+            wanted.add(id(root.get_submodule(owner) if owner else root))
     for module in root.modules():
+        if id(module) not in wanted:
+            continue
         module.__dict__["_parameters"] = {k: (torch.nn.Parameter(_to_meta(v), v.requires_grad) if v is not None else None)
                                           for k, v in module._parameters.items()}
         module.__dict__["_buffers"] = {k: (_to_meta(v) if v is not None else None) for k, v in module._buffers.items()}

@@ -44,7 +44,7 @@ def protected_units(groups: ChannelGroups, norm_scores: np.ndarray) -> np.ndarra
     min_channels bounds a group, but one half of a split (ShuffleNet's chunk) or one segment of a
     tensor may hold only some of a group's units; each tracked dim keeps its most important unit."""
     protected = groups.unit_frozen.copy()
-    seen, seen_arrays = set(), set()
+    seen_arrays = set()
     for value in groups.maps.values():
         for m in value if isinstance(value, tuple) else (value,):
             if not isinstance(m, ChannelMap):
@@ -53,12 +53,9 @@ def protected_units(groups: ChannelGroups, norm_scores: np.ndarray) -> np.ndarra
                 if id(m.dims[d]) in seen_arrays:  # elementwise ops pass the same array along
                     continue
                 seen_arrays.add(id(m.dims[d]))
-                units = np.unique(groups.units_of(m.dims[d]))
-                key = units.tobytes()
-                if key in seen or protected[units].any():
-                    continue
-                seen.add(key)
-                protected[units[np.argmax(norm_scores[units])]] = True
+                units = groups.units_of(m.dims[d])
+                if not protected[units].any():
+                    protected[units[np.argmax(norm_scores[units])]] = True
     return protected
 
 

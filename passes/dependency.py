@@ -833,8 +833,9 @@ class _AnalysisState:
                 s = space_parent[s]
             return s
 
-        pairs = np.unique(np.stack([es.space_of(np.arange(n)), es.space_of(roots)], axis=1), axis=0) if n else []
-        for a, b in (pairs.tolist() if n else []):
+        # (space of element, space of its root) pairs, encoded as one integer each for a fast unique
+        codes = np.unique(es.space_of(np.arange(n)) * n_spaces + es.space_of(roots)) if n else np.zeros(0, np.int64)
+        for a, b in zip((codes // max(n_spaces, 1)).tolist(), (codes % max(n_spaces, 1)).tolist()):
             ra, rb = find(a), find(b)
             if ra != rb:
                 space_parent[max(ra, rb)] = min(ra, rb)
@@ -847,7 +848,7 @@ class _AnalysisState:
         for elements, reason in es.freeze_records():
             units = element_unit[elements]
             unit_frozen[units] = True
-            for g in np.unique(unit_group[units]).tolist():
+            for g in _distinct(unit_group[units]):
                 if reason not in group_reasons[g] and len(group_reasons[g]) < 8:
                     group_reasons[g].append(reason)
 
@@ -864,18 +865,25 @@ class _AnalysisState:
                     for d in m.tracked():
                         key = id(m.dims[d])
                         if key not in groups_of_array:
-                            groups_of_array[key] = np.unique(unit_group[element_unit[m.dims[d]]]).tolist()
+                            groups_of_array[key] = _distinct(unit_group[element_unit[m.dims[d]]])
                         for g in groups_of_array[key]:
                             groups[g].members.append((name, d))  # each (node, dim) is visited once
         for pname, dims in self.param_slices.items():
             for d, elements in dims.items():
-                for g in np.unique(unit_group[element_unit[elements]]).tolist():
+                for g in _distinct(unit_group[element_unit[elements]]):
                     groups[g].params.append((pname, d))
         return ChannelGroups(maps=self.maps, element_unit=element_unit, unit_group=unit_group, unit_frozen=unit_frozen,
                              groups=groups, param_slices=self.param_slices, elements=es, special=self.special)
 
 
 # --------------------------------------------------------------------------- utilities
+def _distinct(values: np.ndarray) -> List[int]:
+    """np.unique(values).tolist(), fast for the common case of a single value."""
+    if len(values) and (values == values[0]).all():
+        return [int(values[0])]
+    return np.unique(values).tolist()
+
+
 def _carries_channels(value: Any) -> bool:
     if isinstance(value, ChannelMap):
         return value.is_tracked()

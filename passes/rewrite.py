@@ -78,9 +78,10 @@ class PruneRewrite(PassBase):
     def sliced_tensors(self, gm: torch.fx.GraphModule) -> Dict[str, torch.Tensor]:
         """Every parameter/buffer with a channel dim, index_select-ed to the kept channels."""
         out: Dict[str, torch.Tensor] = {}
+        originals = {name: _get_attr(gm, name) for name in self.groups.param_slices}
         with torch.no_grad():
             for name, dims in self.groups.param_slices.items():
-                original = _get_attr(gm, name)
+                original = originals[name]
                 tensor = original.detach()
                 for dim, elements in sorted(dims.items()):  # rows first: gathering columns of fewer rows is cheaper
                     idx = self.kept(elements)
@@ -89,8 +90,8 @@ class PruneRewrite(PassBase):
                 if tensor is not original.detach():  # index_select made a new tensor
                     out[name] = tensor
             self.fold_attention_scale(out)
-        return {name: (nn.Parameter(t, requires_grad=_get_attr(gm, name).requires_grad)
-                       if isinstance(_get_attr(gm, name), nn.Parameter) else t) for name, t in out.items()}
+        return {name: (nn.Parameter(t, requires_grad=originals[name].requires_grad)
+                       if isinstance(originals[name], nn.Parameter) else t) for name, t in out.items()}
 
     def fold_attention_scale(self, tensors: Dict[str, torch.Tensor]) -> None:
         """Attention scales q.k by head_dim**-0.5 with head_dim read from the (pruned) width. Folding
