@@ -180,7 +180,11 @@ def _meta_weights(gm: torch.fx.GraphModule) -> torch.nn.Module:
     """A copy of the module tree over meta-device weights, for interpreting gm's graph on shapes.
     Only modules the graph calls (and the get_attr targets) get meta tensors; shape-preserving
     layers are skipped by the interpreter and need none."""
-    root = _structural_copy(gm)
+    # a plain Module holding gm's attributes: copying the GraphModule itself would regenerate its code
+    root = torch.nn.Module()
+    root.__dict__["_parameters"] = dict(gm._parameters)
+    root.__dict__["_buffers"] = dict(gm._buffers)
+    root.__dict__["_modules"] = {k: (_structural_copy(v) if v is not None else None) for k, v in gm._modules.items()}
     wanted = set()
     for node in gm.graph.nodes:
         if node.op == "call_module" and not isinstance(root.get_submodule(node.target), _SHAPE_PRESERVING):
