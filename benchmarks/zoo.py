@@ -74,7 +74,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(header(), flush=True)
     rows: List[Dict[str, Any]] = []
     for name in names:
-        row = run_model(name, args.budget, args.max_params, args.repeat)
+        row = run_model(name, args.budget, args.max_params, args.repeat, peer=not args.no_peer)
         rows.append(row)
         print(format_row(row), flush=True)
         out.write_text(json.dumps({"environment": env, "rows": rows}, indent=2))
@@ -95,6 +95,8 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
                         help="skip models with more parameters than this, e.g. 200e6 (default: no limit)")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                         help="torch.set_num_threads (default: all cores available to this process)")
+    parser.add_argument("--no-peer", action="store_true",
+                        help="fxprune only: skip Torch-Pruning (its ratio search takes hours over all 80 models)")
     parser.add_argument("--repeat", type=int, default=3,
                         help="timed runs per tool and model; the median is reported (default 3)")
     parser.add_argument("--out", default="benchmarks/results/zoo.json", help="JSON output path")
@@ -135,7 +137,8 @@ def warm_up() -> None:
 # one model
 
 
-def run_model(name: str, budget: float, max_params: Optional[float], repeat: int = 3) -> Dict[str, Any]:
+def run_model(name: str, budget: float, max_params: Optional[float], repeat: int = 3,
+              peer: bool = True) -> Dict[str, Any]:
     torch.manual_seed(0)               # the same random weights and input on every run
     model = torchvision.models.get_model(name).eval()
     size = INPUT_SIZE.get(name, 224)
@@ -149,7 +152,7 @@ def run_model(name: str, budget: float, max_params: Optional[float], repeat: int
     tp_model = copy.deepcopy(model)    # Torch-Pruning prunes in place; keep it apart from fxprune
     row["fxprune"] = run_fxprune(model, x, budget, repeat)
     target = row["fxprune"].get("flops_ratio", budget)     # match what fxprune kept, else the budget
-    row["torch_pruning"] = run_torch_pruning(tp_model, x, target, repeat)
+    row["torch_pruning"] = run_torch_pruning(tp_model, x, target, repeat) if peer else {"error": "skipped (--no-peer)"}
     fx_s, tp_s = row["fxprune"].get("seconds"), row["torch_pruning"].get("seconds")
     row["speed_ratio"] = tp_s / fx_s if fx_s and tp_s else None
     return row
