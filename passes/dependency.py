@@ -392,20 +392,28 @@ class _AnalysisState:
                     continue
                 m = self.tensor_map(a)
                 entries.append((a, ad, m.dims[ad] if m is not None else None, a_spec.shape[ad]))
-            entries = self.freeze_broadcast_channels(node, entries, spec.shape[d])
-            tracked = [e for _, _, e, _ in entries if e is not None]
-            if not tracked:
-                continue
-            ref = tracked[0]
-            for a, ad, e, size in entries:
-                if e is not None:
-                    if e is not ref:
-                        self.es.union(ref, e)
-                elif size != 1 and not self.make_sliceable(a, ad, ref):
-                    self.es.freeze(ref, f"blocked by {describe_node(node)}: combines channels with %{a.name}, "
-                                        "whose channels fxprune cannot slice")
-            out[d] = ref
+            out[d] = self.couple(node, entries, spec.shape[d], "combines")
         return ChannelMap(tuple(out))
+
+    def couple(self, node, entries, size: int, verb: str, broadcasting: bool = True) -> Optional[np.ndarray]:
+        """Operands meeting at one dim (of an elementwise op, cat's other dims, a contraction letter)
+        carry the same channels: union their element vectors. An operand without channels there is
+        fine if it broadcasts (size 1) or is a parameter fxprune can slice; otherwise the channels
+        are frozen. `entries` are (operand, its dim, elements or None, its size). Returns the
+        dim's elements, or None when no operand tracks channels there."""
+        entries = self.freeze_broadcast_channels(node, entries, size)
+        tracked = [e for _, _, e, _ in entries if e is not None]
+        if not tracked:
+            return None
+        ref = tracked[0]
+        for operand, dim, e, operand_size in entries:
+            if e is not None:
+                if e is not ref:
+                    self.es.union(ref, e)
+            elif (operand_size != 1 or not broadcasting) and not self.make_sliceable(operand, dim, ref):
+                self.es.freeze(ref, f"blocked by {describe_node(node)}: {verb} channels with %{operand.name}, "
+                                    "whose channels fxprune cannot slice")
+        return ref
 
     def freeze_broadcast_channels(self, node, entries, size: int):
         """A one-channel tensor broadcast over `size` channels (a CBAM spatial gate): its channel is
@@ -576,18 +584,8 @@ class _AnalysisState:
         for d in range(ndim):
             if d == skip:
                 continue
-            entries = [(t, self.tensor_map(t).dims[d]) for t in tensors]
-            tracked = [e for _, e in entries if e is not None]
-            if not tracked:
-                continue
-            ref = tracked[0]
-            for t, e in entries:
-                if e is not None and e is not ref:
-                    self.es.union(ref, e)
-                elif e is None and not self.make_sliceable(t, d, ref):
-                    self.es.freeze(ref, f"blocked by {describe_node(node)}: joins channels with %{t.name}, "
-                                        "whose channels fxprune cannot slice")
-            result[d] = ref
+            entries = [(t, d, self.tensor_map(t).dims[d], value_spec(t).shape[d]) for t in tensors]
+            result[d] = self.couple(node, entries, value_spec(node).shape[d], "joins", broadcasting=False)
         return result
 
     def split(self, node, x) -> Any:
@@ -625,19 +623,7 @@ class _AnalysisState:
                 by_letter[letter].append((op, d, m.dims[d], spec.shape[d]))
         letter_elements: Dict[str, Optional[np.ndarray]] = {}
         for letter, entries in by_letter.items():
-            entries = self.freeze_broadcast_channels(node, entries, max(size for _, _, _, size in entries))
-            tracked = [e for _, _, e, _ in entries if e is not None]
-            if not tracked:
-                letter_elements[letter] = None
-                continue
-            ref = tracked[0]
-            for op, d, e, size in entries:
-                if e is not None and e is not ref:
-                    self.es.union(ref, e)
-                elif e is None and size != 1 and not self.make_sliceable(op, d, ref):
-                    self.es.freeze(ref, f"blocked by {describe_node(node)}: contracts channels with %{op.name}, "
-                                        "whose channels fxprune cannot slice")
-            letter_elements[letter] = ref
+            letter_elements[letter] = self.couple(node, entries, max(size for _, _, _, size in entries), "contracts")
         return ChannelMap(tuple(letter_elements.get(letter) for letter in out_sub))
 
     # ----------------------------------------------------------------- parameterised layers
