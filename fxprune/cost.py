@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.fx
 
-from .fxutil import einsum_subscripts
+from .fxutil import einsum_subscripts, get_attr
 from .ir import ChannelGroups, ChannelMap
 from .tracing import TensorSpec, value_spec
 
@@ -106,7 +106,7 @@ def build_cost_model(gm: torch.fx.GraphModule, groups: ChannelGroups) -> CostMod
         return int(size) if elements is None else groups.units_of(elements)
 
     def weight_factors(name: str) -> List[Factor]:
-        shape = params[name].shape if name in params else dict(gm.named_buffers())[name].shape
+        shape = get_attr(gm, name).shape
         sliced = groups.param_slices.get(name, {})
         return [dim_factor(sliced.get(d), s) for d, s in enumerate(shape)]
 

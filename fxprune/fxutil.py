@@ -10,6 +10,14 @@ import torch.fx
 from .tracing import TensorSpec, value_spec
 
 
+def get_attr(module: torch.nn.Module, qualname: str) -> Any:
+    """The parameter, buffer or submodule at a qualified name (a get_attr target)."""
+    obj: Any = module
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
 _CONV_PARAMETERS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 # Builtins without a Python signature (and with overloaded schemas fx cannot pick between).
 _BUILTIN_PARAMETERS = {

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch.fx.node import map_aggregate
 
 from .errors import FxPruneError, VerificationError, describe_node
+from .fxutil import get_attr
 from .ir import ChannelGroups, ChannelMap, PrunePlan
 from .tracing import TensorSpec, value_spec
 
@@ -125,16 +126,12 @@ def masked_model_copy(gm: torch.fx.GraphModule, groups: ChannelGroups, keep_unit
     masked = copy.deepcopy(gm).double()
     with torch.no_grad():
         for name, dims in groups.param_slices.items():
-            tensor = masked.get_parameter(name) if _is_param(masked, name) else masked.get_buffer(name)
+            tensor = get_attr(masked, name)
             for dim, elements in dims.items():
                 pruned = np.nonzero(~keep_unit[groups.units_of(elements)])[0]
                 if len(pruned):
                     tensor.index_fill_(dim, torch.as_tensor(pruned), 0.0)
     return masked
-
-
-def _is_param(gm: torch.nn.Module, name: str) -> bool:
-    return name in dict(gm.named_parameters())
 
 
 def verify_pruned(original: torch.fx.GraphModule, pruned: torch.fx.GraphModule, groups: ChannelGroups,

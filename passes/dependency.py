@@ -75,9 +75,10 @@ _INT_ARITHMETIC = {
     operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv, operator.mod, operator.pow,
     operator.neg, operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge,
 }
-# Ops whose shape arguments the rewrite recomputes, so a ChannelCount may feed them.
-_SHAPE_ARG_METHODS = {"view", "reshape", "expand"}
-_SHAPE_ARG_FUNCTIONS = {torch.reshape}
+# Ops whose shape arguments PruneRewrite recomputes, so a ChannelCount may feed them. The rewrite
+# uses these same sets: the two must agree.
+SHAPE_ARG_METHODS = {"view", "reshape", "expand"}
+SHAPE_ARG_FUNCTIONS = {torch.reshape}
 
 
 class ChannelGroupAnalysis:
@@ -178,9 +179,9 @@ class _AnalysisState:
 
     def _check_channel_count_uses(self, node: torch.fx.Node) -> None:
         """A channel count may only feed int arithmetic and shape arguments the rewrite recomputes."""
-        if node.op == "call_method" and node.target in _SHAPE_ARG_METHODS:
+        if node.op == "call_method" and node.target in SHAPE_ARG_METHODS:
             return
-        if node.op == "call_function" and (node.target in _SHAPE_ARG_FUNCTIONS or
+        if node.op == "call_function" and (node.target in SHAPE_ARG_FUNCTIONS or
                                            (node.target in _INT_ARITHMETIC and not isinstance(value_spec(node), TensorSpec))):
             return
         for arg in node.all_input_nodes:

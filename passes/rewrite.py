@@ -21,10 +21,11 @@ import torch.fx
 from torch import nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
+from fxprune.fxutil import get_attr
+from fxprune.passes.dependency import SHAPE_ARG_FUNCTIONS, SHAPE_ARG_METHODS, ChannelCount
 from fxprune.ir import ChannelGroups, ChannelMap, PrunePlan
 from fxprune.tracing import value_spec
 
-_SIZE_ARG_METHODS = {"view", "reshape", "expand"}
 
 
 class PruneRewrite(PassBase):
@@ -70,7 +71,7 @@ class PruneRewrite(PassBase):
                     root[node.target] = copy.deepcopy(module)
             elif node.op == "get_attr" and node.target not in root:
                 root[node.target] = new_tensors.get(node.target) if node.target in new_tensors else \
-                    _copy_tensor(_get_attr(gm, node.target))
+                    _copy_tensor(get_attr(gm, node.target))
         graph.lint()
         pruned = torch.fx.GraphModule(root, graph, class_name="Pruned" + type(gm).__name__)
         return PassResult(pruned, True)
@@ -78,7 +79,7 @@ class PruneRewrite(PassBase):
     def sliced_tensors(self, gm: torch.fx.GraphModule) -> Dict[str, torch.Tensor]:
         """Every parameter/buffer with a channel dim, index_select-ed to the kept channels."""
         out: Dict[str, torch.Tensor] = {}
-        originals = {name: _get_attr(gm, name) for name in self.groups.param_slices}
+        originals = {name: get_attr(gm, name) for name in self.groups.param_slices}
         with torch.no_grad():
             for name, dims in self.groups.param_slices.items():
                 original = originals[name]
@@ -112,14 +113,14 @@ class PruneRewrite(PassBase):
     # ----------------------------------------------------------------- shape literals
     def rewrite_arguments(self, node: torch.fx.Node, new: torch.fx.Node) -> None:
         maps = self.groups.maps
-        if node.op == "call_method" and node.target in _SIZE_ARG_METHODS:
+        if node.op == "call_method" and node.target in SHAPE_ARG_METHODS:
             sizes, new_sizes = node.args[1:], new.args[1:]
             packed = len(sizes) == 1 and isinstance(sizes[0], (tuple, list))
             sizes, new_sizes = (list(sizes[0]), list(new_sizes[0])) if packed else (list(sizes), list(new_sizes))
             fixed = self.fixed_sizes(node, sizes, new_sizes)
             if fixed is not None:
                 new.args = (new.args[0], tuple(fixed)) if packed else (new.args[0], *fixed)
-        elif node.op == "call_function" and node.target is torch.reshape:
+        elif node.op == "call_function" and node.target in SHAPE_ARG_FUNCTIONS:
             fixed = self.fixed_sizes(node, list(node.args[1]), list(new.args[1]))
             if fixed is not None:
                 new.args = (new.args[0], tuple(fixed))
@@ -138,7 +139,6 @@ class PruneRewrite(PassBase):
         """Shape arguments with every channel dim (literal or computed from a channel count)
         replaced by its new literal size; batch and spatial arguments stay as traced.
         `sizes` are the original graph's arguments, `new_sizes` the same in the new graph."""
-        from fxprune.passes.dependency import ChannelCount
         spec = value_spec(node)
         if len(sizes) != spec.ndim:
             return None
@@ -171,13 +171,6 @@ class PruneRewrite(PassBase):
         sizes = [len(self.kept(p.dims[d])) for p in parts]
         new.op, new.target = "call_function", torch.split
         new.args, new.kwargs = (new.args[0], sizes, d), {}
-
-
-def _get_attr(gm: torch.nn.Module, qualname: str) -> Any:
-    obj: Any = gm
-    for part in qualname.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _copy_tensor(t: Any) -> Any:
