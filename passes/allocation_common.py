@@ -72,3 +72,9 @@ def meets_budget(cost: CostModel, keep: np.ndarray, budget: Budget, flops0: floa
     if budget.params is not None and cost.params(keep) > budget.params * params0 * (1 + 1e-9):
         return False
     return True
+
+
+def within_budget_unpruned(groups: ChannelGroups, cost: CostModel, budget: Budget) -> bool:
+    """The unpruned model already meets the budget (a budget of 1.0)."""
+    full = np.ones(groups.n_units, dtype=bool)
+    return meets_budget(cost, full, budget, cost.flops(full), cost.params(full))

@@ -1,7 +1,10 @@
 """GlobalAllocation: one ranking of channels across all groups, cut where the budget is met.
 
-Each unit's value is its importance normalised within its group divided by the FLOPs (or params)
-it costs, so a cheap, important channel outlives an expensive, unimportant one. Units leave in
+Each unit's value is its importance normalised within its group (by the group's mean), so groups of
+different scale compare. With per_cost=True (allocation "global_per_flop") the value is further divided
+by the FLOPs (or params) the unit costs, a knapsack-style greedy that keeps cheap channels; it is not the
+default because where importances are nearly flat (random or early weights) cost alone decides and whole
+high-resolution layers are cut to a channel or two (resnet50's first stage went from 64 to 1). Units leave in
 chunks that keep every group's width legal (round_to, min_channels, frozen units); the chunks are
 sorted into one order (each group's own order preserved) and the shortest prefix that meets the
 budget is found by bisection on the exact cost model. Requires: ChannelGroups, CostModel, scores. Produces: PrunePlan."""
@@ -15,16 +18,19 @@ from fxprune.cost import CostModel
 from fxprune.errors import BudgetError, NoPrunableChannelsError
 from fxprune.ir import ChannelGroups, PrunePlan
 from .allocation_common import (allowed_kept_counts, meets_budget, normalised_importance, protected_units,
-                                removal_order)
+                                removal_order, within_budget_unpruned)
 
 
 class GlobalAllocation:
     mutates_input = False
 
-    def __init__(self, budget: Budget, round_to: int = 1, min_channels: int = 1):
+    def __init__(self, budget: Budget, round_to: int = 1, min_channels: int = 1, per_cost: bool = False):
         self.budget, self.round_to, self.min_channels = budget, round_to, min_channels
+        self.per_cost = per_cost
 
     def run(self, groups: ChannelGroups, cost: CostModel, scores: np.ndarray) -> PrunePlan:
+        if within_budget_unpruned(groups, cost, self.budget):  # budget 1.0: nothing to remove
+            return PrunePlan(np.ones(groups.n_units, dtype=bool))
         norm = normalised_importance(groups, scores)
         unit_cost = cost.unit_cost("flops" if self.budget.flops is not None else "params")
         prunable = ~groups.unit_frozen
@@ -32,7 +38,7 @@ class GlobalAllocation:
             raise NoPrunableChannelsError(_no_prunable_message(groups))
         scale = unit_cost[prunable].mean() or 1.0
         protected = protected_units(groups, norm)
-        value = norm / np.maximum(unit_cost / scale, 1e-12)
+        value = norm / np.maximum(unit_cost / scale, 1e-12) if self.per_cost else norm
 
         # Each group's units leave in chunks (its removal order cut at the legal kept counts). All
         # chunks of all groups are laid end to end in `units`; chunk c is units[begin[c]:end[c]].

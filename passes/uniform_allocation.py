@@ -8,7 +8,8 @@ from fxprune.budget import Budget
 from fxprune.cost import CostModel
 from fxprune.errors import BudgetError, NoPrunableChannelsError
 from fxprune.ir import ChannelGroups, PrunePlan
-from .allocation_common import allowed_kept_counts, meets_budget, normalised_importance, protected_units, removal_order
+from .allocation_common import (allowed_kept_counts, meets_budget, normalised_importance, protected_units,
+                                removal_order, within_budget_unpruned)
 from .global_allocation import _no_prunable_message, unreachable_message
 
 
@@ -19,6 +20,8 @@ class UniformAllocation:
         self.budget, self.round_to, self.min_channels = budget, round_to, min_channels
 
     def run(self, groups: ChannelGroups, cost: CostModel, scores: np.ndarray) -> PrunePlan:
+        if within_budget_unpruned(groups, cost, self.budget):  # budget 1.0: nothing to remove
+            return PrunePlan(np.ones(groups.n_units, dtype=bool))
         if groups.unit_frozen.all():
             raise NoPrunableChannelsError(_no_prunable_message(groups))
         norm = normalised_importance(groups, scores)

@@ -1,4 +1,6 @@
 """Differential tests on one fixture per coupling pattern: pruned == masked original (float64)."""
+# The fixtures have 4-16 channels: they are compiled with round_to=1 so coupling is tested channel by
+# channel (compile rounds widths to multiples of 8 by default, which would leave most of them whole).
 import copy
 
 import pytest
@@ -26,7 +28,7 @@ def test_fixture_prunes_and_verifies(name, budget):
     model = FIXTURES[name]().eval()
     before = state(model)
     x = example_input()
-    pruned = fxprune.compile(model, budget, example_inputs=(x,))
+    pruned = fxprune.compile(model, budget, example_inputs=(x,), round_to=1)
     report = pruned.meta["fxprune"]
     assert report["verification"]["passed"]
     assert report["flops"]["ratio"] <= budget + 1e-9
@@ -42,7 +44,7 @@ def test_conv_chain_against_hand_masked_model():
     torch.manual_seed(1)
     model = ConvChain().eval()
     x = example_input().double()
-    pruned = fxprune.compile(model, 0.5, example_inputs=(x.float(),))
+    pruned = fxprune.compile(model, 0.5, example_inputs=(x.float(),), round_to=1)
     modules = pruned.meta["fxprune"]["modules"]
     masked = copy.deepcopy(model).double()
     with torch.no_grad():
@@ -91,7 +93,7 @@ def test_blocking_op_freezes_its_channels_and_names_the_node():
     reasons = " ".join(r for g in blocked for r in g.frozen_reasons)
     assert "cumsum" in reasons and "no channel rule" in reasons
     assert any("a_0" in g.spaces for g in blocked)
-    pruned = fxprune.compile(model, 0.8, example_inputs=(example_input(),))
+    pruned = fxprune.compile(model, 0.8, example_inputs=(example_input(),), round_to=1)
     report = pruned.meta["fxprune"]
     assert report["modules"]["b.0"]["out"]  # the unblocked conv still prunes
     assert "a.0" not in report["modules"] or "out" not in report["modules"]["a.0"]
@@ -104,7 +106,7 @@ def test_analyze_table_is_readable():
 
 def test_report_is_plain_json():
     import json
-    pruned = fxprune.compile(ConvChain(), 0.5, example_inputs=(example_input(),))
+    pruned = fxprune.compile(ConvChain(), 0.5, example_inputs=(example_input(),), round_to=1)
     text = fxprune.report_json(pruned)
     data = json.loads(text)
     assert data["flops"]["ratio"] <= 0.5
@@ -123,37 +125,67 @@ def test_round_to_makes_kept_widths_multiples(round_to):
 
 
 def test_min_channels_is_respected():
-    pruned = fxprune.compile(ConvChain(), 0.3, example_inputs=(example_input(),), min_channels=6)
+    pruned = fxprune.compile(ConvChain(), 0.3, example_inputs=(example_input(),), min_channels=6, round_to=1)
     for g in pruned.meta["fxprune"]["groups"]:
         assert g["kept"] >= min(6, g["size"])
 
 
 def test_ignore_keeps_a_modules_output_channels():
     model = ConvChain()
-    pruned = fxprune.compile(model, 0.5, example_inputs=(example_input(),), ignore=["body.1.0"])
+    pruned = fxprune.compile(model, 0.5, example_inputs=(example_input(),), ignore=["body.1.0"], round_to=1)
     assert pruned.get_submodule("body.1.0").out_channels == 24
-    pruned2 = fxprune.compile(model, 0.5, example_inputs=(example_input(),), ignore=[model.body[1][0]])
+    pruned2 = fxprune.compile(model, 0.5, example_inputs=(example_input(),), ignore=[model.body[1][0]], round_to=1)
     assert pruned2.get_submodule("body.1.0").out_channels == 24
 
 
 def test_params_budget_and_both():
     model = ConvChain()
-    p = fxprune.compile(model, fxprune.Budget(params=0.5), example_inputs=(example_input(),))
+    p = fxprune.compile(model, fxprune.Budget(params=0.5), example_inputs=(example_input(),), round_to=1)
     assert p.meta["fxprune"]["params"]["ratio"] <= 0.5
-    p = fxprune.compile(model, fxprune.Budget(flops=0.6, params=0.4), example_inputs=(example_input(),))
+    p = fxprune.compile(model, fxprune.Budget(flops=0.6, params=0.4), example_inputs=(example_input(),), round_to=1)
     assert p.meta["fxprune"]["params"]["ratio"] <= 0.4 and p.meta["fxprune"]["flops"]["ratio"] <= 0.6
 
 
-@pytest.mark.parametrize("allocation", ["global", "uniform"])
+def test_default_rounds_kept_widths_to_multiples_of_8():
+    pruned = fxprune.compile(ConvChain(), 0.5, example_inputs=(example_input(),))
+    groups = [g for g in pruned.meta["fxprune"]["groups"] if not g["blocked"] and g["size"] >= 8]
+    assert groups and all(g["kept"] % 8 == 0 for g in groups)
+    assert any(g["kept"] < g["size"] for g in groups)
+
+
+@pytest.mark.parametrize("allocation", ["global", "global_per_flop", "uniform"])
+def test_budget_one_keeps_everything(allocation):
+    model = ConvChain()
+    p = fxprune.compile(model, 1.0, example_inputs=(example_input(),), allocation=allocation)
+    assert p.meta["fxprune"]["flops"]["ratio"] == 1.0
+    assert all(g["kept"] == g["size"] for g in p.meta["fxprune"]["groups"])
+
+
+def test_global_allocation_does_not_collapse_layers_when_importances_are_flat():
+    """Random init gives every channel about the same L1 norm. Dividing by each channel's FLOPs (the
+    opt-in "global_per_flop") then cuts high-resolution stages to one channel; the default must not."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18().eval()
+    x = torch.randn(1, 3, 64, 64)
+    default = fxprune.compile(model, 0.5, example_inputs=(x,), verify=False, round_to=1)
+    kept = [g["kept"] / g["size"] for g in default.meta["fxprune"]["groups"] if not g["blocked"]]
+    assert min(kept) > 0.4
+    per_flop = fxprune.compile(model, 0.5, example_inputs=(x,), verify=False, round_to=1,
+                               allocation="global_per_flop")
+    assert min(g["kept"] / g["size"] for g in per_flop.meta["fxprune"]["groups"] if not g["blocked"]) < 0.1
+
+
+@pytest.mark.parametrize("allocation", ["global", "global_per_flop", "uniform"])
 def test_allocations_meet_the_budget_closely(allocation):
     model = FIXTURES["Residual"]()
-    p = fxprune.compile(model, 0.5, example_inputs=(torch.randn(1, 3, 16, 16),), allocation=allocation)
+    p = fxprune.compile(model, 0.5, example_inputs=(torch.randn(1, 3, 16, 16),), allocation=allocation, round_to=1)
     ratio = p.meta["fxprune"]["flops"]["ratio"]
     assert 0.45 <= ratio <= 0.5
 
 
 def test_uniform_keeps_the_same_ratio_everywhere():
-    p = fxprune.compile(ConvChain(), 0.5, example_inputs=(example_input(),), allocation="uniform")
+    p = fxprune.compile(ConvChain(), 0.5, example_inputs=(example_input(),), allocation="uniform", round_to=1)
     ratios = [g["kept"] / g["size"] for g in p.meta["fxprune"]["groups"] if not g["blocked"]]
     assert max(ratios) - min(ratios) < 0.15
 
@@ -165,17 +197,17 @@ def test_l2_importance_ranks_a_dead_channel_last():
         model.body[0][1].weight[5] = 0
         model.body[1][0].weight[:, 5] = 0
     for importance in ("l1", "l2"):
-        p = fxprune.compile(model, 0.9, example_inputs=(example_input(),), importance=importance)
+        p = fxprune.compile(model, 0.9, example_inputs=(example_input(),), importance=importance, round_to=1)
         assert 5 not in p.meta["fxprune"]["modules"]["body.0.0"]["out"]
 
 
 def test_result_is_independent_of_the_input_model():
     model = ConvChain()
-    pruned = fxprune.compile(model, 0.5, example_inputs=(example_input(),))
+    pruned = fxprune.compile(model, 0.5, example_inputs=(example_input(),), round_to=1)
     with torch.no_grad():
         for p in pruned.parameters():
             p.add_(1.0)
-    fresh = fxprune.compile(model, 0.5, example_inputs=(example_input(),))
+    fresh = fxprune.compile(model, 0.5, example_inputs=(example_input(),), round_to=1)
     assert not torch.equal(next(iter(fresh.parameters())), next(iter(pruned.parameters())))
     shared = {id(p) for p in model.parameters()} & {id(p) for p in pruned.parameters()}
     assert not shared
