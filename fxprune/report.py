@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch.fx
 
 from .budget import Budget
 from .cost import CostModel
-from .ir import ChannelGroups, PrunePlan
+from .ir import ChannelGroups, ChannelMap, PrunePlan
+from .tracing import VALUE_KEY, TensorSpec
 
 
-def build_report(groups: ChannelGroups, plan: PrunePlan, cost: CostModel, budget: Budget, options: Dict[str, Any],
-                 verification: Optional[Dict[str, Any]], seconds: Dict[str, float]) -> Dict[str, Any]:
+def build_report(gm: torch.fx.GraphModule, groups: ChannelGroups, plan: PrunePlan, cost: CostModel, budget: Budget,
+                 options: Dict[str, Any], verification: Optional[Dict[str, Any]],
+                 seconds: Dict[str, float]) -> Dict[str, Any]:
     full = np.ones(groups.n_units, dtype=bool)
     keep = plan.keep_unit
     flops0, flops1 = cost.flops(full), cost.flops(keep)
@@ -33,14 +35,15 @@ def build_report(groups: ChannelGroups, plan: PrunePlan, cost: CostModel, budget
              "params": [[p, d] for p, d in g.params]}
             for g in groups.groups
         ],
-        "modules": _module_slices(groups, keep),
+        "modules": module_slices(groups, keep),
+        "graph": _graph_nodes(gm, groups, keep),
         "verification": verification,
         "seconds": seconds,
     }
     return report
 
 
-def _module_slices(groups: ChannelGroups, keep: np.ndarray) -> Dict[str, Any]:
+def module_slices(groups: ChannelGroups, keep: np.ndarray) -> Dict[str, Any]:
     """Per module whose parameters were sliced: kept indices of each sliced param dim, plus
     `out`/`in` (dims 0 and 1 of its weight) for the common case."""
     modules: Dict[str, Any] = {}
@@ -57,6 +60,41 @@ def _module_slices(groups: ChannelGroups, keep: np.ndarray) -> Dict[str, Any]:
             if 1 in kept:
                 entry["in"] = kept[1]
     return {m: e for m, e in modules.items() if e["params"]}
+
+
+def _graph_nodes(gm: torch.fx.GraphModule, groups: ChannelGroups, keep: np.ndarray) -> List[Dict[str, Any]]:
+    """The traced graph as plain data (what tools/viz draws without the model): per node its op, a
+    readable kind, inputs, shape, and for every channel dim it carries the width before and after
+    pruning and the groups those channels belong to."""
+    nodes = []
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            kind = type(gm.get_submodule(node.target)).__name__
+        elif node.op == "call_function":
+            kind = getattr(node.target, "__name__", str(node.target))
+        else:
+            kind = str(node.target) if node.op == "call_method" else node.op
+        spec = node.meta.get(VALUE_KEY)
+        entry = {"name": node.name, "op": node.op, "kind": kind,
+                 "target": node.target if isinstance(node.target, str) else kind,
+                 "inputs": [n.name for n in node.all_input_nodes],
+                 "shape": list(spec.shape) if isinstance(spec, TensorSpec) else None, "channels": []}
+        channel_map = groups.maps.get(node.name)
+        if isinstance(channel_map, ChannelMap):
+            for dim in channel_map.tracked():
+                units = groups.units_of(channel_map.dims[dim])
+                entry["channels"].append({"dim": dim, "before": int(len(units)), "after": int(keep[units].sum()),
+                                          "groups": sorted({int(g) for g in np.unique(groups.unit_group[units])})})
+        nodes.append(entry)
+    return nodes
+
+
+def human_count(n: float) -> str:
+    """1234567 -> '1.23M'."""
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"
 
 
 def report_json(pruned: torch.fx.GraphModule, indent: int = 2) -> str:
