@@ -215,15 +215,17 @@ def run_torch_pruning(model: torch.nn.Module, x: torch.Tensor, target: float, re
 # Torch-Pruning
 
 
-def tp_prune(model: torch.nn.Module, x: torch.Tensor, ratio: float) -> Tuple[torch.nn.Module, Dict[str, float]]:
-    """Prune `model` in place with L1 magnitude at `ratio`; returns it and the timings.
+def tp_prune(model: torch.nn.Module, x: torch.Tensor, ratio: float,
+             **options) -> Tuple[torch.nn.Module, Dict[str, float]]:
+    """Prune `model` in place with L1 magnitude at `ratio` (options: more BasePruner arguments,
+    e.g. round_to); returns it and the timings.
 
     Not under no_grad: Torch-Pruning builds its dependency graph from the autograd graph of a
     forward pass and asserts that grad is enabled."""
     start = time.perf_counter()
     pruner = tp.pruner.BasePruner(model, x, importance=tp.importance.MagnitudeImportance(p=1),
                                   pruning_ratio=ratio, global_pruning=False,
-                                  ignored_layers=[classifier(model)], **tp_vit_options(model))
+                                  ignored_layers=[classifier(model)], **tp_vit_options(model), **options)
     built = time.perf_counter()
     pruner.step()
     patched = tp_vit_patch(model)
@@ -251,20 +253,22 @@ def tp_vit_patch(model: torch.nn.Module) -> bool:
     return True
 
 
-def search_tp_ratio(model: torch.nn.Module, x: torch.Tensor, target: float) -> Tuple[float, int]:
+def search_tp_ratio(model: torch.nn.Module, x: torch.Tensor, target: float, count=None,
+                    **options) -> Tuple[float, int]:
     """Search `pruning_ratio` (FLOPs fall as it grows) until Torch-Pruning keeps `target` of the
     FLOPs by its own counter; each probe prunes a fresh copy. Returns the closest ratio found and
-    the number of probes.
+    the number of probes. count: the FLOPs counter (default Torch-Pruning's own); options go to tp_prune.
 
     Kept FLOPs are a step function of the ratio (channel counts are integers), so the target may
     fall inside a step: the search also stops when the bracket is narrower than RATIO_RESOLUTION."""
-    full = tp_flops(model, x)
+    count = count or tp_flops
+    full = count(model, x)
     lo, hi = 0.0, MAX_TP_RATIO
     ratio = min(1.0 - target ** 0.5, MAX_TP_RATIO)
     best, best_error = ratio, float("inf")
     for probe in range(1, MAX_PROBES + 1):
-        pruned, _ = tp_prune(copy.deepcopy(model), x, ratio)
-        kept = tp_flops(pruned, x) / full
+        pruned, _ = tp_prune(copy.deepcopy(model), x, ratio, **options)
+        kept = count(pruned, x) / full
         error = abs(kept - target) / target
         if error < best_error:
             best, best_error = ratio, error

@@ -1,11 +1,13 @@
 """The `fxprune` command line.
 
-  fxprune prune MODEL --budget 0.5 [--out DIR]   prune, verify, print a before/after table
-  fxprune analyze MODEL                           print the channel groups
+  fxprune prune MODEL --budget 0.5 [--out DIR]   prune, verify, check in onnxruntime, print a before/after table
+  fxprune bench MODEL --budgets 0.75,0.5        onnxruntime latency of dense vs pruned models
+  fxprune viz MODEL|report.json|pruned.pt        HTML/SVG graph of the channel groups and what was cut
+  fxprune analyze MODEL                          print the channel groups
 
 MODEL is a torchvision model name (random weights: nothing is downloaded) or `path/to/file.py:factory`.
 Exit codes: 0 success, 2 usage error, 3 the input cannot be pruned as asked (bad model, inputs, budget),
-4 internal verification error (a bug: please report it), 1 anything else."""
+4 internal error: verification or the onnxruntime check failed (a bug: please report it), 1 anything else."""
 from __future__ import annotations
 
 import argparse
@@ -18,6 +20,8 @@ import time
 from typing import List, Optional, Tuple
 
 import torch
+
+from .report import human_count as _human
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INPUT, EXIT_INTERNAL = 0, 1, 2, 3, 4
 
@@ -56,13 +60,6 @@ def _usage_error(message: str) -> int:
     return EXIT_USAGE
 
 
-def _human(n: float) -> str:
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f}{unit}"
-    return f"{n:.0f}"
-
-
 def print_summary(name: str, report: dict, seconds: float) -> None:
     f, p = report["flops"], report["params"]
     rows = [("", "dense", "pruned", "kept"),
@@ -83,25 +80,97 @@ def print_summary(name: str, report: dict, seconds: float) -> None:
     print(f"  compile time: {seconds:.2f}s")
 
 
+def _compile_options(args) -> dict:
+    options = dict(importance=args.importance, allocation=args.allocation, min_channels=args.min_channels,
+                   ignore=args.ignore)
+    if args.round_to is not None:
+        options["round_to"] = args.round_to
+    return options
+
+
+def _bench_options(args) -> dict:
+    return dict(batch_sizes=args.batch_sizes, threads=args.threads, warmup=args.warmup, runs=args.runs,
+                max_seconds=args.max_seconds)
+
+
 def cmd_prune(args) -> int:
     import fxprune
+    from fxprune.benchmark import benchmark_onnxruntime
     model, name = load_model(args.model)
     shape = args.input_shape or default_input_shape(name)
     x = torch.randn(*shape)
     budget = fxprune.Budget(flops=args.budget, params=args.params) if args.params else args.budget
     start = time.perf_counter()
-    pruned = fxprune.compile(model.eval(), budget, example_inputs=(x,), importance=args.importance,
-                             allocation=args.allocation, round_to=args.round_to, min_channels=args.min_channels,
-                             ignore=args.ignore, verify=not args.no_verify)
+    pruned = fxprune.compile(model.eval(), budget, example_inputs=(x,), verify=not args.no_verify,
+                             **_compile_options(args))
     seconds = time.perf_counter() - start
     report = pruned.meta["fxprune"]
     print_summary(name, report, seconds)
+    written = []
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        torch.save(pruned, os.path.join(args.out, "pruned.pt"))
+        fxprune.save(pruned, os.path.join(args.out, "pruned.pt"))
         with open(os.path.join(args.out, "report.json"), "w") as fh:
             json.dump(report, fh, indent=2)
-        print(f"  wrote {args.out}/pruned.pt (torch.save of the GraphModule) and {args.out}/report.json")
+        written += ["pruned.pt (fxprune.load(path), or fxprune.load(path, model=..., example_inputs=...))",
+                    "report.json"]
+        written += _write_viz(report, args.out, name)
+    if not args.no_bench:
+        result = benchmark_onnxruntime({"dense": model, "pruned": pruned}, (x,), name=name, onnx_dir=args.out,
+                                       **_bench_options(args))
+        print()
+        print(result.table())
+        check = result.rows[1].check
+        print(f"  onnxruntime matches torch: max abs error {check['max_abs_error']:.2g}, "
+              f"relative {check['max_rel_error']:.2g}")
+        if args.out:
+            result.write_json(os.path.join(args.out, "bench.json"))
+            written += ["dense.onnx", "pruned.onnx", "bench.json"]
+    if written:
+        print(f"\nwrote to {args.out}/: " + ", ".join(written))
+    return EXIT_OK
+
+
+def _write_viz(report: dict, out: str, name: str) -> List[str]:
+    from fxprune.visualize import visualize
+    paths = visualize(report, out, name=name)
+    return [os.path.basename(p) for p in paths.values()]
+
+
+def cmd_bench(args) -> int:
+    from fxprune.benchmark import prune_and_benchmark
+    model, name = load_model(args.model)
+    shape = args.input_shape or default_input_shape(name)
+    result = prune_and_benchmark(model.eval(), (torch.randn(*shape),), budgets=args.budgets, name=name,
+                                 compile_options=_compile_options(args), onnx_dir=args.onnx_dir,
+                                 **_bench_options(args))
+    print(result.table())
+    if args.json:
+        result.write_json(args.json)
+        print(f"wrote {args.json}")
+    if args.plot:
+        result.plot(args.plot)
+        print(f"wrote {args.plot}")
+    return EXIT_OK
+
+
+def cmd_viz(args) -> int:
+    import fxprune
+    source = args.source
+    if source.endswith(".json") and os.path.exists(source):
+        with open(source) as fh:
+            report = json.load(fh)
+        name = os.path.splitext(os.path.basename(source))[0]
+    elif source.endswith(".pt") and os.path.exists(source):
+        report = fxprune.load(source).meta["fxprune"]
+        name = os.path.splitext(os.path.basename(source))[0]
+    else:
+        model, name = load_model(source)
+        shape = args.input_shape or default_input_shape(name)
+        report = fxprune.compile(model.eval(), args.budget, example_inputs=(torch.randn(*shape),),
+                                 verify=args.budget < 1.0).meta["fxprune"]
+    os.makedirs(args.out, exist_ok=True)
+    print(f"wrote to {args.out}/: " + ", ".join(_write_viz(report, args.out, name)))
     return EXIT_OK
 
 
@@ -111,6 +180,20 @@ def cmd_analyze(args) -> int:
     shape = args.input_shape or default_input_shape(name)
     print(fxprune.analyze(model.eval(), (torch.randn(*shape),), ignore=args.ignore).table())
     return EXIT_OK
+
+
+def _ints(text: str) -> List[int]:
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+
+
+def _floats(text: str) -> List[float]:
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
 
 
 def _shape(text: str) -> List[int]:
@@ -130,17 +213,47 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--input-shape", type=_shape, help="example input shape, e.g. 1,3,224,224")
         p.add_argument("--ignore", action="append", default=[], help="module name pattern whose outputs stay (repeatable)")
 
-    prune = sub.add_parser("prune", help="prune a model to a budget, verify it, print a before/after table")
+    def pruning(p):
+        p.add_argument("--importance", default="l1", help="l1 (default) or l2")
+        p.add_argument("--allocation", default="global", choices=["global", "global_per_flop", "uniform"])
+        p.add_argument("--round-to", type=int, help="kept widths are multiples of this (default: compile's, 8)")
+        p.add_argument("--min-channels", type=int, default=1)
+
+    def latency(p, batch_sizes, runs):
+        p.add_argument("--batch-sizes", type=_ints, default=batch_sizes, help="comma-separated, e.g. 1,32")
+        p.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: physical cores)")
+        p.add_argument("--warmup", type=int, default=5, help="untimed runs per model and batch size")
+        p.add_argument("--runs", type=int, default=runs, help="timed runs per model and batch size")
+        p.add_argument("--max-seconds", type=float, help="stop timing a batch size after this long (>= 5 runs)")
+
+    prune = sub.add_parser("prune", help="prune a model to a budget, verify it, check and time it in onnxruntime")
     common(prune)
+    pruning(prune)
+    latency(prune, [1], 20)
     prune.add_argument("--budget", type=float, default=0.5, help="fraction of FLOPs to keep, in (0, 1] (default 0.5)")
     prune.add_argument("--params", type=float, help="also keep at most this fraction of the parameters")
-    prune.add_argument("--importance", default="l1", help="l1 (default) or l2")
-    prune.add_argument("--allocation", default="global", choices=["global", "uniform"])
-    prune.add_argument("--round-to", type=int, default=1, help="kept widths are multiples of this")
-    prune.add_argument("--min-channels", type=int, default=1)
     prune.add_argument("--no-verify", action="store_true", help="skip the float64 verification")
-    prune.add_argument("--out", help="directory for pruned.pt and report.json")
+    prune.add_argument("--no-bench", action="store_true", help="skip the ONNX export and onnxruntime timing")
+    prune.add_argument("--out", help="directory for pruned.pt, report.json, ONNX files, HTML/SVG/PNG views, bench.json")
     prune.set_defaults(run=cmd_prune)
+
+    bench = sub.add_parser("bench", help="onnxruntime latency of the dense model and pruned versions")
+    common(bench)
+    pruning(bench)
+    latency(bench, [1, 32], 30)
+    bench.add_argument("--budgets", type=_floats, default=[0.5], help="comma-separated FLOPs budgets, e.g. 0.75,0.5,0.25")
+    bench.add_argument("--json", help="write the results as JSON here")
+    bench.add_argument("--plot", help="write a PNG of speed-up against FLOPs kept here (needs matplotlib)")
+    bench.add_argument("--onnx-dir", help="keep the ONNX files here")
+    bench.set_defaults(run=cmd_bench)
+
+    viz = sub.add_parser("viz", help="draw the channel groups and what was cut (HTML, SVG, width chart PNG)")
+    viz.add_argument("source", help="a model (torchvision name or file.py:factory), a report.json or a pruned.pt")
+    viz.add_argument("--input-shape", type=_shape, help="example input shape, e.g. 1,3,224,224")
+    viz.add_argument("--budget", type=float, default=1.0, help="prune a model to this budget first (default 1.0: "
+                     "only show the groups)")
+    viz.add_argument("--out", default="fxprune-viz", help="output directory (default fxprune-viz)")
+    viz.set_defaults(run=cmd_viz)
 
     analyze = sub.add_parser("analyze", help="print the channel groups of a model")
     common(analyze)
@@ -150,12 +263,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     import fxprune
+    from fxprune.onnx_export import OnnxMismatchError
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="[fxprune] %(message)s",
                         stream=sys.stderr)
     try:
         return args.run(args)
-    except fxprune.VerificationError as exc:
+    except (fxprune.VerificationError, OnnxMismatchError) as exc:
         print(f"fxprune: internal error (please report): {exc}", file=sys.stderr)
         return EXIT_INTERNAL
     except fxprune.FxPruneError as exc:
