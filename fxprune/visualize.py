@@ -1266,11 +1266,15 @@ def write_width_chart(report: Any, path: PathLike, title: Optional[str] = None) 
 
 # ---------------------------------------------------------------------------------------------- all
 
-def visualize(report_or_pruned: Any, out_dir: PathLike, name: str = "model") -> Dict[str, Path]:
+def visualize(report_or_pruned: Any, out_dir: PathLike, name: str = "model", example_inputs=None) -> Dict[str, Path]:
     """Write `<name>.html`, `<name>.svg` and `<name>_widths.png` into out_dir (created if needed) from a
-    report dict, a pruned GraphModule (its .meta["fxprune"]) or a report.json path. The PNG is skipped
-    with a warning when matplotlib is not installed. Returns {"html": path, "svg": path, "png": path}
-    for the files written."""
+    report dict, a pruned GraphModule (its .meta["fxprune"]) or a report.json path; or from an unpruned
+    model with `example_inputs` (its channel groups, nothing cut). The PNG is skipped with a warning
+    when matplotlib is not installed. Returns {"html": path, "svg": path, "png": path} for the files
+    written."""
+    if example_inputs is not None:
+        from .compiler import compile  # a budget of 1.0 runs the analysis and keeps every channel
+        report_or_pruned = compile(report_or_pruned, 1.0, example_inputs=example_inputs, verify=False)
     report = _as_report(report_or_pruned)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

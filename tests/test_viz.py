@@ -198,6 +198,14 @@ def test_visualize_writes_all_files_and_logs(resnet18, tmp_path, caplog):
     assert sum("visualize: wrote" in r.getMessage() for r in caplog.records) == 3
 
 
+def test_visualize_an_unpruned_model_with_example_inputs(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
+                                torch.nn.Conv2d(16, 4, 3)).eval()
+    paths = viz.visualize(model, tmp_path, name="seq", example_inputs=(torch.randn(1, 3, 8, 8),))
+    page = paths["html"].read_text()
+    assert "16→16" in page or "16&rarr;16" in page or "16 → 16" in page
+
+
 def test_visualize_without_matplotlib_skips_the_chart(resnet18, tmp_path, monkeypatch, caplog):
     for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")] + ["matplotlib"]:
         monkeypatch.setitem(sys.modules, name, None)      # import matplotlib... -> ImportError
