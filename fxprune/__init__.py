@@ -3,12 +3,21 @@ from .budget import Budget
 from .compiler import analyze, apply_plan, compile, cost_of
 from .errors import (BudgetError, ConfigError, ExampleInputsError, FxPruneError, NoPrunableChannelsError,
                      UnsupportedModelError, VerificationError)
-from .importance import Importance
+from .importance import Importance, ImportanceData, importance_names
+from .passes.bn_scale_importance import BNScaleImportance
+from .passes.fpgm_importance import FPGMImportance
+from .passes.l1_importance import L1Importance, L2Importance
+from .passes.random_importance import RandomImportance
+from .passes.taylor_importance import TaylorImportance
 from .ir import ChannelGroup, ChannelGroups, PrunePlan
 from .report import report_json
 from .serialize import load, save
 
-__all__ = ["compile", "analyze", "apply_plan", "cost_of", "save", "load", "Budget", "Importance", "ChannelGroup", "ChannelGroups", "PrunePlan", "report_json",
-           "FxPruneError", "UnsupportedModelError", "ExampleInputsError", "BudgetError", "NoPrunableChannelsError",
-           "ConfigError", "VerificationError"]
+__all__ = [
+    "compile", "analyze", "apply_plan", "cost_of", "save", "load", "report_json", "Budget",
+    "Importance", "ImportanceData", "importance_names", "L1Importance", "L2Importance", "BNScaleImportance",
+    "TaylorImportance", "FPGMImportance", "RandomImportance", "ChannelGroup", "ChannelGroups", "PrunePlan",
+    "FxPruneError", "UnsupportedModelError", "ExampleInputsError", "BudgetError", "NoPrunableChannelsError",
+    "ConfigError", "VerificationError",
+]
 __version__ = "0.1.0"

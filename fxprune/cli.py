@@ -214,7 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--ignore", action="append", default=[], help="module name pattern whose outputs stay (repeatable)")
 
     def pruning(p):
-        p.add_argument("--importance", default="l1", help="l1 (default) or l2")
+        p.add_argument("--importance", default="l1", help="l1 (default), l2, bn, fpgm or random (taylor needs "
+                       "calibration data: use the Python API's data=)")
         p.add_argument("--allocation", default="global", choices=["global", "global_per_flop", "uniform"])
         p.add_argument("--round-to", type=int, help="kept widths are multiples of this (default: compile's, 8)")
         p.add_argument("--min-channels", type=int, default=1)

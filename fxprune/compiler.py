@@ -5,7 +5,7 @@ import difflib
 import fnmatch
 import logging
 import time
-from typing import Any, Dict, Iterable, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -14,7 +14,7 @@ import torch.fx
 from .budget import Budget, as_budget
 from .cost import build_cost_model
 from .errors import ConfigError, UnsupportedModelError
-from .importance import Importance, resolve_importance
+from .importance import Importance, ImportanceData, resolve_importance
 from .ir import ChannelGroups, PrunePlan
 from .report import build_report, module_slices as _module_slices
 from .tracing import normalise_example_inputs, private_eval_copy, propagate_shapes, trace_model
@@ -27,7 +27,8 @@ log = logging.getLogger("fxprune")
 def compile(model: torch.nn.Module, budget: Union[float, Budget], *, example_inputs,
             importance: Union[str, Importance] = "l1", ignore: Iterable[Any] = (), round_to: int = 8,
             min_channels: int = 1, verify: bool = True, allocation: str = "global",
-            leaf_modules: Sequence[Any] = ()) -> torch.fx.GraphModule:
+            leaf_modules: Sequence[Any] = (), data: Optional[Iterable[Any]] = None,
+            loss_fn: Optional[Callable] = None) -> torch.fx.GraphModule:
     """Prune `model` structurally to `budget` and return a new, smaller torch.fx.GraphModule.
 
     budget: fraction of the original FLOPs to keep, in (0, 1], or Budget(flops=..., params=...).
@@ -41,6 +42,8 @@ def compile(model: torch.nn.Module, budget: Union[float, Budget], *, example_inp
         slower than the dense one in onnxruntime; use 1 for the finest granularity).
     verify: check in float64 that the result equals the original with the removed channels zeroed.
     leaf_modules: module types or names fx should not trace into (their channels are frozen).
+    data, loss_fn: calibration batches (`x` or `(x, y)`) and loss(output, target) for importances that
+        need data ("taylor"; default loss cross-entropy). Weight-based importances ignore them.
 
     The model is never modified; the result is in eval mode and carries a report at
     `result.meta["fxprune"]`."""
@@ -51,6 +54,9 @@ def compile(model: torch.nn.Module, budget: Union[float, Budget], *, example_inp
     inputs = normalise_example_inputs(example_inputs)
     ignore_names = resolve_ignore(model, ignore)
     scorer = resolve_importance(importance)
+    if scorer.requires_data and data is None:
+        raise ConfigError(f"importance {scorer.name!r} needs calibration data: pass data=<iterable of (x, y) "
+                          f"batches> (e.g. a DataLoader over a few hundred training images)")
     seconds: Dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -58,13 +64,14 @@ def compile(model: torch.nn.Module, budget: Union[float, Budget], *, example_inp
     cost = build_cost_model(gm, groups)                                     # FLOPs/params per kept unit
     log.info("analysed: %d nodes, %d channel groups (%d prunable), %.2fs", len(gm.graph.nodes),
              len(groups.groups), sum(g.prunable for g in groups.groups), time.perf_counter() - clock)
-    scores = scorer.score(gm, groups)                                       # importance of every unit
+    scores = scorer.score(gm, groups, ImportanceData(data, loss_fn))       # importance of every unit
     plan = allocation_pass(budget, round_to, min_channels).run(groups, cost, scores)  # what stays
     seconds["analyse_and_plan"] = time.perf_counter() - clock
     log.info("planned with %s importance and %s allocation, %.2fs", scorer.name, allocation,
              seconds["analyse_and_plan"])
 
-    options = {"importance": scorer.name, "allocation": allocation, "round_to": round_to,
+    importance_label = scorer.name if isinstance(importance, str) else repr(scorer)  # with its settings
+    options = {"importance": importance_label, "allocation": allocation, "round_to": round_to,
                "min_channels": min_channels, "ignore": sorted(ignore_names)}
     return _rewrite_and_report(gm, groups, plan, cost, inputs, budget, options, verify, seconds)
 

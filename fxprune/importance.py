@@ -1,24 +1,71 @@
 """The importance interface: a score per channel unit (higher = more important).
 
-An importance sees the traced GraphModule and the ChannelGroups. Scores of units are compared within
-their group (allocation normalises them per group), so a criterion only has to rank channels of the
-same group consistently. Later criteria that need data receive it through their own constructor."""
+An importance sees the traced GraphModule, the ChannelGroups and, when it needs them, calibration
+data. Scores of units are compared within their group (allocation normalises them per group), so a
+criterion only has to rank channels of the same group consistently.
+
+Data reaches every criterion the same way, as an `ImportanceData` built by compile from its `data=`
+and `loss_fn=` arguments: criteria that score from weights ignore it, criteria that need activations
+or gradients (Taylor) read batches from it, and criteria that train (AOFP, SCOP) iterate it as their
+training set. The traced GraphModule shares the user's parameter tensors: a criterion must never
+write to them (use detached copies, e.g. torch.func.functional_call, to take gradients)."""
 from __future__ import annotations
 
-from typing import Dict, Type
+import itertools
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Tuple, Type
 
 import numpy as np
+import torch
 import torch.fx
 
 from .errors import ConfigError
 from .ir import ChannelGroups
 
 
-class Importance:
-    name = "base"
+@dataclass
+class ImportanceData:
+    """Calibration (or training) data for an importance.
 
-    def score(self, gm: torch.fx.GraphModule, groups: ChannelGroups) -> np.ndarray:  # pragma: no cover
+    batches: an iterable of inputs `x` or `(x, y)` pairs (a DataLoader, a list...); iterated afresh
+        each time `iter_batches` is called. loss_fn(output, target) -> scalar tensor, default
+        cross-entropy."""
+
+    batches: Optional[Iterable[Any]] = None
+    loss_fn: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None
+
+    def iter_batches(self, limit: Optional[int] = None, need_targets: bool = False) -> Iterator[Tuple[Any, Any]]:
+        """(inputs tuple, target or None) pairs, at most `limit` of them."""
+        if self.batches is None:
+            raise ConfigError("this importance needs calibration data: pass data=<iterable of (x, y) batches> to "
+                              "fxprune.compile (e.g. a DataLoader over a few hundred training images)")
+        for batch in itertools.islice(self.batches, limit):
+            if isinstance(batch, (tuple, list)) and len(batch) == 2:
+                x, y = batch
+            else:
+                x, y = batch, None
+            if need_targets and y is None:
+                raise ConfigError("this importance needs targets: data must yield (x, y) pairs")
+            yield (x if isinstance(x, tuple) else (x,)), y
+
+    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.loss_fn is not None:
+            return self.loss_fn(output, target)
+        return torch.nn.functional.cross_entropy(output, target)
+
+
+class Importance:
+    """Base class. `requires_data`: compile refuses to run the criterion without data."""
+
+    name = "base"
+    requires_data = False
+
+    def score(self, gm: torch.fx.GraphModule, groups: ChannelGroups,
+              data: Optional[ImportanceData] = None) -> np.ndarray:  # pragma: no cover
         raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
 
 
 _REGISTRY: Dict[str, Type[Importance]] = {}
@@ -29,12 +76,26 @@ def register_importance(cls: Type[Importance]) -> Type[Importance]:
     return cls
 
 
+def importance_names() -> list:
+    _load_builtin()
+    return sorted(_REGISTRY)
+
+
 def resolve_importance(importance) -> Importance:
     if isinstance(importance, Importance):
         return importance
     if isinstance(importance, str):
-        import fxprune.passes.l1_importance  # noqa: F401  (registers "l1", "l2")
+        _load_builtin()
         if importance in _REGISTRY:
             return _REGISTRY[importance]()
         raise ConfigError(f"unknown importance {importance!r}; choose one of {sorted(_REGISTRY)} or pass an Importance instance")
     raise ConfigError(f"importance must be a name or an fxprune Importance, got {type(importance).__name__}")
+
+
+def _load_builtin() -> None:
+    # the criteria live in passes/ (one per file) and register themselves on import
+    import fxprune.passes.bn_scale_importance  # noqa: F401
+    import fxprune.passes.fpgm_importance  # noqa: F401
+    import fxprune.passes.l1_importance  # noqa: F401
+    import fxprune.passes.random_importance  # noqa: F401
+    import fxprune.passes.taylor_importance  # noqa: F401

@@ -13,6 +13,7 @@ import torch.fx
 
 from fxprune.importance import Importance, register_importance
 from fxprune.ir import ChannelGroups
+from .importance_common import add_to_units, position_sums
 
 
 @register_importance
@@ -20,7 +21,7 @@ class L1Importance(Importance):
     name = "l1"
     power = 1
 
-    def score(self, gm: torch.fx.GraphModule, groups: ChannelGroups) -> np.ndarray:
+    def score(self, gm: torch.fx.GraphModule, groups: ChannelGroups, data=None) -> np.ndarray:
         params = dict(gm.named_parameters())
         scores = np.zeros(groups.n_units)
         with torch.no_grad():
@@ -30,17 +31,8 @@ class L1Importance(Importance):
                 magnitude = params[name].detach().abs()
                 if self.power != 1:
                     magnitude = magnitude.double() ** self.power
-                # sum the dims no channel slices first (a conv's kernel), once for all sliced dims
-                free = [d for d in range(magnitude.ndim) if d not in dims and magnitude.shape[d] > 1]
-                if free and free == list(range(free[0], magnitude.ndim)):
-                    # trailing block (a conv kernel): one contiguous reduction is ~3x faster
-                    magnitude = magnitude.flatten(free[0]).sum(-1)
-                elif free:
-                    magnitude = magnitude.sum(dim=free, keepdim=True)
-                for dim, elements in dims.items():
-                    other = [d for d in range(magnitude.ndim) if d != dim]
-                    per_position = (magnitude.sum(dim=other) if other else magnitude).double().cpu().numpy()
-                    np.add.at(scores, groups.units_of(elements), per_position.reshape(-1))
+                for elements, per_position in position_sums(magnitude, dims):
+                    add_to_units(scores, groups, elements, per_position)
         return scores ** (1.0 / self.power)
 
 

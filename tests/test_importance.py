@@ -1,0 +1,146 @@
+"""Each importance criterion on small fixtures: a channel made dead (or redundant) ranks last in its
+group, data-driven criteria get their data through compile, and none of them touches the model."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+import fxprune
+from fixtures import ConvChain, Residual, example_input
+from fxprune.compiler import _analyse
+from fxprune.errors import ConfigError
+from fxprune.importance import ImportanceData, resolve_importance
+
+DEAD = 5  # the channel of body.1 (16 -> 24 conv + BN) each test makes unimportant
+
+
+def unit_scores(model, importance, data=None, param="body.1.0.weight"):
+    """Scores of the units along dim 0 of `param`, in channel order."""
+    gm, groups = _analyse(model, (example_input(),), set(), ())
+    scores = resolve_importance(importance).score(gm, groups, data)
+    return scores[groups.units_of(groups.param_slices[param][0])]
+
+
+def batches(n=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 5, (8,), generator=g)) for _ in range(n)]
+
+
+def chain_with_dead_channel():
+    torch.manual_seed(0)
+    model = ConvChain().eval()
+    with torch.no_grad():
+        conv, bn = model.body[1][0], model.body[1][1]
+        conv.weight[DEAD] = 0
+        conv.bias.zero_() if conv.bias is not None else None
+        bn.weight[DEAD] = 0
+        bn.bias[DEAD] = 0
+        model.body[2][0].weight[:, DEAD] = 0  # its consumer reads nothing from it either
+    return model
+
+
+@pytest.mark.parametrize("name", ["l1", "l2", "bn", "taylor"])
+def test_dead_channel_ranks_last(name):
+    model = chain_with_dead_channel()
+    scores = unit_scores(model, name, ImportanceData(batches()))
+    assert len(scores) == 24
+    assert np.argmin(scores) == DEAD
+    assert scores[DEAD] < 0.5 * np.sort(scores)[1]
+
+
+def test_bn_scale_reads_gamma_only():
+    torch.manual_seed(0)
+    model = ConvChain().eval()
+    with torch.no_grad():
+        model.body[1][1].weight.fill_(1.0)
+        model.body[1][1].weight[DEAD] = 0.01  # the conv weights are untouched: only gamma says "dead"
+    scores = unit_scores(model, "bn")
+    assert np.argmin(scores) == DEAD
+    assert scores[(DEAD + 1) % 24] == pytest.approx(1.0)
+
+
+def test_bn_scale_falls_back_to_l1_without_norm_layers():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.ReLU(), torch.nn.Conv2d(16, 4, 3)).eval()
+    gm, groups = _analyse(model, (example_input(),), set(), ())
+    bn = resolve_importance("bn").score(gm, groups)
+    l1 = resolve_importance("l1").score(gm, groups)
+    assert np.allclose(bn, l1)
+
+
+def test_fpgm_ranks_the_filter_at_the_median_last():
+    torch.manual_seed(0)
+    model = ConvChain().eval()
+    with torch.no_grad():
+        w = model.body[1][0].weight
+        others = torch.cat([w[:DEAD], w[DEAD + 1:]])
+        w[DEAD] = others.mean(0)  # the filter every other filter is closest to on average: replaceable
+    scores = unit_scores(model, "fpgm")
+    assert np.argmin(scores) == DEAD
+
+
+def test_fpgm_sums_producers_of_a_residual_group():
+    torch.manual_seed(0)
+    model = Residual().eval()
+    gm, groups = _analyse(model, (example_input(),), set(), ())
+    scores = resolve_importance("fpgm").score(gm, groups)
+    stem = groups.units_of(groups.param_slices["stem.0.weight"][0])
+    # three producers write the residual stream (stem, b1's and b2's last convs): each unit sums three
+    # positive distance sums, more than the stem's alone
+    w = model.stem[0].weight.detach().double().flatten(1)
+    assert np.all(scores[stem] > torch.cdist(w, w).sum(1).numpy() + 1e-9)
+
+
+def test_taylor_needs_data_and_targets():
+    with pytest.raises(ConfigError, match="needs calibration data"):
+        fxprune.compile(ConvChain().eval(), 0.5, example_inputs=(example_input(),), importance="taylor")
+    with pytest.raises(ConfigError, match="targets"):
+        fxprune.compile(ConvChain().eval(), 0.5, example_inputs=(example_input(),), importance="taylor",
+                        data=[torch.randn(4, 3, 8, 8)])
+
+
+def test_taylor_leaves_the_model_untouched_even_when_weights_are_frozen():
+    model = chain_with_dead_channel()
+    for p in model.body[0].parameters():
+        p.requires_grad_(False)
+    before = copy.deepcopy(model.state_dict())
+    unit_scores(model, "taylor", ImportanceData(batches()))
+    assert all(p.grad is None for p in model.parameters())
+    assert all(not p.requires_grad for p in model.body[0].parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_taylor_uses_the_given_loss():
+    model = chain_with_dead_channel()
+    calls = []
+
+    def loss_fn(output, target):
+        calls.append(output.shape)
+        return torch.nn.functional.cross_entropy(output, target)
+
+    unit_scores(model, fxprune.TaylorImportance(n_batches=3), ImportanceData(batches(5), loss_fn))
+    assert len(calls) == 3
+
+
+def test_random_is_seeded():
+    model = ConvChain().eval()
+    a = unit_scores(model, fxprune.RandomImportance(seed=1))
+    b = unit_scores(model, fxprune.RandomImportance(seed=1))
+    c = unit_scores(model, fxprune.RandomImportance(seed=2))
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+@pytest.mark.parametrize("name", ["l1", "l2", "bn", "taylor", "fpgm", "random"])
+def test_every_criterion_compiles_verified(name):
+    model = chain_with_dead_channel()
+    pruned = fxprune.compile(model, 0.6, example_inputs=(example_input(),), importance=name, data=batches(),
+                             round_to=1)
+    report = pruned.meta["fxprune"]
+    assert report["verification"]["passed"] and report["flops"]["ratio"] <= 0.6
+    assert report["options"]["importance"] == name
+    if name != "random":
+        assert DEAD not in report["modules"]["body.1.0"]["out"]
+
+
+def test_importance_names_lists_every_builtin():
+    assert {"l1", "l2", "bn", "taylor", "fpgm", "random"} <= set(fxprune.importance_names())
