@@ -127,7 +127,7 @@ def cmd_prune(args) -> int:
             result.write_json(os.path.join(args.out, "bench.json"))
             written += ["dense.onnx", "pruned.onnx", "bench.json"]
     if written:
-        print(f"\nwrote to {args.out}/: " + ", ".join(written))
+        print(f"\nwrote to {os.path.normpath(args.out)}/: " + ", ".join(written))
     return EXIT_OK
 
 
@@ -170,7 +170,7 @@ def cmd_viz(args) -> int:
         report = fxprune.compile(model.eval(), args.budget, example_inputs=(torch.randn(*shape),),
                                  verify=args.budget < 1.0).meta["fxprune"]
     os.makedirs(args.out, exist_ok=True)
-    print(f"wrote to {args.out}/: " + ", ".join(_write_viz(report, args.out, name)))
+    print(f"wrote to {os.path.normpath(args.out)}/: " + ", ".join(_write_viz(report, args.out, name)))
     return EXIT_OK
 
 
