@@ -83,12 +83,13 @@ class PruneRewrite(PassBase):
         with torch.no_grad():
             for name, dims in self.groups.param_slices.items():
                 original = originals[name]
-                tensor = original.detach()
+                tensor, sliced = original.detach(), False
                 for dim, elements in sorted(dims.items()):  # rows first: gathering columns of fewer rows is cheaper
                     idx = self.kept(elements)
                     if len(idx) != tensor.shape[dim]:
                         tensor = tensor.index_select(dim, torch.as_tensor(idx, device=tensor.device))
-                if tensor is not original.detach():  # index_select made a new tensor
+                        sliced = True
+                if sliced:  # a new tensor; unsliced ones are cloned with their module (never shared)
                     out[name] = tensor
             self.fold_attention_scale(out)
         return {name: (nn.Parameter(t, requires_grad=originals[name].requires_grad)
