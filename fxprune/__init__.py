@@ -9,12 +9,14 @@ from .passes.fpgm_importance import FPGMImportance
 from .passes.l1_importance import L1Importance, L2Importance
 from .passes.random_importance import RandomImportance
 from .passes.taylor_importance import TaylorImportance
+from .finetune import FinetuneConfig, evaluate, finetune, recalibrate_bn
 from .ir import ChannelGroup, ChannelGroups, PrunePlan
 from .report import report_json
 from .serialize import load, save
 
 __all__ = [
     "compile", "analyze", "apply_plan", "cost_of", "save", "load", "report_json", "Budget",
+    "finetune", "evaluate", "FinetuneConfig", "recalibrate_bn",
     "Importance", "ImportanceData", "importance_names", "L1Importance", "L2Importance", "BNScaleImportance",
     "TaylorImportance", "FPGMImportance", "RandomImportance", "ChannelGroup", "ChannelGroups", "PrunePlan",
     "FxPruneError", "UnsupportedModelError", "ExampleInputsError", "BudgetError", "NoPrunableChannelsError",
