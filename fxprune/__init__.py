@@ -4,6 +4,7 @@ from .compiler import analyze, apply_plan, compile, cost_of
 from .errors import (BudgetError, ConfigError, ExampleInputsError, FxPruneError, NoPrunableChannelsError,
                      UnsupportedModelError, VerificationError)
 from .importance import Importance, ImportanceData, importance_names
+from .passes.aofp import AOFP
 from .passes.bn_scale_importance import BNScaleImportance
 from .passes.fpgm_importance import FPGMImportance
 from .passes.l1_importance import L1Importance, L2Importance
@@ -16,7 +17,7 @@ from .serialize import load, save
 
 __all__ = [
     "compile", "analyze", "apply_plan", "cost_of", "save", "load", "report_json", "Budget",
-    "finetune", "evaluate", "FinetuneConfig", "recalibrate_bn",
+    "finetune", "evaluate", "FinetuneConfig", "recalibrate_bn", "AOFP",
     "Importance", "ImportanceData", "importance_names", "L1Importance", "L2Importance", "BNScaleImportance",
     "TaylorImportance", "FPGMImportance", "RandomImportance", "ChannelGroup", "ChannelGroups", "PrunePlan",
     "FxPruneError", "UnsupportedModelError", "ExampleInputsError", "BudgetError", "NoPrunableChannelsError",

@@ -1,6 +1,7 @@
 """fxprune.compile: the pipeline as one readable function, each step a named pass."""
 from __future__ import annotations
 
+import copy
 import difflib
 import fnmatch
 import logging
@@ -60,15 +61,20 @@ def compile(model: torch.nn.Module, budget: Union[float, Budget], *, example_inp
     seconds: Dict[str, float] = {}
     clock = time.perf_counter()
 
-    gm, groups = _analyse(model, inputs, ignore_names, leaf_modules)        # trace, shapes, channel groups
+    source = copy.deepcopy(model) if scorer.trains_model else model         # training never touches the user's
+    gm, groups = _analyse(source, inputs, ignore_names, leaf_modules)       # trace, shapes, channel groups
     cost = build_cost_model(gm, groups)                                     # FLOPs/params per kept unit
     log.info("analysed: %d nodes, %d channel groups (%d prunable), %.2fs", len(gm.graph.nodes),
              len(groups.groups), sum(g.prunable for g in groups.groups), time.perf_counter() - clock)
-    scores = scorer.score(gm, groups, ImportanceData(data, loss_fn))       # importance of every unit
-    plan = allocation_pass(budget, round_to, min_channels).run(groups, cost, scores)  # what stays
+    calibration = ImportanceData(data, loss_fn)
+    if scorer.decides_widths:                                               # AOFP: masks learnt while training
+        plan = scorer.plan(gm, groups, cost, budget, calibration)
+    else:
+        scores = scorer.score(gm, groups, calibration)                      # importance of every unit
+        plan = allocation_pass(budget, round_to, min_channels).run(groups, cost, scores)  # what stays
     seconds["analyse_and_plan"] = time.perf_counter() - clock
-    log.info("planned with %s importance and %s allocation, %.2fs", scorer.name, allocation,
-             seconds["analyse_and_plan"])
+    log.info("planned with %s%s, %.2fs", scorer.name,
+             "" if scorer.decides_widths else f" importance and {allocation} allocation", seconds["analyse_and_plan"])
 
     importance_label = scorer.name if isinstance(importance, str) else repr(scorer)  # with its settings
     options = {"importance": importance_label, "allocation": allocation, "round_to": round_to,

@@ -55,10 +55,15 @@ class ImportanceData:
 
 
 class Importance:
-    """Base class. `requires_data`: compile refuses to run the criterion without data."""
+    """Base class. `requires_data`: compile refuses to run the criterion without data.
+    `trains_model`: the criterion updates weights (compile gives it a private copy, never the user's).
+    `decides_widths`: the criterion returns the whole plan from `plan(gm, groups, cost, budget, data)`
+    (AOFP prunes while training) instead of scores for the allocation pass."""
 
     name = "base"
     requires_data = False
+    trains_model = False
+    decides_widths = False
 
     def score(self, gm: torch.fx.GraphModule, groups: ChannelGroups,
               data: Optional[ImportanceData] = None) -> np.ndarray:  # pragma: no cover
