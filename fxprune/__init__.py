@@ -9,6 +9,7 @@ from .passes.bn_scale_importance import BNScaleImportance
 from .passes.fpgm_importance import FPGMImportance
 from .passes.l1_importance import L1Importance, L2Importance
 from .passes.random_importance import RandomImportance
+from .passes.scop import SCOP
 from .passes.taylor_importance import TaylorImportance
 from .finetune import FinetuneConfig, evaluate, finetune, recalibrate_bn
 from .ir import ChannelGroup, ChannelGroups, PrunePlan
@@ -17,7 +18,7 @@ from .serialize import load, save
 
 __all__ = [
     "compile", "analyze", "apply_plan", "cost_of", "save", "load", "report_json", "Budget",
-    "finetune", "evaluate", "FinetuneConfig", "recalibrate_bn", "AOFP",
+    "finetune", "evaluate", "FinetuneConfig", "recalibrate_bn", "AOFP", "SCOP",
     "Importance", "ImportanceData", "importance_names", "L1Importance", "L2Importance", "BNScaleImportance",
     "TaylorImportance", "FPGMImportance", "RandomImportance", "ChannelGroup", "ChannelGroups", "PrunePlan",
     "FxPruneError", "UnsupportedModelError", "ExampleInputsError", "BudgetError", "NoPrunableChannelsError",

@@ -66,6 +66,7 @@ def compile(model: torch.nn.Module, budget: Union[float, Budget], *, example_inp
     cost = build_cost_model(gm, groups)                                     # FLOPs/params per kept unit
     log.info("analysed: %d nodes, %d channel groups (%d prunable), %.2fs", len(gm.graph.nodes),
              len(groups.groups), sum(g.prunable for g in groups.groups), time.perf_counter() - clock)
+    _freeze(groups, scorer.excluded_groups(gm, groups))                    # groups the criterion keeps whole
     calibration = ImportanceData(data, loss_fn)
     if scorer.decides_widths:                                               # AOFP: masks learnt while training
         plan = scorer.plan(gm, groups, cost, budget, calibration)
@@ -189,6 +190,14 @@ def _analyse(model, inputs: Tuple[Any, ...], ignore_names, leaf_modules) -> Tupl
             raise AssertionError("ChannelGroupAnalysis modified the graph")
         check_groups(gm, groups)
     return gm, groups
+
+
+def _freeze(groups: ChannelGroups, reasons: Dict[int, str]) -> None:
+    for gid, reason in reasons.items():
+        group = groups.groups[gid]
+        groups.unit_frozen[group.units] = True
+        group.n_frozen = group.size
+        group.frozen_reasons.append(reason)
 
 
 def _check_model(model) -> None:

@@ -69,6 +69,11 @@ class Importance:
               data: Optional[ImportanceData] = None) -> np.ndarray:  # pragma: no cover
         raise NotImplementedError
 
+    def excluded_groups(self, gm: torch.fx.GraphModule, groups: ChannelGroups) -> Dict[int, str]:
+        """Groups this criterion keeps whole, with the reason (compile freezes them): SCOP leaves
+        residual streams alone, as its paper does."""
+        return {}
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 

@@ -1,0 +1,203 @@
+"""SCOP (Scientific Control for reliable neural network Pruning, Tang et al., NeurIPS 2020) over
+arbitrary channel groups.
+
+A batch of real images and a batch of knockoffs (label-free look-alikes, passes/scop_knockoffs.py)
+go through the same network side by side, [real ; knockoff] along the batch dim. At every producer
+of a target group (a conv or linear writing the group's channels) the real half's output is mixed
+with the knockoff half's, channel by channel, before normalisation:
+
+    Z_real <- beta * Z_real + (1 - beta) * Z_knockoff,        beta in [0, 1], one per channel unit,
+
+with one beta vector per group, shared by all of its producers. The knockoff half flows on
+unmixed. The weights stay frozen; only the betas are trained (Adam, lr 0.004, betas (0.5, 0.9),
+clamped to [0, 1] after every step) on the cross-entropy of the real half. A channel the network needs
+for real data keeps beta near 1; one it can replace by knockoff features drifts towards 0.
+
+Scores (higher = keep): "official" |gamma| (2 beta - 1), gamma = mean |BN weight| over the group's
+producers (the official code's and the MindSpore port's formula); "paper" beta - (1 - beta).
+
+Scope: "non_residual" (default, the paper's setup) trains and prunes only groups written by a single
+producer; residual streams (several producers joined by adds) are excluded and stay whole. The
+official code additionally prunes the last conv of each residual branch and scatters its output back
+into a full-width zero tensor; fxprune does not rewrite that pattern, so under "non_residual" those
+convs keep their output channels (their input channels are pruned with the inner group). "all" also
+trains betas for residual groups.
+
+Runs on a private copy of the traced graph (train-mode BN over the 2B batch changes running
+statistics, as in the official code), so the model the rewrite slices is untouched: recalibrate BN
+and fine-tune after pruning (fxprune.recalibrate_bn, fxprune.finetune)."""
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.fx
+from torch import nn
+
+from fxprune.errors import ConfigError
+from fxprune.importance import Importance, ImportanceData
+from fxprune.ir import ChannelGroups, ChannelMap
+from .scop_knockoffs import make_knockoff
+
+log = logging.getLogger("fxprune")
+
+
+@dataclass
+class SCOP(Importance):
+    """SCOP settings. knockoff: "shuffle" (default) | "gaussian" | "noise" | a callable
+    (x, generator) -> knockoff; epochs: passes over `data` training the betas (steps caps them);
+    score: "official" | "paper"; scope: "non_residual" | "all"."""
+
+    knockoff: Any = "shuffle"
+    epochs: float = 1.0
+    steps: Optional[int] = None
+    lr: float = 0.004
+    adam_betas: Tuple[float, float] = (0.5, 0.9)
+    score_form: str = "official"
+    scope: str = "non_residual"
+    seed: int = 0
+    log_every: int = 50
+    name: str = field(default="scop", init=False)
+    requires_data = True
+
+    def __post_init__(self):
+        if self.score_form not in ("official", "paper"):
+            raise ConfigError(f"SCOP score_form must be 'official' or 'paper', got {self.score_form!r}")
+        if self.scope not in ("non_residual", "all"):
+            raise ConfigError(f"SCOP scope must be 'non_residual' or 'all', got {self.scope!r}")
+        self.generator = make_knockoff(self.knockoff)
+
+    def excluded_groups(self, gm, groups: ChannelGroups) -> Dict[int, str]:
+        """Groups SCOP leaves whole (compile freezes them): residual streams under "non_residual"."""
+        if self.scope == "all":
+            return {}
+        return {g.id: "SCOP scope='non_residual': residual stream (several producers) kept whole"
+                for g in groups.groups if g.prunable and len(g.spaces) > 1}
+
+    def score(self, gm: torch.fx.GraphModule, groups: ChannelGroups, data: ImportanceData = None) -> np.ndarray:
+        data = data or ImportanceData()
+        excluded = self.excluded_groups(gm, groups)
+        work = copy.deepcopy(gm)  # train-mode BN over [real; knockoff] must not touch the sliced model
+        producers = self.producers(work, groups, excluded)
+        if not producers:
+            raise ConfigError("SCOP found no prunable group written by a conv or linear layer")
+        betas = {gid: nn.Parameter(torch.full((groups.groups[gid].size,), 0.5)) for gid in
+                 {p["group"] for p in producers.values()}}
+        for p in work.parameters():
+            p.requires_grad_(False)
+        optimizer = torch.optim.Adam(list(betas.values()), lr=self.lr, betas=self.adam_betas)
+        if getattr(self.generator, "needs_fit", False) and not getattr(self.generator, "fitted", True):
+            self.generator.fit([x for x, _ in data.iter_batches(20)])
+        rng = torch.Generator().manual_seed(self.seed)
+        total = self.steps or max(1, int(round(self.epochs * _length(data.batches))))
+        work.train()
+        step, start = 0, time.perf_counter()
+        log.info("SCOP: training %d factor vectors (%d channel units) for %d steps, knockoff %s", len(betas),
+                 sum(b.numel() for b in betas.values()), total, type(self.generator).__name__)
+        while step < total:
+            for inputs, target in data.iter_batches(need_targets=True):
+                x = inputs[0]
+                knockoff = self.generator(x, rng)
+                out = _Mixing(work, producers, betas, len(x)).run(torch.cat([x, knockoff]))
+                loss = data.loss(out[: len(x)], target)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                with torch.no_grad():
+                    for b in betas.values():
+                        b.clamp_(0.0, 1.0)
+                step += 1
+                if step % self.log_every == 0:
+                    log.info("SCOP step %d/%d: loss %.3f, %.1f steps/s", step, total, loss.item(),
+                             step / (time.perf_counter() - start))
+                if step >= total:
+                    break
+        return self.scores(gm, groups, producers, betas)
+
+    # --------------------------------------------------------------------------------------------
+    def producers(self, gm, groups: ChannelGroups, excluded: Dict[int, str]) -> Dict[str, Dict[str, Any]]:
+        """Per producer node (conv/linear writing a target group's channels): its group, the
+        group-local unit of each output channel, and the BN right after it (if any)."""
+        users = {n.name: list(n.users) for n in gm.graph.nodes}
+        out: Dict[str, Dict[str, Any]] = {}
+        for node in gm.graph.nodes:
+            if node.op != "call_module":
+                continue
+            module = gm.get_submodule(node.target)
+            if not isinstance(module, (nn.Conv2d, nn.Linear)):
+                continue
+            m = groups.maps.get(node.name)
+            if not isinstance(m, ChannelMap):
+                continue
+            dim = 1 if isinstance(module, nn.Conv2d) else m.ndim - 1
+            if m.dims[dim] is None:
+                continue
+            units = groups.units_of(m.dims[dim])
+            gids = np.unique(groups.unit_group[units])
+            if len(gids) != 1:
+                continue
+            group = groups.groups[int(gids[0])]
+            if not group.prunable or group.id in excluded:
+                continue
+            after = users[node.name]
+            bn = gm.get_submodule(after[0].target) if len(after) == 1 and after[0].op == "call_module" and \
+                isinstance(gm.get_submodule(after[0].target), nn.modules.batchnorm._BatchNorm) else None
+            out[node.name] = {"group": group.id, "local": torch.as_tensor(np.searchsorted(group.units, units)),
+                              "dim": dim, "bn": bn}
+        return out
+
+    def scores(self, gm, groups: ChannelGroups, producers, betas) -> np.ndarray:
+        """Unit scores: trained groups from their betas; every other group scores 1 (uniform)."""
+        scores = np.ones(groups.n_units)
+        gamma_sum = {gid: np.zeros(groups.groups[gid].size) for gid in betas}
+        gamma_n = {gid: np.zeros(groups.groups[gid].size) for gid in betas}
+        for name, p in producers.items():
+            local = p["local"].numpy()
+            # gamma of the original model (gm), not of the copy: the copy's weights are the same
+            bn = p["bn"]
+            weight = bn.weight.detach().abs().numpy() if bn is not None and bn.weight is not None else \
+                np.ones(len(local))
+            np.add.at(gamma_sum[p["group"]], local, weight)
+            np.add.at(gamma_n[p["group"]], local, 1)
+        for gid, beta in betas.items():
+            b = beta.detach().double().numpy()
+            contrast = 2 * b - 1  # beta - beta_knockoff, with beta_knockoff = 1 - beta
+            if self.score_form == "official":
+                contrast = contrast * gamma_sum[gid] / np.maximum(gamma_n[gid], 1)
+            # allocation normalises scores by the group mean: shift to positive keeping the order
+            scores[groups.groups[gid].units] = contrast - contrast.min() + 1e-6
+        self.betas = {gid: b.detach().clone() for gid, b in betas.items()}
+        return scores
+
+
+class _Mixing(torch.fx.Interpreter):
+    """Runs the graph on [real ; knockoff], mixing the real half's producer outputs with the
+    knockoff half's by the group's beta, before the BN that follows."""
+
+    def __init__(self, gm, producers, betas, n_real: int):
+        super().__init__(gm)
+        self.producers, self.betas, self.n_real = producers, betas, n_real
+
+    def run_node(self, n):
+        result = super().run_node(n)
+        p = self.producers.get(n.name)
+        if p is None:
+            return result
+        beta = self.betas[p["group"]][p["local"]]
+        shape = [1] * result.ndim
+        shape[p["dim"]] = -1
+        beta = beta.reshape(shape)
+        real, knockoff = result[: self.n_real], result[self.n_real:]
+        return torch.cat([beta * real + (1 - beta) * knockoff, knockoff])
+
+
+def _length(batches) -> int:
+    try:
+        return len(batches)
+    except TypeError:
+        raise ConfigError("SCOP with epochs= needs data with a len(); pass steps= for an iterator") from None
