@@ -49,7 +49,7 @@ CONFIGS = {
     "cpu": dict(checkpoint=os.path.join(REPO, "..", "shared", "models", "cifar_resnet20.pt"),
                 methods="l1,l2,bn,taylor,fpgm,random,tp", budgets="0.5", seeds="0,1",
                 epochs=1.0, lr=0.01, batch_size=128, train_subset=None, round_to=1, threads=1),
-    "full": dict(checkpoint=None, methods="l1,l2,bn,taylor,fpgm,random,tp,aofp", budgets="0.75,0.5,0.25",
+    "full": dict(checkpoint=None, methods="l1,l2,bn,taylor,fpgm,random,tp,aofp,scop", budgets="0.75,0.5,0.25",
                  seeds="0,1,2", epochs=40.0, lr=0.02, batch_size=128, train_subset=None, round_to=1, threads=None),
 }
 
@@ -135,6 +135,12 @@ def prune(dense: torch.nn.Module, method: str, budget: float, x: torch.Tensor, a
                               path=args.data)
         return fxprune.compile(dense, budget, example_inputs=(x,), importance=config, round_to=args.round_to,
                                data=train)
+    if method == "scop":  # the paper's setup: inner groups only, uniform per-layer rate, shuffle knockoffs
+        config = fxprune.SCOP(knockoff=args.scop_knockoff, steps=args.scop_steps, seed=0)
+        train = CIFAR10Loader("train", batch_size=128, shuffle=True, augment=False, seed=200, drop_last=True,
+                              path=args.data)
+        return fxprune.compile(dense, budget, example_inputs=(x,), importance=config, round_to=args.round_to,
+                               data=train, allocation="uniform")
     importance = fxprune.RandomImportance(seed=0) if method == "random" else method
     return fxprune.compile(dense, budget, example_inputs=(x,), importance=importance, round_to=args.round_to,
                            data=calibration)
@@ -144,7 +150,7 @@ def parse_args(argv) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", choices=sorted(CONFIGS), default="cpu")
     parser.add_argument("--checkpoint")
-    parser.add_argument("--methods", help="comma-separated: l1,l2,bn,taylor,fpgm,random,tp,aofp")
+    parser.add_argument("--methods", help="comma-separated: l1,l2,bn,taylor,fpgm,random,tp,aofp,scop")
     parser.add_argument("--budgets", help="comma-separated FLOPs budgets")
     parser.add_argument("--seeds", help="comma-separated fine-tune seeds")
     parser.add_argument("--epochs", type=float)
@@ -159,6 +165,8 @@ def parse_args(argv) -> argparse.Namespace:
     parser.add_argument("--aofp-half", type=int, default=200, help="AOFP iterations per half (official: 1000)")
     parser.add_argument("--aofp-warmup", type=int, default=100, help="AOFP warm-up iterations (official: 500)")
     parser.add_argument("--aofp-max-epochs", type=float, default=20.0)
+    parser.add_argument("--scop-steps", type=int, default=100, help="SCOP factor-training steps (batch 128+128)")
+    parser.add_argument("--scop-knockoff", default="shuffle", help="shuffle | gaussian | noise")
     parser.add_argument("--data", help="CIFAR-10 npz file or pickles directory (default: ../shared/data or FXPRUNE_DATA)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default="benchmarks/results/cifar.json")
