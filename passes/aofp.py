@@ -11,7 +11,7 @@ isolation): for each layer c that contracts the group's channels (a conv with gr
 O_c being c's output on the base input and O^_c on the input with R zeroed too, both after c's
 BatchNorm when one follows (score_bn decides its statistics) and both masked by c's own base mask.
 The per-group binary search (passes/aofp_search.py) turns these damages into pruning moves; training
-stops at the end of the first epoch whose remaining FLOPs meet the target.
+stops at the first move after which the remaining FLOPs meet the target.
 
 Cost: c is linear in its input, so O_c - O^_c = c(X restricted to R) without bias: one convolution
 over the |R| sampled input channels per consumer, on the base path's captured activations. All score
@@ -25,7 +25,9 @@ Deviations from the official code (DingXiaoH/AOFP), all documented in ALGORITHMS
     measures before the add, without ReLU; its VGG scorer includes the ReLU);
   - score_bn defaults to "base_stats" (the ablated output is normalised with the base batch's
     statistics) rather than the official "batch"; the score path never updates running statistics;
-  - the stagger uses the position in the target list, not the conv index.
+  - the stagger uses the position in the target list, not the conv index;
+  - the FLOPs target is checked after every move, not only at the end of an epoch (the official
+    check); with short halves a whole epoch of moves overshoots the target by far.
 Requires: ChannelGroups, CostModel, a training loader. Produces: PrunePlan (and trains gm in place)."""
 from __future__ import annotations
 
@@ -146,11 +148,14 @@ class AOFPPass:
                 with torch.no_grad():
                     damages = self.damages(targets, samples, consumers, runner.captured, groups)
                 search.record(samples, damages)
-                for event in search.step_end(it):
+                events = search.step_end(it)
+                for event in events:
                     log.debug("AOFP group %s: %s", targets[event.get("group", 0)], event)
                 for g, alive in zip(targets, search.masks):
                     keep[groups.groups[g].units] = alive
                 it += 1
+                if events and cost.flops(keep) / flops0 <= self.flops_target:
+                    break  # target met: stop now rather than at the epoch's end (short halves overshoot)
                 if it % self.config.log_every == 0:
                     log.info("AOFP step %d: loss %.3f, FLOPs %.1f%%, %.1f steps/s", it, loss.item(),
                              100 * cost.flops(keep) / flops0, it / (time.perf_counter() - start))

@@ -75,7 +75,7 @@ def test_dead_filters_are_pruned_first_and_nothing_else():
     assert removed and set(removed) <= set(DEAD)                  # only dead filters went
     moves = [e for e in config.last_run.history if e["kind"] == "move"]
     assert moves and all(set(e["pruned"].tolist()) <= set(DEAD) for e in moves if e["group"] == 0)
-    assert report["flops"]["ratio"] <= 0.75
+    assert 0.6 < report["flops"]["ratio"] <= 0.75                  # stops at the move that meets the target
     assert report["verification"]["passed"]                       # rewrite == masked trained model
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # the user's model untrained
 
