@@ -26,7 +26,6 @@ import torch.nn.functional as F
 from fxprune.cifar_resnet import cifar_resnet
 from fxprune.compiler import _analyse
 from fxprune.passes.aofp import AOFP, AOFPPass, _Capturing
-from fxprune.passes.aofp_search import AOFPSearch
 
 
 def main(argv=None) -> int:
@@ -42,15 +41,11 @@ def main(argv=None) -> int:
     model = cifar_resnet(args.depth)
     x = torch.randn(args.batch_size, 3, 32, 32)
     y = torch.randint(0, 10, (args.batch_size,))
-    config = AOFP(iters_per_half=10**9, warmup_iters=0)  # every group samples every step, never decides
+    config = AOFP(iters_per_half=10**9, warmup_iters=0)  # halves never end: every group samples every step
     gm, groups = _analyse(model, (x[:1],), set(), ())
-    aofp = AOFPPass(config, 0.5)
-    targets, consumers = aofp.targets(gm, groups)
-    search = AOFPSearch([groups.groups[g].size for g in targets], config.search_config(), seed=0)
+    trainer = AOFPPass(config, 0.5).trainer(gm, groups)
     keep = np.ones(groups.n_units, dtype=bool)
-    wanted = {c.node for cs in consumers.values() for c in cs}
     plain_opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    opt = aofp.optimizer(gm)
     model.train()
     gm.train()
 
@@ -62,23 +57,14 @@ def main(argv=None) -> int:
 
     def base():
         loss = F.cross_entropy(_Capturing(gm, groups, keep, set()).run(x), y)
-        opt.zero_grad(set_to_none=True)
+        trainer.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
+        trainer.optimizer.step()
 
-    step = [max(search.starts)]  # every group past its staggered start: all score paths run each step
+    step = [max(trainer.search.starts)]  # every group past its staggered start: all score paths run each step
 
     def full():
-        samples = search.sample(step[0])
-        runner = _Capturing(gm, groups, keep, wanted)
-        loss = F.cross_entropy(runner.run(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        with torch.no_grad():
-            damages = aofp.damages(targets, samples, consumers, runner.captured, groups)
-        search.record(samples, damages)
-        search.step_end(step[0])
+        trainer.step(step[0], x, y)
         step[0] += 1
 
     times = {}
@@ -91,10 +77,10 @@ def main(argv=None) -> int:
             fn()
             samples.append(time.perf_counter() - t0)
         times[name] = statistics.median(samples) * 1e3
-    result = {"depth": args.depth, "batch_size": args.batch_size, "threads": args.threads, "targets": len(targets),
+    result = {"depth": args.depth, "batch_size": args.batch_size, "threads": args.threads, "targets": len(trainer.targets),
               "ms_per_step": times, "overhead_vs_plain": times["aofp"] / times["plain"],
               "score_paths_vs_base": (times["aofp"] - times["base"]) / times["base"]}
-    print(f"ResNet-{args.depth}, batch {args.batch_size}, {args.threads} thread(s), {len(targets)} target groups")
+    print(f"ResNet-{args.depth}, batch {args.batch_size}, {args.threads} thread(s), {len(trainer.targets)} target groups")
     for name, ms in times.items():
         print(f"  {name:6s} {ms:8.1f} ms/step  ({ms / times['plain']:.2f}x plain)")
     print(f"  score paths of all groups add {100 * result['score_paths_vs_base']:.0f}% to the base path")

@@ -118,41 +118,19 @@ class AOFPPass:
         self.loss_fn = loss_fn or F.cross_entropy
 
     def run(self, gm: torch.fx.GraphModule, groups: ChannelGroups, cost: CostModel, loader) -> PrunePlan:
-        targets, consumers = self.targets(gm, groups)
-        if not targets:
-            raise NoPrunableChannelsError("AOFP found no prunable group read by a conv (groups=1) or linear layer")
-        search = AOFPSearch([groups.groups[g].size for g in targets], self.config.search_config(),
-                            seed=self.config.seed, frozen=[groups.unit_frozen[groups.groups[g].units] for g in targets])
-        keep = np.ones(groups.n_units, dtype=bool)
-        flops0 = cost.flops(keep)
-        optimizer = self.optimizer(gm)
-        wanted = {c.node for cs in consumers.values() for c in cs}
-        log.info("AOFP: %d target groups, theta %g, H %d, warm-up %d, FLOPs target %.1f%%", len(targets),
+        trainer = self.trainer(gm, groups)
+        keep, search = trainer.keep, trainer.search
+        flops0 = cost.flops(np.ones(groups.n_units, dtype=bool))
+        log.info("AOFP: %d target groups, theta %g, H %d, warm-up %d, FLOPs target %.1f%%", len(trainer.targets),
                  self.config.theta, self.config.iters_per_half, self.config.warmup_iters, 100 * self.flops_target)
         it, epoch, start, trajectory = 0, 0, time.perf_counter(), []
-        steps_per_epoch = len(loader)
-        max_steps = int(round(self.config.max_epochs * steps_per_epoch))
+        max_steps = int(round(self.config.max_epochs * len(loader)))
         gm.train()
         while it < max_steps:
             if hasattr(loader, "set_epoch"):
                 loader.set_epoch(epoch)
-            for batch in loader:
-                x, y = batch
-                samples = search.sample(it)
-                runner = _Capturing(gm, groups, keep, wanted)
-                output = runner.run(x)
-                loss = self.loss_fn(output, y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                with torch.no_grad():
-                    damages = self.damages(targets, samples, consumers, runner.captured, groups)
-                search.record(samples, damages)
-                events = search.step_end(it)
-                for event in events:
-                    log.debug("AOFP group %s: %s", targets[event.get("group", 0)], event)
-                for g, alive in zip(targets, search.masks):
-                    keep[groups.groups[g].units] = alive
+            for x, y in loader:
+                loss, events = trainer.step(it, x, y)
                 it += 1
                 if events and cost.flops(keep) / flops0 <= self.flops_target:
                     break  # target met: stop now rather than at the epoch's end (short halves overshoot)
@@ -178,6 +156,17 @@ class AOFPPass:
         return PrunePlan(keep)
 
     # -------------------------------------------------------------------------------- setup
+    def trainer(self, gm, groups: ChannelGroups, search: Optional[AOFPSearch] = None) -> "AOFPTrainer":
+        """The training state of one run (search, base masks, optimizer); `search` may be given to
+        measure with other settings."""
+        targets, consumers = self.targets(gm, groups)
+        if not targets:
+            raise NoPrunableChannelsError("AOFP found no prunable group read by a conv (groups=1) or linear layer")
+        search = search or AOFPSearch([groups.groups[g].size for g in targets], self.config.search_config(),
+                                      seed=self.config.seed,
+                                      frozen=[groups.unit_frozen[groups.groups[g].units] for g in targets])
+        return AOFPTrainer(self, gm, groups, targets, consumers, search)
+
     def targets(self, gm, groups: ChannelGroups):
         consumers: Dict[int, List[Consumer]] = {}
         users = {n.name: list(n.users) for n in gm.graph.nodes}
@@ -284,6 +273,35 @@ class AOFPPass:
         scale = (weight / torch.sqrt(var + bn.eps)).reshape(shape)
         base = (out - mean.reshape(shape)) * scale + bias.reshape(shape)
         return base, delta * scale
+
+
+class AOFPTrainer:
+    """One AOFP run's state; `step` is one training step with every searching group's score path."""
+
+    def __init__(self, aofp: AOFPPass, gm, groups: ChannelGroups, targets, consumers, search: AOFPSearch):
+        self.aofp, self.gm, self.groups = aofp, gm, groups
+        self.targets, self.consumers, self.search = targets, consumers, search
+        self.keep = np.ones(groups.n_units, dtype=bool)
+        self.optimizer = aofp.optimizer(gm)
+        self.wanted = {c.node for cs in consumers.values() for c in cs}
+
+    def step(self, it: int, x, y):
+        """Base-path SGD step, then the damages of this step's samples; returns (loss, events)."""
+        samples = self.search.sample(it)
+        runner = _Capturing(self.gm, self.groups, self.keep, self.wanted)
+        loss = self.aofp.loss_fn(runner.run(x), y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        with torch.no_grad():
+            damages = self.aofp.damages(self.targets, samples, self.consumers, runner.captured, self.groups)
+        self.search.record(samples, damages)
+        events = self.search.step_end(it)
+        for event in events:
+            log.debug("AOFP group %s: %s", self.targets[event.get("group", 0)], event)
+        for g, alive in zip(self.targets, self.search.masks):
+            self.keep[self.groups.groups[g].units] = alive
+        return loss, events
 
 
 class _Capturing(MaskedOriginal):
