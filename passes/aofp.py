@@ -107,7 +107,6 @@ class Consumer:
     positions: np.ndarray  # input positions (along the contracted dim) holding the group's channels
     units: np.ndarray  # the unit at each of those positions
     bn: Optional[nn.Module]  # BatchNorm applied right after, if any
-    bn_node: Optional[str]
 
 
 class AOFPPass:
@@ -187,18 +186,17 @@ class AOFPPass:
             if elements is None:
                 continue
             units = groups.units_of(elements)
-            bn, bn_node = None, None
+            bn = None
             after = users[node.name]
             if len(after) == 1 and after[0].op == "call_module" and \
                     isinstance(gm.get_submodule(after[0].target), nn.modules.batchnorm._BatchNorm):
-                bn, bn_node = gm.get_submodule(after[0].target), after[0].name
+                bn = gm.get_submodule(after[0].target)
             for g in np.unique(groups.unit_group[units]):
                 group = groups.groups[int(g)]
                 if not group.prunable:
                     continue
                 positions = np.nonzero(groups.unit_group[units] == g)[0]
-                consumers.setdefault(int(g), []).append(Consumer(node.name, module, positions, units[positions],
-                                                                 bn, bn_node))
+                consumers.setdefault(int(g), []).append(Consumer(node.name, module, positions, units[positions], bn))
         return sorted(consumers), consumers
 
     def optimizer(self, gm) -> torch.optim.Optimizer:

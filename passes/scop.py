@@ -158,7 +158,7 @@ class SCOP(Importance):
         gamma_n = {gid: np.zeros(groups.groups[gid].size) for gid in betas}
         for name, p in producers.items():
             local = p["local"].numpy()
-            # gamma of the original model (gm), not of the copy: the copy's weights are the same
+            # the BN is the private copy's; its weights were frozen, so gamma equals the model's
             bn = p["bn"]
             weight = bn.weight.detach().abs().numpy() if bn is not None and bn.weight is not None else \
                 np.ones(len(local))
