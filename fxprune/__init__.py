@@ -10,6 +10,8 @@ from .passes.fpgm_importance import FPGMImportance
 from .passes.l1_importance import L1Importance, L2Importance
 from .passes.random_importance import RandomImportance
 from .passes.scop import SCOP
+from .passes.space_search import SearchResult, SpaceSearch
+from .proxy_eval import ProxyEvaluator
 from .passes.taylor_importance import TaylorImportance
 from .finetune import FinetuneConfig, evaluate, finetune, recalibrate_bn
 from .ir import ChannelGroup, ChannelGroups, PrunePlan
@@ -19,6 +21,7 @@ from .serialize import load, save
 __all__ = [
     "compile", "analyze", "apply_plan", "cost_of", "save", "load", "report_json", "Budget",
     "finetune", "evaluate", "FinetuneConfig", "recalibrate_bn", "AOFP", "SCOP",
+    "SpaceSearch", "SearchResult", "ProxyEvaluator",
     "Importance", "ImportanceData", "importance_names", "L1Importance", "L2Importance", "BNScaleImportance",
     "TaylorImportance", "FPGMImportance", "RandomImportance", "ChannelGroup", "ChannelGroups", "PrunePlan",
     "FxPruneError", "UnsupportedModelError", "ExampleInputsError", "BudgetError", "NoPrunableChannelsError",

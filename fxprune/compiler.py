@@ -27,7 +27,7 @@ log = logging.getLogger("fxprune")
 
 def compile(model: torch.nn.Module, budget: Union[float, Budget], *, example_inputs,
             importance: Union[str, Importance] = "l1", ignore: Iterable[Any] = (), round_to: int = 8,
-            min_channels: int = 1, verify: bool = True, allocation: str = "global",
+            min_channels: int = 1, verify: bool = True, allocation: Any = "global",
             leaf_modules: Sequence[Any] = (), data: Optional[Iterable[Any]] = None,
             loss_fn: Optional[Callable] = None) -> torch.fx.GraphModule:
     """Prune `model` structurally to `budget` and return a new, smaller torch.fx.GraphModule.
@@ -36,7 +36,9 @@ def compile(model: torch.nn.Module, budget: Union[float, Budget], *, example_inp
     example_inputs: a tensor or tuple of tensors the model accepts (shapes are specialised to them,
         except the batch dim).
     importance: "l1", "l2" or an fxprune Importance. allocation: "global" (one ranking of normalised
-        importance), "global_per_flop" (the same divided by each channel's FLOPs) or "uniform".
+        importance), "global_per_flop" (the same divided by each channel's FLOPs), "uniform", or
+        fxprune.SpaceSearch(evaluator=...) (search a network pruning space; the importance then only
+        decides which channels a width keeps; the report gets a "search" section).
     ignore: modules (objects of `model`) or qualified-name patterns (fnmatch) whose output channels
         stay. round_to / min_channels: kept widths are multiples of round_to and at least min_channels
         (the default 8 keeps CPU/GPU kernels on their fast paths: odd widths made a pruned MobileNetV2
@@ -72,15 +74,18 @@ def compile(model: torch.nn.Module, budget: Union[float, Budget], *, example_inp
         plan = scorer.plan(gm, groups, cost, budget, calibration)
     else:
         scores = scorer.score(gm, groups, calibration)                      # importance of every unit
-        plan = allocation_pass(budget, round_to, min_channels).run(groups, cost, scores)  # what stays
+        plan = _bind(allocation_pass, budget, round_to, min_channels, gm).run(groups, cost, scores)  # what stays
     seconds["analyse_and_plan"] = time.perf_counter() - clock
     log.info("planned with %s%s, %.2fs", scorer.name,
-             "" if scorer.decides_widths else f" importance and {allocation} allocation", seconds["analyse_and_plan"])
+             "" if scorer.decides_widths else f" importance and {getattr(allocation, 'name', allocation)} allocation", seconds["analyse_and_plan"])
 
     importance_label = scorer.name if isinstance(importance, str) else repr(scorer)  # with its settings
-    options = {"importance": importance_label, "allocation": allocation, "round_to": round_to,
-               "min_channels": min_channels, "ignore": sorted(ignore_names)}
-    return _rewrite_and_report(gm, groups, plan, cost, inputs, budget, options, verify, seconds)
+    options = {"importance": importance_label, "allocation": getattr(allocation, "name", allocation),
+               "round_to": round_to, "min_channels": min_channels, "ignore": sorted(ignore_names)}
+    pruned = _rewrite_and_report(gm, groups, plan, cost, inputs, budget, options, verify, seconds)
+    if getattr(allocation, "last_result", None) is not None:                # a search: what it measured
+        pruned.meta["fxprune"]["search"] = allocation.last_result.summary()
+    return pruned
 
 
 def apply_plan(model: torch.nn.Module, report: Dict[str, Any], *, example_inputs, verify: bool = True,
@@ -205,15 +210,26 @@ def _check_model(model) -> None:
         raise UnsupportedModelError(f"model must be a torch.nn.Module, got {type(model).__name__}")
 
 
-def _allocation(name: str):
+def _allocation(name):
+    from fxprune.passes.space_search import SpaceSearch
+    if isinstance(name, SpaceSearch):
+        return name
     from fxprune.passes.global_allocation import GlobalAllocation
     from fxprune.passes.uniform_allocation import UniformAllocation
     import functools
     table = {"global": GlobalAllocation, "global_per_flop": functools.partial(GlobalAllocation, per_cost=True),
              "uniform": UniformAllocation}
     if name not in table:
-        raise ConfigError(f"unknown allocation {name!r}; choose one of {sorted(table)}")
+        raise ConfigError(f"unknown allocation {name!r}; choose one of {sorted(table)} or pass "
+                          f"fxprune.SpaceSearch(evaluator=...)")
     return table[name]
+
+
+def _bind(allocation_pass, budget: Budget, round_to: int, min_channels: int, gm: torch.fx.GraphModule):
+    """The allocation pass for this budget; a search also needs the graph, to build its candidates."""
+    if hasattr(allocation_pass, "bind"):
+        return allocation_pass.bind(budget, round_to, min_channels, gm)
+    return allocation_pass(budget, round_to, min_channels)
 
 
 def _positive_int(value, name: str) -> int:
