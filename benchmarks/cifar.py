@@ -135,12 +135,12 @@ def prune(dense: torch.nn.Module, method: str, budget: float, x: torch.Tensor, a
                               path=args.data)
         return fxprune.compile(dense, budget, example_inputs=(x,), importance=config, round_to=args.round_to,
                                data=train)
-    if method == "scop":  # the paper's setup: inner groups only, uniform per-layer rate, shuffle knockoffs
-        config = fxprune.SCOP(knockoff=args.scop_knockoff, steps=args.scop_steps, seed=0)
+    if method == "scop":  # default: the paper's setup (inner groups only, uniform per-layer rate, shuffle)
+        config = fxprune.SCOP(knockoff=args.scop_knockoff, steps=args.scop_steps, scope=args.scop_scope, seed=0)
         train = CIFAR10Loader("train", batch_size=128, shuffle=True, augment=False, seed=200, drop_last=True,
                               path=args.data)
         return fxprune.compile(dense, budget, example_inputs=(x,), importance=config, round_to=args.round_to,
-                               data=train, allocation="uniform")
+                               data=train, allocation=args.scop_allocation)
     importance = fxprune.RandomImportance(seed=0) if method == "random" else method
     return fxprune.compile(dense, budget, example_inputs=(x,), importance=importance, round_to=args.round_to,
                            data=calibration)
@@ -167,6 +167,8 @@ def parse_args(argv) -> argparse.Namespace:
     parser.add_argument("--aofp-max-epochs", type=float, default=20.0)
     parser.add_argument("--scop-steps", type=int, default=100, help="SCOP factor-training steps (batch 128+128)")
     parser.add_argument("--scop-knockoff", default="shuffle", help="shuffle | gaussian | noise")
+    parser.add_argument("--scop-scope", default="non_residual", help="non_residual (paper) | all")
+    parser.add_argument("--scop-allocation", default="uniform", help="uniform (paper) | global")
     parser.add_argument("--data", help="CIFAR-10 npz file or pickles directory (default: ../shared/data or FXPRUNE_DATA)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default="benchmarks/results/cifar.json")

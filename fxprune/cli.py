@@ -4,8 +4,10 @@
   fxprune bench MODEL --budgets 0.75,0.5        onnxruntime latency of dense vs pruned models
   fxprune viz MODEL|report.json|pruned.pt        HTML/SVG graph of the channel groups and what was cut
   fxprune analyze MODEL                          print the channel groups
+  fxprune search MODEL --budget 0.5 --out DIR    search a network pruning space on CIFAR-10 (EDFs, rho*)
 
-MODEL is a torchvision model name (random weights: nothing is downloaded) or `path/to/file.py:factory`.
+MODEL is a torchvision model name (random weights: nothing is downloaded), `path/to/file.py:factory`, or
+a CIFAR ResNet checkpoint (`something.pt` written by examples/train_cifar_resnet.py).
 Exit codes: 0 success, 2 usage error, 3 the input cannot be pruned as asked (bad model, inputs, budget),
 4 internal error: verification or the onnxruntime check failed (a bug: please report it), 1 anything else."""
 from __future__ import annotations
@@ -27,7 +29,14 @@ EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INPUT, EXIT_INTERNAL = 0, 1, 2, 3, 4
 
 
 def load_model(spec: str) -> Tuple[torch.nn.Module, str]:
-    """A torchvision model name, or `file.py:factory` (a callable returning an nn.Module)."""
+    """A torchvision model name, `file.py:factory` (a callable returning an nn.Module) or a CIFAR ResNet
+    checkpoint (.pt)."""
+    if spec.endswith(".pt"):
+        if not os.path.exists(spec):
+            raise SystemExit(_usage_error(f"no such file: {spec}"))
+        from .cifar_resnet import load_cifar_resnet
+        model, info = load_cifar_resnet(spec)
+        return model, f"cifar_resnet{info.get('depth', '')}"
     if ":" in spec and spec.split(":", 1)[0].endswith(".py"):
         path, factory = spec.split(":", 1)
         if not os.path.exists(path):
@@ -52,6 +61,8 @@ def load_model(spec: str) -> Tuple[torch.nn.Module, str]:
 
 
 def default_input_shape(name: str) -> List[int]:
+    if name.startswith("cifar_resnet"):
+        return [1, 3, 32, 32]
     return [1, 3, 299, 299] if name == "inception_v3" else [1, 3, 224, 224]
 
 
@@ -81,8 +92,9 @@ def print_summary(name: str, report: dict, seconds: float) -> None:
 
 
 def _compile_options(args) -> dict:
-    options = dict(importance=args.importance, allocation=args.allocation, min_channels=args.min_channels,
-                   ignore=args.ignore)
+    options = dict(importance=args.importance, min_channels=args.min_channels, ignore=args.ignore)
+    if hasattr(args, "allocation"):
+        options["allocation"] = args.allocation
     if args.round_to is not None:
         options["round_to"] = args.round_to
     return options
@@ -128,6 +140,42 @@ def cmd_prune(args) -> int:
             written += ["dense.onnx", "pruned.onnx", "bench.json"]
     if written:
         print(f"\nwrote to {os.path.normpath(args.out)}/: " + ", ".join(written))
+    return EXIT_OK
+
+
+def cmd_search(args) -> int:
+    import fxprune
+    from fxprune.proxy_eval import cifar10_proxy_evaluator
+    model, name = load_model(args.model)
+    x = torch.randn(*(args.input_shape or [1, 3, 32, 32]))
+    try:
+        evaluator = cifar10_proxy_evaluator(val=args.val, steps=args.proxy_steps, lr=args.proxy_lr,
+                                            recalibrate_batches=args.recalibrate_batches, device=args.device,
+                                            path=args.data)
+    except FileNotFoundError as exc:
+        return _usage_error(f"the search evaluates on CIFAR-10, which was not found ({exc}); pass --data")
+    search = fxprune.SpaceSearch(evaluator=evaluator, n_samples=args.samples, n_refined=args.refined,
+                                 band=args.band, delta=args.delta, n_buckets=args.buckets, workers=args.workers,
+                                 out_dir=args.out, seed=args.seed)
+    start = time.perf_counter()
+    options = {"round_to": 1, **_compile_options(args)}  # the search's levels are keep ratios: no rounding
+    pruned = fxprune.compile(model.eval(), args.budget, example_inputs=(x,), allocation=search, **options)
+    seconds = time.perf_counter() - start
+    from fxprune.parallel import distributed_rank_and_size
+    if distributed_rank_and_size()[0] != 0:
+        return EXIT_OK
+    report = pruned.meta["fxprune"]
+    print_summary(name, report, seconds)
+    result, comparison = search.last_result, search.last_result.comparison
+    print(f"  search: rho* = {result.rho_star:.4g} FLOPs/param ({result.rho_star / result.rho0:.3f} x dense), "
+          f"proxy error mean {comparison['mean_error_initial']:.4f} (initial) -> {comparison['mean_error_refined']:.4f} "
+          f"(refined); refined EDF dominates: {comparison['dominates']}; best {result.best['error']:.4f} "
+          f"({result.best['round']} space)")
+    fxprune.save(pruned, os.path.join(args.out, "pruned.pt"))
+    with open(os.path.join(args.out, "report.json"), "w") as fh:
+        json.dump(report, fh, indent=2)
+    print(f"\nwrote to {os.path.normpath(args.out)}/: search.json (every sample), edf.png, error_vs_params.png, "
+          f"pruned.pt, report.json")
     return EXIT_OK
 
 
@@ -213,10 +261,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--input-shape", type=_shape, help="example input shape, e.g. 1,3,224,224")
         p.add_argument("--ignore", action="append", default=[], help="module name pattern whose outputs stay (repeatable)")
 
-    def pruning(p):
+    def pruning(p, allocation=True):
         p.add_argument("--importance", default="l1", help="l1 (default), l2, bn, fpgm or random (taylor needs "
                        "calibration data: use the Python API's data=)")
-        p.add_argument("--allocation", default="global", choices=["global", "global_per_flop", "uniform"])
+        if allocation:
+            p.add_argument("--allocation", default="global", choices=["global", "global_per_flop", "uniform"])
         p.add_argument("--round-to", type=int, help="kept widths are multiples of this (default: compile's, 8)")
         p.add_argument("--min-channels", type=int, default=1)
 
@@ -255,6 +304,27 @@ def build_parser() -> argparse.ArgumentParser:
                      "only show the groups)")
     viz.add_argument("--out", default="fxprune-viz", help="output directory (default fxprune-viz)")
     viz.set_defaults(run=cmd_viz)
+
+    search = sub.add_parser("search", help="search a network pruning space (widths by sampling subnetworks in a "
+                                           "FLOPs band, rho* refinement); evaluates on CIFAR-10")
+    common(search)
+    pruning(search, allocation=False)
+    search.add_argument("--budget", type=float, default=0.5, help="fraction of FLOPs to keep (the regime's top)")
+    search.add_argument("--band", type=float, default=0.04, help="regime: FLOPs in [budget(1-band), budget]")
+    search.add_argument("--samples", type=int, default=32, help="subnetworks evaluated in the initial space")
+    search.add_argument("--refined", type=int, help="subnetworks evaluated in the refined space (default: --samples)")
+    search.add_argument("--delta", type=float, default=0.1, help="refined space: |rho - rho*| <= delta rho*")
+    search.add_argument("--buckets", type=int, default=10, help="parameter buckets for rho*")
+    search.add_argument("--proxy-steps", type=int, default=30, help="fine-tune steps per sample (batch 128)")
+    search.add_argument("--proxy-lr", type=float, default=0.01)
+    search.add_argument("--recalibrate-batches", type=int, default=10, help="BN recalibration batches per sample")
+    search.add_argument("--val", type=int, default=2000, help="held-out training images for the proxy error")
+    search.add_argument("--workers", type=int, default=1, help="evaluation processes (per torchrun rank)")
+    search.add_argument("--seed", type=int, default=0)
+    search.add_argument("--data", help="CIFAR-10 npz or pickles directory (default: ../shared/data or FXPRUNE_DATA)")
+    search.add_argument("--device", default="cpu")
+    search.add_argument("--out", default="fxprune-search", help="output directory (default fxprune-search)")
+    search.set_defaults(run=cmd_search)
 
     analyze = sub.add_parser("analyze", help="print the channel groups of a model")
     common(analyze)

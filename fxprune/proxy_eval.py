@@ -13,6 +13,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional
 
+import numpy as np
+
 import torch
 
 from .errors import ConfigError
@@ -68,3 +70,18 @@ class ProxyEvaluator:
                 "recalibrate_batches": self.recalibrate_batches,
                 "train_batches": len(self.train) if hasattr(self.train, "__len__") else None,
                 "val_batches": len(self.val) if hasattr(self.val, "__len__") else None}
+
+
+def cifar10_proxy_evaluator(*, val: int = 2000, steps: int = 30, lr: float = 0.01, recalibrate_batches: int = 10,
+                            batch_size: int = 128, device: str = "cpu", path: Optional[str] = None,
+                            seed: int = 0) -> ProxyEvaluator:
+    """A ProxyEvaluator on CIFAR-10: `val` class-balanced training images held out for the error, the
+    other training images (augmented, shuffled) for recalibration and the short fine-tune."""
+    from .data import CIFAR10Loader, balanced_subset, load_cifar10
+    _, labels = load_cifar10(path, "train")
+    held_out = balanced_subset(labels, val, seed=seed)
+    rest = np.setdiff1d(np.arange(len(labels)), held_out)
+    train = CIFAR10Loader("train", batch_size=batch_size, shuffle=True, augment=True, seed=300 + seed, subset=rest,
+                          drop_last=True, path=path)
+    held = CIFAR10Loader("train", batch_size=500, shuffle=False, augment=False, subset=held_out, path=path)
+    return ProxyEvaluator(train, held, steps=steps, lr=lr, recalibrate_batches=recalibrate_batches, device=device)

@@ -142,3 +142,26 @@ def test_torchrun_two_processes_give_the_same_result(tmp_path):
     assert [s["error"] for s in distributed["result"]["samples"]] == [s["error"] for s in local.samples]
     assert distributed["result"]["best"]["widths"] == local.best["widths"]
     assert distributed["result"]["rho_star"] == local.rho_star
+
+
+def test_cli_search_on_the_cifar_resnet(tmp_path):
+    from fxprune.cli import main
+    from fxprune.data import find_cifar10
+    checkpoint = os.path.join(HERE, "..", "..", "shared", "models", "cifar_resnet20.pt")
+    try:
+        find_cifar10()
+    except FileNotFoundError:
+        pytest.skip("CIFAR-10 not found")
+    if not os.path.exists(checkpoint):
+        pytest.skip("no CIFAR ResNet-20 checkpoint in ../shared/models")
+    code = main(["-q", "search", checkpoint, "--samples", "4", "--refined", "2", "--buckets", "2", "--proxy-steps",
+                 "1", "--recalibrate-batches", "1", "--val", "500", "--out", str(tmp_path)])
+    assert code == 0
+    saved = json.loads((tmp_path / "search.json").read_text())
+    assert len(saved["samples"]) == 6
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["flops"]["ratio"] == pytest.approx(saved["best"]["flops_ratio"])
+    assert 0.48 - 1e-9 <= report["flops"]["ratio"] <= 0.5 + 1e-9
+    restored = fxprune.load(str(tmp_path / "pruned.pt"))
+    x = torch.randn(2, 3, 32, 32)
+    assert restored(x).shape == (2, 10)
