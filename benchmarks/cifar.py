@@ -92,7 +92,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             row = {"budget": budget, "method": method, "flops": cost["flops"], "params": cost["params"],
                    "prune_seconds": time.perf_counter() - clock,
                    "top1_pruned": evaluate(copy.deepcopy(pruned).to(args.device), test, device=args.device)["top1"],
-                   "top1_finetuned": [], "finetune_seconds": []}
+                   "top1_finetuned": [], "finetune_seconds": [], "widths": widths_of(pruned)}
             for seed in args.seeds:
                 model = copy.deepcopy(pruned).to(args.device)
                 train = CIFAR10Loader("train", batch_size=args.batch_size, shuffle=True, augment=True, seed=seed,
@@ -182,6 +182,12 @@ def parse_args(argv) -> argparse.Namespace:
     args.seeds = [int(s) for s in str(args.seeds).split(",")]
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     return args
+
+
+def widths_of(pruned: torch.nn.Module) -> Optional[Dict[str, int]]:
+    """Kept width per prunable group (fxprune results only; Torch-Pruning's models carry no report)."""
+    report = getattr(pruned, "meta", {}).get("fxprune")
+    return {g["name"]: g["kept"] for g in report["groups"] if not g["blocked"]} if report else None
 
 
 def info_of(info: dict) -> dict:
