@@ -3,7 +3,9 @@ fine-tuned with the identical budget, side by side.
 
 From a trained CIFAR ResNet checkpoint, for each FLOPs budget and each method:
   - prune: fxprune.compile(model, budget, importance=<method>) (global allocation, round_to as configured;
-    Taylor gets calibration batches from the training split); "tp": Torch-Pruning's L1 magnitude pruner
+    Taylor gets calibration batches from the training split); "l1_inner": L1 with SCOP's paper setup
+    (residual streams whole, uniform per-layer rate), the control that separates SCOP's criterion from
+    its allocation; "tp": Torch-Pruning's L1 magnitude pruner
     (BasePruner, per-layer ratio, classifier ignored), its ratio searched to the FLOPs fxprune kept;
   - measure top-1 on the test split right after pruning;
   - fine-tune with fxprune.finetune (identical epochs, schedule, batch size and seed for every method),
@@ -141,16 +143,28 @@ def prune(dense: torch.nn.Module, method: str, budget: float, x: torch.Tensor, a
                               path=args.data)
         return fxprune.compile(dense, budget, example_inputs=(x,), importance=config, round_to=args.round_to,
                                data=train, allocation=args.scop_allocation)
+    if method == "l1_inner":  # control for SCOP's paper setup: L1 scores, SCOP's scope and uniform rate
+        return fxprune.compile(dense, budget, example_inputs=(x,), importance=InnerGroupsL1(), round_to=args.round_to,
+                               allocation="uniform")
     importance = fxprune.RandomImportance(seed=0) if method == "random" else method
     return fxprune.compile(dense, budget, example_inputs=(x,), importance=importance, round_to=args.round_to,
                            data=calibration)
+
+
+class InnerGroupsL1(fxprune.L1Importance):
+    """L1, but residual streams kept whole as SCOP(scope="non_residual") keeps them."""
+
+    name = "l1_inner"
+
+    def excluded_groups(self, gm, groups):
+        return fxprune.SCOP().excluded_groups(gm, groups)
 
 
 def parse_args(argv) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", choices=sorted(CONFIGS), default="cpu")
     parser.add_argument("--checkpoint")
-    parser.add_argument("--methods", help="comma-separated: l1,l2,bn,taylor,fpgm,random,tp,aofp,scop")
+    parser.add_argument("--methods", help="comma-separated: l1,l2,bn,taylor,fpgm,random,tp,aofp,scop,l1_inner")
     parser.add_argument("--budgets", help="comma-separated FLOPs budgets")
     parser.add_argument("--seeds", help="comma-separated fine-tune seeds")
     parser.add_argument("--epochs", type=float)
