@@ -182,6 +182,9 @@ class SpaceSearchPass:
         comparison_normalized = space_stats.compare_edfs(
             e_ref, e_init, space_stats.flops_normalized_weights([r["flops"] for r in refined], config.flops_bins),
             space_stats.flops_normalized_weights([r["flops"] for r in initial], config.flops_bins))
+        # how well each space's best could be estimated from this many samples (RegNet's bootstrap)
+        comparison["bootstrap_min"] = {"initial": space_stats.bootstrap_min(e_init, seed=config.seed),
+                                       "refined": space_stats.bootstrap_min(e_ref, seed=config.seed)}
         best = min(samples, key=lambda r: (r["error"], r["round"] != "refined", r["index"]))
         log.info("search: mean error initial %.4f, refined %.4f; refined EDF %s the initial; best %.4f (%s #%d)",
                  comparison["mean_error_initial"], comparison["mean_error_refined"],
