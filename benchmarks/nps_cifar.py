@@ -76,7 +76,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         report = model.meta["fxprune"]
         row = {"method": name, "flops_ratio": report["flops"]["ratio"], "params_ratio": report["params"]["ratio"],
                "widths": {g["name"]: g["kept"] for g in report["groups"] if not g["blocked"]},
-               "top1_pruned": evaluate(copy.deepcopy(model), test)["top1"], "top1_finetuned": []}
+               "top1_pruned": evaluate(copy.deepcopy(model), test)["top1"], "top1_finetuned": [],
+               # the search's proxy on the same held-out images, with the winner's seed: where L1 would rank
+               "proxy_error": result.best["error"] if name == "search" else evaluator(model, result.best["seed"])}
         for seed in args.seeds:
             trained = copy.deepcopy(model)
             train = CIFAR10Loader("train", batch_size=128, shuffle=True, augment=True, seed=seed, drop_last=True,
@@ -84,7 +86,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             finetune(trained, train, FinetuneConfig(**{**asdict(config), "seed": seed}), device=args.device)
             row["top1_finetuned"].append(evaluate(trained, test, device=args.device)["top1"])
         out["rows"].append(row)
-        print(f"{name:10s} FLOPs {row['flops_ratio']:.3f} params {row['params_ratio']:.3f} top-1 fine-tuned "
+        print(f"{name:10s} FLOPs {row['flops_ratio']:.3f} params {row['params_ratio']:.3f} proxy error "
+              f"{row['proxy_error']:.4f} top-1 fine-tuned "
               f"{mean_std(row['top1_finetuned'])} (per seed {row['top1_finetuned']})", flush=True)
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
