@@ -132,7 +132,8 @@ def prune(dense: torch.nn.Module, method: str, budget: float, x: torch.Tensor, a
         return pruned.eval()
     if method == "aofp":  # prunes while training on the training split (its own SGD, lr 1e-3 constant)
         config = fxprune.AOFP(theta=args.aofp_theta, iters_per_half=args.aofp_half, warmup_iters=args.aofp_warmup,
-                              max_epochs=args.aofp_max_epochs, score_bn=args.aofp_score_bn, seed=0)
+                              max_epochs=args.aofp_max_epochs, score_bn=args.aofp_score_bn,
+                              flops_aware=args.aofp_flops_aware, seed=0)
         train = CIFAR10Loader("train", batch_size=64, shuffle=True, augment=True, seed=100, drop_last=True,
                               path=args.data)
         return fxprune.compile(dense, budget, example_inputs=(x,), importance=config, round_to=args.round_to,
@@ -180,6 +181,7 @@ def parse_args(argv) -> argparse.Namespace:
     parser.add_argument("--aofp-warmup", type=int, default=100, help="AOFP warm-up iterations (official: 500)")
     parser.add_argument("--aofp-max-epochs", type=float, default=20.0)
     parser.add_argument("--aofp-score-bn", default="base_stats", help="base_stats | batch (official) | eval")
+    parser.add_argument("--aofp-flops-aware", action="store_true", help="per-group theta scaled by channel FLOPs")
     parser.add_argument("--scop-steps", type=int, default=100, help="SCOP factor-training steps (batch 128+128)")
     parser.add_argument("--scop-knockoff", default="shuffle", help="shuffle | gaussian | noise")
     parser.add_argument("--scop-scope", default="non_residual", help="non_residual (paper) | all")

@@ -132,8 +132,11 @@ class GroupSearch:
     """
 
     def __init__(self, n: int, start_iter: int, config: AOFPSearchConfig, rng: np.random.Generator,
-                 frozen: Optional[np.ndarray] = None):
+                 frozen: Optional[np.ndarray] = None, theta_scale: float = 1.0):
         config.validate()
+        if not (math.isfinite(theta_scale) and theta_scale > 0):
+            raise AOFPSearchError(f"theta_scale must be a positive finite number, got {theta_scale!r}")
+        self.theta = config.theta * float(theta_scale)  # this group's move threshold
         n = int(n)
         if n < 0:
             raise AOFPSearchError(f"group size must be >= 0, got {n}")
@@ -252,7 +255,7 @@ class GroupSearch:
         order = np.argsort(tau_space, kind="stable")
         candidates = space[order[:m]]
         tau_max = float(tau_space[order[m - 1]])
-        passed = tau_max <= cfg.theta if cfg.variant == "tf" else tau_max < cfg.theta
+        passed = tau_max <= self.theta if cfg.variant == "tf" else tau_max < self.theta
         pruned = np.zeros(0, dtype=np.int64)
         if passed:
             # A move. Respect the floor: keep only the lowest-damage channels of K that fit.
@@ -332,7 +335,8 @@ class AOFPSearch:
     Each group has its own Generator spawned from `seed`, so the same seed gives the same run."""
 
     def __init__(self, sizes: Sequence[int], config: Optional[AOFPSearchConfig] = None, seed: int = 0,
-                 frozen: Optional[Sequence[Optional[np.ndarray]]] = None):
+                 frozen: Optional[Sequence[Optional[np.ndarray]]] = None,
+                 theta_scale: Optional[Sequence[float]] = None):
         self.config = config if config is not None else AOFPSearchConfig()
         self.config.validate()
         sizes = [int(s) for s in sizes]
@@ -341,12 +345,15 @@ class AOFPSearch:
             frozen = [None] * n_groups
         if len(frozen) != n_groups:
             raise AOFPSearchError(f"got {len(frozen)} frozen masks for {n_groups} groups")
+        theta_scale = [1.0] * n_groups if theta_scale is None else [float(t) for t in theta_scale]
+        if len(theta_scale) != n_groups:
+            raise AOFPSearchError(f"got {len(theta_scale)} theta scales for {n_groups} groups")
         self.seed = seed
         stagger = self.config.iters_per_half // n_groups if n_groups else 0
         seeds = np.random.SeedSequence(seed).spawn(n_groups)
         self.groups = [
             GroupSearch(n, self.config.warmup_iters + idx * stagger, self.config,
-                        np.random.default_rng(seeds[idx]), frozen[idx])
+                        np.random.default_rng(seeds[idx]), frozen[idx], theta_scale[idx])
             for idx, n in enumerate(sizes)
         ]
 

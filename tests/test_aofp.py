@@ -3,6 +3,7 @@ result passes the core's differential verification. (The search state machine it
 against a synthetic oracle in test_aofp_search.py.)"""
 import copy
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -86,6 +87,16 @@ def test_same_seed_same_result():
     assert a.meta["fxprune"]["modules"] == b.meta["fxprune"]["modules"]
     x = torch.randn(2, 3, 8, 8)
     assert torch.equal(a(x), b(x))
+
+
+def test_flops_aware_thresholds_follow_channel_flops(caplog):
+    import logging
+    with caplog.at_level(logging.INFO, logger="fxprune"):
+        pruned, config = run(with_dead_filters(), flops_aware=True)
+    assert pruned.meta["fxprune"]["verification"]["passed"]
+    line = next(r.getMessage() for r in caplog.records if "FLOPs-aware" in r.getMessage())
+    scales = [float(v) for v in line.split("[")[1].rstrip("]").split(",")]
+    assert np.mean(scales) == pytest.approx(1.0) and len(set(scales)) > 1
 
 
 @pytest.mark.parametrize("score_bn", ["base_stats", "batch", "eval"])

@@ -157,6 +157,21 @@ def test_small_but_nonzero_importance_is_pruned_below_theta_only():
     assert strict.masks[0].all()
 
 
+def test_theta_scale_sets_each_groups_own_threshold():
+    # Two identical groups whose cheap channels cost 1e-3 each: at theta 1e-4 only the group whose
+    # threshold is scaled by 20 (2e-3) may prune them.
+    n = 8
+    w = np.ones(n)
+    w[[1, 6]] = 1e-3 * (n - 2) / (1 - 2e-3)  # each about 1e-3 of the group's total
+    search = run(AOFPSearch([n, n], cfg(theta=1e-4), seed=0, theta_scale=[1.0, 20.0]), [oracle(w), oracle(w)], 1200)
+    assert search.masks[0].all()
+    assert np.flatnonzero(~search.masks[1]).tolist() == [1, 6]
+    with pytest.raises(AOFPSearchError, match="theta scales"):
+        AOFPSearch([n, n], cfg(), theta_scale=[1.0])
+    with pytest.raises(AOFPSearchError, match="theta_scale"):
+        AOFPSearch([n], cfg(), theta_scale=[0.0])
+
+
 @pytest.mark.parametrize("variant,moves", [("pytorch", False), ("tf", True)])
 def test_threshold_is_strict_for_pytorch_and_non_strict_for_tf(variant, moves):
     # Every mask costs exactly theta: PyTorch needs tau_max < theta, TF accepts tau_max <= theta.
