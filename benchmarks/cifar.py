@@ -58,6 +58,8 @@ CONFIGS = {
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
+    if args.table:
+        return print_merged_table(args.table)
     logging.basicConfig(level=logging.INFO, format="[fxprune] %(message)s")
     logging.getLogger("fxprune").setLevel(logging.INFO if args.verbose else logging.WARNING)
     if args.threads:
@@ -189,6 +191,9 @@ def parse_args(argv) -> argparse.Namespace:
     parser.add_argument("--data", help="CIFAR-10 npz file or pickles directory (default: ../shared/data or FXPRUNE_DATA)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default="benchmarks/results/cifar.json")
+    parser.add_argument("--table", nargs="+", metavar="JSON",
+                        help="print one table from the JSON of earlier runs (e.g. methods run in parallel processes) "
+                             "and run nothing")
     parser.add_argument("-v", "--verbose", action="store_true", help="fxprune progress output")
     args = parser.parse_args(argv)
     for key, value in CONFIGS[args.config].items():
@@ -232,15 +237,38 @@ def print_row(row: dict, dense_top1: float) -> None:
 def print_table(out: dict, dense_top1: float) -> None:
     dense = out["dense"]
     print(f"\ndense: top-1 {100 * dense_top1:.2f}, latency b1 {dense.get('latency_b1_ms', float('nan')):.3f} ms")
-    print(f"{'budget':>6s} {'method':8s} {'FLOPs':>8s} {'kept':>6s} {'params':>8s} {'top-1 pruned':>12s} "
+    print(f"{'budget':>6s} {'method':22s} {'FLOPs':>8s} {'kept':>6s} {'params':>8s} {'top-1 pruned':>12s} "
           f"{'top-1 fine-tuned (mean ± std)':>30s} {'ORT b1 ms':>9s}")
     flops0 = None
     for row in out["rows"]:
         flops0 = flops0 or row["flops"] / row["budget"]
-        print(f"{row['budget']:6.2f} {row['method']:8s} {row['flops'] / 1e6:7.1f}M {row['flops'] / flops0:6.1%} "
+        print(f"{row['budget']:6.2f} {row['method']:22s} {row['flops'] / 1e6:7.1f}M {row['flops'] / flops0:6.1%} "
               f"{row['params'] / 1e3:7.1f}K {100 * row['top1_pruned']:12.2f} {mean_std(row['top1_finetuned']):>30s} "
               f"{row.get('latency_b1_ms', float('nan')):9.3f}")
     print(f"fine-tune: {out['finetune']['epochs']} epochs, lr {out['finetune']['lr']}, seeds {out['config']['seeds']}")
+
+
+def print_merged_table(paths: List[str]) -> int:
+    """One table from several runs' JSON. Rows are named by method, and by method@file where two files
+    share a method (variants of one method run with other settings)."""
+    runs = []
+    for path in paths:
+        with open(path) as fh:
+            runs.append((os.path.splitext(os.path.basename(path))[0], json.load(fh)))
+    first = runs[0][1]
+    for name, run in runs[1:]:
+        if run["finetune"] != first["finetune"] or abs(run["dense"]["top1"] - first["dense"]["top1"]) > 1e-9:
+            print(f"cifar.py: {name} used another fine-tune or dense model than {runs[0][0]}: not comparable",
+                  file=sys.stderr)
+            return 2
+    methods = [row["method"] for _, run in runs for row in run["rows"]]
+    rows = []
+    for name, run in runs:
+        for row in run["rows"]:
+            label = row["method"] if methods.count(row["method"]) == 1 else f"{row['method']}@{name}"
+            rows.append({**row, "method": label})
+    print_table({**first, "rows": rows}, first["dense"]["top1"])
+    return 0
 
 
 def plot(out: dict, path: str) -> None:

@@ -75,6 +75,21 @@ def test_noise_channels_rank_lowest(score_form):
     assert beta[SIGNAL].mean() > 0.7 and beta[SIGNAL].mean() > beta[NOISE].mean() + 0.2, beta
 
 
+def test_saturated_factors_are_counted_and_warned_about(caplog):
+    import logging
+    model = trained_probe()
+    gm, groups = _analyse(model, (torch.randn(1, 3, 6, 6),), set(), ())
+    with caplog.at_level(logging.INFO, logger="fxprune"):
+        hot = fxprune.SCOP(epochs=4, lr=0.5, seed=0)
+        hot.score(gm, groups, ImportanceData(task()))
+    beta = next(iter(hot.betas.values())).numpy()
+    assert hot.saturated == pytest.approx((beta >= 1 - 1e-6).mean()) and hot.saturated > 0.25
+    assert any("saturated" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
+    cold = fxprune.SCOP(epochs=1, lr=1e-4, seed=0)
+    cold.score(gm, groups, ImportanceData(task()))
+    assert cold.saturated == 0.0 and cold.below_half >= 0.0
+
+
 def test_compile_with_scop_prunes_the_noise_and_verifies():
     model = trained_probe()
     before = copy.deepcopy(model.state_dict())
