@@ -186,7 +186,7 @@ def parse_args(argv) -> argparse.Namespace:
     parser.add_argument("--aofp-flops-aware", action="store_true", help="per-group theta scaled by channel FLOPs")
     parser.add_argument("--scop-steps", type=int, default=100, help="SCOP factor-training steps (batch 128+128)")
     parser.add_argument("--scop-knockoff", default="shuffle", help="shuffle | gaussian | noise")
-    parser.add_argument("--scop-scope", default="non_residual", help="non_residual (paper) | all")
+    parser.add_argument("--scop-scope", default="non_residual", help="non_residual (paper) | all | l1_streams")
     parser.add_argument("--scop-allocation", default="uniform", help="uniform (paper) | global")
     parser.add_argument("--data", help="CIFAR-10 npz file or pickles directory (default: ../shared/data or FXPRUNE_DATA)")
     parser.add_argument("--device", default="cpu")

@@ -115,6 +115,14 @@ def test_residual_streams_stay_whole_unless_scope_all():
     everything = fxprune.compile(model, 0.7, example_inputs=(example_input(),), data=data, round_to=1,
                                  importance=fxprune.SCOP(epochs=1, scope="all"))
     assert any(g["kept"] < g["size"] for g in everything.meta["fxprune"]["groups"] if len(g["spaces"]) > 1)
+    hybrid_config = fxprune.SCOP(epochs=1, scope="l1_streams")
+    hybrid = fxprune.compile(model, 0.7, example_inputs=(example_input(),), data=data, round_to=1,
+                             importance=hybrid_config, allocation="uniform")
+    report = hybrid.meta["fxprune"]
+    assert report["verification"]["passed"]
+    streams = {g["id"] for g in report["groups"] if len(g["spaces"]) > 1}
+    assert any(g["kept"] < g["size"] for g in report["groups"] if g["id"] in streams)  # pruned, by L1
+    assert hybrid_config.betas and not streams & set(hybrid_config.betas)           # no factors trained there
 
 
 def test_bad_options_and_missing_data():
