@@ -5,7 +5,8 @@ From a trained CIFAR ResNet checkpoint, for each FLOPs budget and each method:
   - prune: fxprune.compile(model, budget, importance=<method>) (global allocation, round_to as configured;
     Taylor gets calibration batches from the training split); "l1_inner": L1 with SCOP's paper setup
     (residual streams whole, uniform per-layer rate), the control that separates SCOP's criterion from
-    its allocation; "tp": Torch-Pruning's L1 magnitude pruner
+    its allocation; "l1_uniform": L1 at one uniform per-layer rate, residual streams included (the
+    control for SCOP's "l1_streams" scope); "tp": Torch-Pruning's L1 magnitude pruner
     (BasePruner, per-layer ratio, classifier ignored), its ratio searched to the FLOPs fxprune kept;
   - measure top-1 on the test split right after pruning;
   - fine-tune with fxprune.finetune (identical epochs, schedule, batch size and seed for every method),
@@ -149,6 +150,9 @@ def prune(dense: torch.nn.Module, method: str, budget: float, x: torch.Tensor, a
     if method == "l1_inner":  # control for SCOP's paper setup: L1 scores, SCOP's scope and uniform rate
         return fxprune.compile(dense, budget, example_inputs=(x,), importance=InnerGroupsL1(), round_to=args.round_to,
                                allocation="uniform")
+    if method == "l1_uniform":  # control for SCOP(scope="l1_streams"): L1 scores at one uniform per-layer rate
+        return fxprune.compile(dense, budget, example_inputs=(x,), importance="l1", round_to=args.round_to,
+                               allocation="uniform")
     importance = fxprune.RandomImportance(seed=0) if method == "random" else method
     return fxprune.compile(dense, budget, example_inputs=(x,), importance=importance, round_to=args.round_to,
                            data=calibration)
@@ -167,7 +171,7 @@ def parse_args(argv) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", choices=sorted(CONFIGS), default="cpu")
     parser.add_argument("--checkpoint")
-    parser.add_argument("--methods", help="comma-separated: l1,l2,bn,taylor,fpgm,random,tp,aofp,scop,l1_inner")
+    parser.add_argument("--methods", help="comma-separated: l1,l2,bn,taylor,fpgm,random,tp,aofp,scop,l1_inner,l1_uniform")
     parser.add_argument("--budgets", help="comma-separated FLOPs budgets")
     parser.add_argument("--seeds", help="comma-separated fine-tune seeds")
     parser.add_argument("--epochs", type=float)
