@@ -91,13 +91,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         pruned_models = {}
         for method in args.methods:
             clock = time.perf_counter()
-            pruned = prune(dense.cpu(), method, budget, x, args, calibration)
+            search_stats: dict = {}
+            pruned = prune(dense.cpu(), method, budget, x, args, calibration, search_stats)
             pruned_models[method] = pruned
             cost = fxprune.cost_of(pruned, (x,))
             row = {"budget": budget, "method": method, "flops": cost["flops"], "params": cost["params"],
                    "prune_seconds": time.perf_counter() - clock,
                    "top1_pruned": evaluate(copy.deepcopy(pruned).to(args.device), test, device=args.device)["top1"],
-                   "top1_finetuned": [], "finetune_seconds": [], "widths": widths_of(pruned)}
+                   "top1_finetuned": [], "finetune_seconds": [], "widths": widths_of(pruned), **search_stats}
             for seed in args.seeds:
                 model = copy.deepcopy(pruned).to(args.device)
                 train = CIFAR10Loader("train", batch_size=args.batch_size, shuffle=True, augment=True, seed=seed,
@@ -124,7 +125,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     return 0
 
 
-def prune(dense: torch.nn.Module, method: str, budget: float, x: torch.Tensor, args, calibration) -> torch.nn.Module:
+def prune(dense: torch.nn.Module, method: str, budget: float, x: torch.Tensor, args, calibration,
+          search_stats: dict) -> torch.nn.Module:
+    """The pruned model; AOFP and SCOP add what their training did to `search_stats` (goes in the row)."""
     if method == "tp":
         from zoo import search_tp_ratio, tp_prune
         target = fxprune.compile(dense, budget, example_inputs=(x,), round_to=args.round_to,
@@ -139,14 +142,19 @@ def prune(dense: torch.nn.Module, method: str, budget: float, x: torch.Tensor, a
                               flops_aware=args.aofp_flops_aware, seed=0)
         train = CIFAR10Loader("train", batch_size=64, shuffle=True, augment=True, seed=100, drop_last=True,
                               path=args.data)
-        return fxprune.compile(dense, budget, example_inputs=(x,), importance=config, round_to=args.round_to,
-                               data=train)
+        pruned = fxprune.compile(dense, budget, example_inputs=(x,), importance=config, round_to=args.round_to,
+                                 data=train)
+        search_stats["aofp"] = {"steps": config.last_run.steps, "epochs": config.last_run.epochs}
+        return pruned
     if method == "scop":  # default: the paper's setup (inner groups only, uniform per-layer rate, shuffle)
         config = fxprune.SCOP(knockoff=args.scop_knockoff, steps=args.scop_steps, scope=args.scop_scope, seed=0)
         train = CIFAR10Loader("train", batch_size=128, shuffle=True, augment=False, seed=200, drop_last=True,
                               path=args.data)
-        return fxprune.compile(dense, budget, example_inputs=(x,), importance=config, round_to=args.round_to,
-                               data=train, allocation=args.scop_allocation)
+        pruned = fxprune.compile(dense, budget, example_inputs=(x,), importance=config, round_to=args.round_to,
+                                 data=train, allocation=args.scop_allocation)
+        search_stats["scop"] = {"steps": args.scop_steps, "saturated": config.saturated,
+                                "below_half": config.below_half}
+        return pruned
     if method == "l1_inner":  # control for SCOP's paper setup: L1 scores, SCOP's scope and uniform rate
         return fxprune.compile(dense, budget, example_inputs=(x,), importance=InnerGroupsL1(), round_to=args.round_to,
                                allocation="uniform")
