@@ -1,7 +1,10 @@
 """AOFP on the shared CIFAR-10 ResNet-20: prune to half the FLOPs while training, then fine-tune.
 
-    python examples/aofp_cifar.py                     # short settings: ~30 min on one CPU core
-    python examples/aofp_cifar.py --half 1000 --warmup 500 --finetune-epochs 100   # the official schedule (GPU)
+    python examples/aofp_cifar.py                     # CPU settings (theta 0.02, H 40, FLOPs-aware): ~35 min, one core
+    python examples/aofp_cifar.py --paper-thresholds --theta 0.01 --half 1000 --warmup 500 --finetune-epochs 100
+                                                      # the official test and schedule (a GPU's worth of steps)
+The CPU settings were the best of those measured on this model (README, AOFP section): 81.98 +- 0.31 after
+the benchmark's 1-epoch fine-tune, against 81.09 with the paper's FLOPs-blind thresholds at H 20.
 """
 import argparse
 import logging
@@ -15,9 +18,10 @@ from fxprune.data import CIFAR10Loader
 parser = argparse.ArgumentParser()
 parser.add_argument("--checkpoint", default="../shared/models/cifar_resnet20.pt")
 parser.add_argument("--budget", type=float, default=0.5)
-parser.add_argument("--theta", type=float, default=0.01)
-parser.add_argument("--half", type=int, default=20, help="iterations per half (official: 1000)")
-parser.add_argument("--warmup", type=int, default=20, help="warm-up iterations (official: 500)")
+parser.add_argument("--theta", type=float, default=0.02, help="damage threshold (official: 0.01)")
+parser.add_argument("--half", type=int, default=40, help="iterations per half (official: 1000)")
+parser.add_argument("--warmup", type=int, default=100, help="warm-up iterations (official: 500)")
+parser.add_argument("--paper-thresholds", action="store_true", help="one theta for every group (the paper's test)")
 parser.add_argument("--finetune-epochs", type=float, default=1.0)
 args = parser.parse_args()
 logging.basicConfig(level=logging.INFO, format="[fxprune] %(message)s")
@@ -25,7 +29,8 @@ logging.basicConfig(level=logging.INFO, format="[fxprune] %(message)s")
 model, info = load_cifar_resnet(args.checkpoint)
 train = CIFAR10Loader("train", batch_size=64, shuffle=True, augment=True, seed=0, drop_last=True)
 test = CIFAR10Loader("test", batch_size=500)
-config = fxprune.AOFP(theta=args.theta, iters_per_half=args.half, warmup_iters=args.warmup)
+config = fxprune.AOFP(theta=args.theta, iters_per_half=args.half, warmup_iters=args.warmup,
+                      flops_aware=not args.paper_thresholds)
 pruned = fxprune.compile(model, args.budget, example_inputs=(torch.randn(1, 3, 32, 32),), importance=config,
                          data=train, round_to=1)
 moves = [e for e in config.last_run.history if e["kind"] == "move"]
