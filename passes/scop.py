@@ -37,7 +37,7 @@ import copy
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Collection, Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -92,7 +92,7 @@ class SCOP(Importance):
         excluded = self.excluded_groups(gm, groups)
         untrained = {g.id for g in _residual_streams(groups)} if self.scope == "l1_streams" else set()
         work = copy.deepcopy(gm)  # train-mode BN over [real; knockoff] must not touch the sliced model
-        producers = self.producers(work, groups, {**excluded, **dict.fromkeys(untrained, "l1")})
+        producers = self.producers(work, groups, excluded.keys() | untrained)
         if not producers:
             raise ConfigError("SCOP found no prunable group written by a conv or linear layer")
         betas = {gid: nn.Parameter(torch.full((groups.groups[gid].size,), 0.5)) for gid in
@@ -127,6 +127,7 @@ class SCOP(Importance):
                 if step >= total:
                     break
         scores = self.scores(gm, groups, producers, betas)
+        self._warn_if_saturated()
         if untrained:
             l1 = L1Importance().score(gm, groups)
             for gid in untrained:
@@ -134,7 +135,7 @@ class SCOP(Importance):
         return scores
 
     # --------------------------------------------------------------------------------------------
-    def producers(self, gm, groups: ChannelGroups, excluded: Dict[int, str]) -> Dict[str, Dict[str, Any]]:
+    def producers(self, gm, groups: ChannelGroups, excluded: Collection[int]) -> Dict[str, Dict[str, Any]]:
         """Per producer node (conv/linear writing a target group's channels): its group, the
         group-local unit of each output channel, and the BN right after it (if any)."""
         users = {n.name: list(n.users) for n in gm.graph.nodes}
@@ -186,7 +187,6 @@ class SCOP(Importance):
             # allocation normalises scores by the group mean: shift to positive keeping the order
             scores[groups.groups[gid].units] = contrast - contrast.min() + 1e-6
         self.betas = {gid: b.detach().clone() for gid, b in betas.items()}
-        self._warn_if_saturated()
         return scores
 
     def _warn_if_saturated(self, limit: float = 0.25) -> None:
