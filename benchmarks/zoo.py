@@ -129,7 +129,7 @@ def warm_up() -> None:
                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 4)).eval()
     x = torch.randn(1, 3, 16, 16)
     with torch.no_grad():
-        fxprune.compile(tiny, 0.5, example_inputs=(x,), verify=True)
+        fxprune.compile(tiny, 0.5, example_inputs=(x,), verify=True, round_to=1)
     tp_prune(copy.deepcopy(tiny), x, 0.5)
 
 

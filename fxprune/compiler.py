@@ -6,6 +6,7 @@ import difflib
 import fnmatch
 import logging
 import time
+import warnings
 from typing import Any, Callable, Dict, Iterable, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -14,11 +15,11 @@ import torch.fx
 
 from .budget import Budget, as_budget
 from .cost import build_cost_model
-from .errors import ConfigError, UnsupportedModelError
+from .errors import BudgetError, ConfigError, UnsupportedModelError
 from .importance import Importance, ImportanceData, resolve_importance
 from .ir import ChannelGroups, PrunePlan
 from .report import build_report, module_slices as _module_slices
-from .tracing import normalise_example_inputs, private_eval_copy, propagate_shapes, trace_model
+from .tracing import check_capture, normalise_example_inputs, private_eval_copy, propagate_shapes, trace_model
 from .verify import check_graph, check_groups, debug_checks_enabled, graph_fingerprint, verify_pruned
 
 
@@ -68,6 +69,7 @@ def compile(model: torch.nn.Module, budget: Union[float, Budget], *, example_inp
     cost = build_cost_model(gm, groups)                                     # FLOPs/params per kept unit
     log.info("analysed: %d nodes, %d channel groups (%d prunable), %.2fs", len(gm.graph.nodes),
              len(groups.groups), sum(g.prunable for g in groups.groups), time.perf_counter() - clock)
+    _check_budget_measurable(groups, cost, budget)                          # something to take a fraction of
     _freeze(groups, scorer.excluded_groups(gm, groups))                    # groups the criterion keeps whole
     calibration = ImportanceData(data, loss_fn)
     if scorer.decides_widths:                                               # AOFP: masks learnt while training
@@ -75,6 +77,7 @@ def compile(model: torch.nn.Module, budget: Union[float, Budget], *, example_inp
     else:
         scores = scorer.score(gm, groups, calibration)                      # importance of every unit
         plan = _bind(allocation_pass, budget, round_to, min_channels, gm).run(groups, cost, scores)  # what stays
+    budget_status = _check_budget_met(plan, cost, budget, scorer)           # never a silent miss
     seconds["analyse_and_plan"] = time.perf_counter() - clock
     log.info("planned with %s%s, %.2fs", scorer.name,
              "" if scorer.decides_widths else f" importance and {getattr(allocation, 'name', allocation)} allocation", seconds["analyse_and_plan"])
@@ -83,6 +86,7 @@ def compile(model: torch.nn.Module, budget: Union[float, Budget], *, example_inp
     options = {"importance": importance_label, "allocation": getattr(allocation, "name", allocation),
                "round_to": round_to, "min_channels": min_channels, "ignore": sorted(ignore_names)}
     pruned = _rewrite_and_report(gm, groups, plan, cost, inputs, budget, options, verify, seconds)
+    pruned.meta["fxprune"]["budget"].update(budget_status)
     if getattr(allocation, "last_result", None) is not None:                # a search: what it measured
         pruned.meta["fxprune"]["search"] = allocation.last_result.summary()
     return pruned
@@ -104,7 +108,7 @@ def apply_plan(model: torch.nn.Module, report: Dict[str, Any], *, example_inputs
     plan = plan_from_report(groups, report)                                 # what the report kept
     cost = build_cost_model(gm, groups)
     seconds = {"analyse_and_plan": time.perf_counter() - clock}
-    budget = Budget(**{k: v for k, v in report["budget"].items() if v is not None})
+    budget = Budget(**{k: report["budget"].get(k) for k in ("flops", "params") if report["budget"].get(k) is not None})
     return _rewrite_and_report(gm, groups, plan, cost, inputs, budget, dict(report["options"]), verify, seconds)
 
 
@@ -208,6 +212,37 @@ def _freeze(groups: ChannelGroups, reasons: Dict[int, str]) -> None:
 def _check_model(model) -> None:
     if not isinstance(model, torch.nn.Module):
         raise UnsupportedModelError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_capture(model)
+
+
+def _check_budget_measurable(groups: ChannelGroups, cost, budget: Budget) -> None:
+    """A budget is a fraction of something fxprune counted: with nothing counted, any plan would
+    'meet' it while pruning nothing."""
+    full = np.ones(groups.n_units, dtype=bool)
+    for what, wanted, total in (("FLOPs", budget.flops, cost.flops(full)), ("parameters", budget.params, cost.params(full))):
+        if wanted is not None and wanted < 1 and total <= 0:
+            counted = "conv, linear, matmul/einsum and attention" if what == "FLOPs" else "nn.Parameter elements"
+            raise BudgetError(
+                f"the budget asks for {wanted:.0%} of the {what}, but fxprune counted no {what} in this model (it counts "
+                f"{counted} it has a rule for).\n{groups.explain_frozen()}")
+
+
+def _check_budget_met(plan: PrunePlan, cost, budget: Budget, scorer: Importance) -> Dict[str, Any]:
+    """The plan keeps at most the budget. An allocation pass guarantees this; a criterion that decides
+    widths while training (AOFP) may stop short, which is reported and warned about, never hidden."""
+    full = np.ones(len(plan.keep_unit), dtype=bool)
+    missed = []
+    for what, wanted, before, after in (("FLOPs", budget.flops, cost.flops(full), cost.flops(plan.keep_unit)),
+                                        ("params", budget.params, cost.params(full), cost.params(plan.keep_unit))):
+        if wanted is not None and before > 0 and after > wanted * before * (1 + 1e-9):
+            missed.append(f"{what} {after / before:.1%} (budget {wanted:.1%})")
+    if missed and not scorer.decides_widths:
+        raise BudgetError(f"fxprune internal error: the allocation returned a plan that keeps {', '.join(missed)}; "
+                          f"please report it")
+    if missed:
+        warnings.warn(f"fxprune: {scorer.name} stopped above the budget: it keeps {', '.join(missed)}; the report "
+                      f"records budget.met = False", stacklevel=3)
+    return {"met": not missed}
 
 
 def _allocation(name):

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.fx
 
-from .fxutil import einsum_subscripts, get_attr
+from .fxutil import bind_arguments, einsum_subscripts, get_attr
 from .ir import ChannelGroups, ChannelMap
 from .tracing import TensorSpec, value_spec
 
@@ -132,11 +132,11 @@ def build_cost_model(gm: torch.fx.GraphModule, groups: ChannelGroups) -> CostMod
         elif node.op == "call_function":
             name = getattr(node.target, "__name__", "")
             if node.target in (torch.nn.functional.linear,) and isinstance(spec, TensorSpec):
-                w = node.args[1]
+                w = bind_arguments(node).get("weight")
                 if isinstance(w, torch.fx.Node) and w.op == "get_attr":
                     flops.append(Term(2.0, leading_factors(node, spec) + weight_factors(w.target), node.name))
             elif node.target in (torch.nn.functional.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv3d):
-                w = node.args[1]
+                w = bind_arguments(node).get("weight")
                 if isinstance(w, torch.fx.Node) and w.op == "get_attr":
                     flops.append(Term(2.0 * math.prod(spec.shape) / spec.shape[1], weight_factors(w.target), node.name))
             elif name == "shifted_window_attention":

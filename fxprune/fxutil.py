@@ -18,12 +18,12 @@ def get_attr(module: torch.nn.Module, qualname: str) -> Any:
     return obj
 
 
-_CONV_PARAMETERS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+CONV_PARAMETERS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 # Builtins without a Python signature (and with overloaded schemas fx cannot pick between).
 _BUILTIN_PARAMETERS = {
-    torch.nn.functional.conv1d: (_CONV_PARAMETERS, {"bias": None, "groups": 1}),
-    torch.nn.functional.conv2d: (_CONV_PARAMETERS, {"bias": None, "groups": 1}),
-    torch.nn.functional.conv3d: (_CONV_PARAMETERS, {"bias": None, "groups": 1}),
+    torch.nn.functional.conv1d: (CONV_PARAMETERS, {"bias": None, "groups": 1}),
+    torch.nn.functional.conv2d: (CONV_PARAMETERS, {"bias": None, "groups": 1}),
+    torch.nn.functional.conv3d: (CONV_PARAMETERS, {"bias": None, "groups": 1}),
     torch.nn.functional.linear: (("input", "weight", "bias"), {"bias": None}),
     torch.roll: (("input", "shifts", "dims"), {"dims": None}),
     torch.cat: (("tensors", "dim"), {"dim": 0}),

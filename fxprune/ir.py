@@ -171,6 +171,9 @@ class ChannelGroups:
     param_slices: Dict[str, Dict[int, np.ndarray]]  # param name -> dim -> elements
     elements: ElementSets
     special: Dict[str, dict]  # node name -> rule-specific facts the rewrite needs (e.g. attention)
+    # every op the analysis could not follow ("%node (op) at line: why"), including those that froze
+    # nothing because no tracked channels reached them (a conv whose weight is computed makes no group)
+    blocked_ops: List[str] = field(default_factory=list)
 
     @property
     def n_units(self) -> int:
@@ -202,6 +205,25 @@ class ChannelGroups:
 
     def __str__(self) -> str:
         return self.table()
+
+    def explain_frozen(self, limit: int = 10) -> str:
+        """Why channels cannot be pruned: each frozen group with what froze it, then the ops the
+        analysis could not follow (they may explain why a layer makes no group at all)."""
+        lines = []
+        frozen = [g for g in self.groups if not g.prunable]
+        for g in frozen[:limit]:
+            lines.append(f"  group {g.id} ({g.name}, {g.size} channels): {'; '.join(g.frozen_reasons[:3]) or 'frozen'}")
+        if len(frozen) > limit:
+            lines.append(f"  ... and {len(frozen) - limit} more frozen groups")
+        mentioned = " ".join(r for g in self.groups for r in g.frozen_reasons)
+        unexplained = [b for b in self.blocked_ops if b.split(":")[0] not in mentioned]
+        if unexplained:
+            lines.append("ops fxprune has no rule for (no channels are tracked through them, so the layers around "
+                         "them make no prunable group):")
+            lines.extend(f"  {b}" for b in unexplained[:limit])
+            if len(unexplained) > limit:
+                lines.append(f"  ... and {len(unexplained) - limit} more")
+        return "\n".join(lines)
 
 
 @dataclass

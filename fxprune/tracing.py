@@ -5,8 +5,9 @@ a frozen `TensorSpec` (or a tuple of them) in `node.meta["fxprune.value"]`. Wron
 fail here, with the node that could not run."""
 from __future__ import annotations
 
-import copy
+import functools
 import traceback
+import types
 import warnings
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Tuple
@@ -41,7 +42,26 @@ class _Tracer(torch.fx.Tracer):
     def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
         if isinstance(m, self._leaf_types) or qualname in self._leaf_names:
             return True
+        if torch.nn.utils.parametrize.is_parametrized(m):
+            # its weight is computed by the parametrization on every call: trace into it so the
+            # graph shows the computed weight (fxprune freezes such a layer, naming it)
+            return False
         return super().is_leaf_module(m, qualname)
+
+
+def check_capture(model: torch.nn.Module) -> None:
+    """Refuse a GraphModule fxprune's rules cannot read: ATen-level graphs (torch.export(...).module(),
+    make_fx, AOTAutograd) hold ops such as aten.conv2d.default, not the torch-level calls the rules
+    are written for; analysing one would find no channels and prune nothing."""
+    if not isinstance(model, torch.fx.GraphModule):
+        return
+    for node in model.graph.nodes:
+        if node.op == "call_function" and isinstance(node.target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+            raise UnsupportedModelError(
+                f"{describe_node(node)} is an ATen-level op: this GraphModule was captured by torch.export, make_fx "
+                f"or AOTAutograd. fxprune reads torch-level graphs (nn modules, torch.* and F.* calls, Tensor methods) "
+                f"as torch.fx.symbolic_trace records them. Pass the original nn.Module (fxprune traces it itself) or "
+                f"a GraphModule from torch.fx.symbolic_trace.")
 
 
 def private_eval_copy(model: torch.nn.Module) -> torch.nn.Module:
@@ -61,12 +81,65 @@ def private_eval_copy(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _structural_copy(module: torch.nn.Module) -> torch.nn.Module:
-    new = copy.copy(module)
+    # not copy.copy: it goes through __reduce_ex__, which parametrized modules (weight_norm) refuse
+    new = object.__new__(type(module))
+    new.__dict__.update(module.__dict__)
     # direct __dict__ writes: nn.Module.__setattr__ is slow and these are plain dicts
     new.__dict__["_parameters"] = dict(module._parameters)
     new.__dict__["_buffers"] = dict(module._buffers)
     new.__dict__["_modules"] = {k: (_structural_copy(v) if v is not None else None) for k, v in module._modules.items()}
+    if "forward" in module.__dict__:
+        _adopt_instance_forward(new, module.__dict__["forward"], module)
     return new
+
+
+def _adopt_instance_forward(new: torch.nn.Module, forward: Any, original: torch.nn.Module) -> None:
+    """A forward assigned in __init__ (`self.forward = self.forward_slicing`) is a method bound to
+    the user's module: the copy would run the original's submodules, and fx (which traces
+    `type(root).forward`) would not see it at all. The copy gets a one-off subclass whose forward
+    is that function, bound to the copy."""
+    if isinstance(forward, types.MethodType) and forward.__self__ is original:
+        method = forward.__func__
+    elif isinstance(forward, types.MethodType):
+        return  # bound to another object: calling it never touches this module's state
+    else:
+        method = staticmethod(forward)
+    cls = type(original)
+    new.__class__ = type(cls.__name__, (cls,), {"forward": method, "__module__": cls.__module__,
+                                                "__qualname__": cls.__qualname__})
+    del new.__dict__["forward"]
+
+
+# Methods a subclass may override without changing what a torch.nn layer computes.
+_HARMLESS_OVERRIDES = frozenset({"__init__", "extra_repr", "reset_parameters", "_load_from_state_dict", "__setstate__",
+                                 "__repr__", "_get_name", "__getstate__"})
+
+
+def torch_layer_type(module: torch.nn.Module) -> Optional[type]:
+    """The torch.nn layer class whose computation `module` runs unchanged, or None.
+
+    A subclass that overrides what a call computes (a conv that standardises its weight first, a
+    BatchNorm that adds an activation), a parametrized module (weight_norm) and a module with
+    forward hooks must not take the rule of its torch.nn base class: None makes fxprune trace into it
+    or, for a leaf, freeze its channels."""
+    if module._forward_hooks or module._forward_pre_hooks or torch.nn.utils.parametrize.is_parametrized(module):
+        return None
+    return _torch_layer_type(type(module))
+
+
+@functools.lru_cache(maxsize=None)
+def _torch_layer_type(cls: type) -> Optional[type]:
+    mro = cls.__mro__
+    base_index = next((i for i, c in enumerate(mro) if c.__module__.startswith(("torch.nn.", "torch.ao.nn."))), None)
+    if base_index is None:
+        return None
+    base = mro[base_index]
+    base_methods = {name for name in dir(base) if callable(getattr(base, name, None))}
+    for subclass in mro[:base_index]:
+        changed = (set(vars(subclass)) & base_methods) - _HARMLESS_OVERRIDES
+        if changed:
+            return None
+    return base
 
 
 def trace_model(model: torch.nn.Module, leaf_modules: Sequence[Any] = ()) -> torch.fx.GraphModule:
@@ -136,7 +209,7 @@ class ShapePropagation(torch.fx.Interpreter):
     def run_node(self, n: torch.fx.Node) -> Any:
         self.failed_node = n
         module = self.submodules.get(n.target) if n.op == "call_module" else None
-        if self.meta and isinstance(module, _SHAPE_PRESERVING) and len(n.args) == 1 and not n.kwargs \
+        if self.meta and _is_shape_preserving(module) and len(n.args) == 1 and not n.kwargs \
                 and isinstance(self.env.get(n.args[0]), torch.Tensor):
             result = self.env[n.args[0]]
         elif self.meta and isinstance(module, torch.nn.MultiheadAttention) and n.kwargs.get("need_weights") is False \
@@ -147,6 +220,10 @@ class ShapePropagation(torch.fx.Interpreter):
             result = super().run_node(n)
         n.meta[VALUE_KEY] = spec_of(result)
         return result
+
+
+def _is_shape_preserving(module: Optional[torch.nn.Module]) -> bool:
+    return module is not None and isinstance(module, _SHAPE_PRESERVING) and torch_layer_type(module) is not None
 
 
 def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Tuple[Any, ...]) -> Any:
@@ -190,7 +267,7 @@ def _meta_weights(gm: torch.fx.GraphModule) -> torch.nn.Module:
     root.__dict__["_modules"] = {k: (_structural_copy(v) if v is not None else None) for k, v in gm._modules.items()}
     wanted = set()
     for node in gm.graph.nodes:
-        if node.op == "call_module" and not isinstance(root.get_submodule(node.target), _SHAPE_PRESERVING):
+        if node.op == "call_module" and not _is_shape_preserving(root.get_submodule(node.target)):
             wanted.update(id(m) for m in root.get_submodule(node.target).modules())
         elif node.op == "get_attr":
             owner = node.target.rpartition(".")[0]

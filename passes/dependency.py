@@ -21,10 +21,10 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from fxprune.errors import describe_node
+from fxprune.errors import FxPruneError, UnsupportedModelError, describe_node
 from fxprune.ir import ChannelGroup, ChannelGroups, ChannelMap, ElementSets
 from fxprune.fxutil import bind_arguments as _bind, einsum_subscripts as _einsum_subscripts
-from fxprune.tracing import TensorSpec, value_spec
+from fxprune.tracing import TensorSpec, torch_layer_type, value_spec
 
 try:  # torchvision's fx-wrapped helpers, recognised by identity when torchvision is present
     from torchvision.models import swin_transformer as _tv_swin
@@ -71,6 +71,10 @@ _POOL_MODULES = (
     nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
     nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool2d, nn.Upsample,
 )
+# Module types with a rule below: a subclass that changes their computation must not take it.
+_RULE_MODULES = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm,
+                 nn.PReLU, nn.MultiheadAttention, nn.Softmax, nn.LogSoftmax, nn.Flatten, nn.Unflatten) + _UNARY_MODULES \
+                + _POOL_MODULES
 _INT_ARITHMETIC = {
     operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv, operator.mod, operator.pow,
     operator.neg, operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge,
@@ -107,6 +111,7 @@ class _AnalysisState:
         self.maps: Dict[str, Any] = {}
         self.param_slices: Dict[str, Dict[int, np.ndarray]] = {}
         self.special: Dict[str, dict] = {}
+        self.blocked_ops: List[str] = []
 
     # ----------------------------------------------------------------- helpers
     def map_of(self, arg) -> Any:
@@ -153,12 +158,24 @@ class _AnalysisState:
 
     def opaque(self, node: torch.fx.Node, why: str) -> Any:
         """No rule: freeze whatever channels flow in; the output carries none we know of."""
+        self.blocked_ops.append(f"{describe_node(node)}: {why}")
         if any(_carries_channels(self.maps.get(a.name)) for a in node.all_input_nodes):
             self.freeze_inputs(node, f"blocked by {describe_node(node)}: {why}")
         return self.untracked_like(value_spec(node))
 
     # ----------------------------------------------------------------- dispatch
     def visit(self, node: torch.fx.Node) -> None:
+        try:
+            self._visit(node)
+        except FxPruneError:
+            raise
+        except Exception as exc:  # a rule met a call form it does not expect: a bug to report, not a guess
+            raise UnsupportedModelError(
+                f"fxprune could not analyse {describe_node(node)}: {type(exc).__name__}: {exc}. This is a bug in "
+                f"fxprune's rule for this op (please report it); until it is fixed, pass the module that makes this "
+                f"call in leaf_modules= (its channels are then frozen)") from exc
+
+    def _visit(self, node: torch.fx.Node) -> None:
         self._check_channel_count_uses(node)
         if node.op == "placeholder" or node.op == "get_attr":
             result = self.untracked_like(value_spec(node))
@@ -193,6 +210,10 @@ class _AnalysisState:
 
     def visit_module(self, node, module) -> Any:
         x = node.args[0] if node.args else None
+        if isinstance(module, _RULE_MODULES) and torch_layer_type(module) is None:
+            return self.opaque(node, f"{type(module).__name__} changes what its torch.nn base class computes "
+                                     "(an overridden method, a parametrization or a forward hook); leave it out "
+                                     "of leaf_modules so fx traces into it")
         if isinstance(module, nn.modules.conv._ConvNd) and not isinstance(module, nn.modules.conv._ConvTransposeNd):
             return self.conv(node, self.tensor_map(x), node.target + ".weight",
                              node.target + ".bias" if module.bias is not None else None,
@@ -234,23 +255,23 @@ class _AnalysisState:
         if fn is getattr:
             return self.attribute(node)
         if fn in _BINARY_FUNCTIONS:
-            return self.elementwise(node, [a for a in node.args if isinstance(a, torch.fx.Node)])
+            return self.elementwise(node, node.all_input_nodes)
         if fn in _UNARY_FUNCTIONS or (_tv_stochastic_depth is not None and fn is _tv_stochastic_depth):
-            return self.unary(node, node.args[0])
+            return self.unary(node, _input(node))
         if fn in (F.softmax, F.log_softmax, torch.softmax, torch.log_softmax):
-            return self.softmax(node, node.args[0], _arg(node, "dim"))
+            return self.softmax(node, _input(node), _arg(node, "dim"))
         if fn is F.normalize:  # an L2 norm over a dim: zeros do not contribute, so it is zero-exact
-            return self.unary(node, node.args[0])
+            return self.unary(node, _input(node))
         if fn in _RESHAPE_FUNCTIONS:
-            return self.reshape(node, node.args[0])
+            return self.reshape(node, _input(node))
         if fn in (torch.permute, torch.transpose, torch.swapaxes, torch.swapdims):
-            return self.permute(node, node.args[0])
+            return self.permute(node, _input(node))
         if fn is torch.cat or fn is torch.concat:
-            return self.cat(node, list(node.args[0]), _arg(node, "dim", 0))
+            return self.cat(node, list(_input(node)), _arg(node, "dim", 0))
         if fn in (torch.split, torch.chunk, torch.tensor_split):
-            return self.split(node, node.args[0])
+            return self.split(node, _input(node))
         if fn in _POOL_FUNCTIONS:
-            return self.pool(node, node.args[0])
+            return self.pool(node, _input(node))
         if fn in (torch.matmul, torch.bmm, torch.mm, operator.matmul):
             return self.matmul_or_einsum(node)
         if fn is torch.einsum or getattr(fn, "__name__", "") == "einsum":
@@ -279,7 +300,7 @@ class _AnalysisState:
         if method in ("size", "dim"):
             return self.size(node)
         if method in _BINARY_METHODS:
-            return self.elementwise(node, [a for a in node.args if isinstance(a, torch.fx.Node)])
+            return self.elementwise(node, node.all_input_nodes)
         if method in _UNARY_METHODS:
             return self.unary(node, x)
         if method in ("softmax", "log_softmax"):
@@ -505,6 +526,8 @@ class _AnalysisState:
             if not args:
                 order = list(node.kwargs.get("dims"))
         else:  # transpose / swapaxes
+            if len(args) < 2:  # dims passed by name
+                args = [v for k, v in node.kwargs.items() if k not in ("input", "self")]
             a, b = args[0] % m.ndim, args[1] % m.ndim
             order = list(range(m.ndim))
             order[a], order[b] = order[b], order[a]
@@ -706,8 +729,8 @@ class _AnalysisState:
         return m
 
     def functional_linear(self, node) -> Any:
-        x, w = node.args[0], node.args[1]
-        b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        bound = _bind(node)
+        x, w, b = bound.get("input"), bound.get("weight"), bound.get("bias")
         if not _is_get_attr(w) or (b is not None and not _is_get_attr(b)):
             return self.opaque(node, "F.linear with a computed weight")
         return self.linear(node, self.tensor_map(x), w.target, b.target if b is not None else None, value_spec(w).shape[0])
@@ -715,7 +738,7 @@ class _AnalysisState:
     def functional_conv(self, node) -> Any:
         bound = _bind(node)
         w, b = bound.get("weight"), bound.get("bias")
-        if bound is None or not _is_get_attr(w) or (b is not None and not _is_get_attr(b)):
+        if not _is_get_attr(w) or (b is not None and not _is_get_attr(b)):
             return self.opaque(node, "conv with a computed weight")
         groups = bound.get("groups", 1)
         w_shape = value_spec(w).shape
@@ -860,7 +883,8 @@ class _AnalysisState:
                 for g in _distinct(unit_group[element_unit[elements]]):
                     groups[g].params.append((pname, d))
         return ChannelGroups(maps=self.maps, element_unit=element_unit, unit_group=unit_group, unit_frozen=unit_frozen,
-                             groups=groups, param_slices=self.param_slices, elements=es, special=self.special)
+                             groups=groups, param_slices=self.param_slices, elements=es, special=self.special,
+                             blocked_ops=self.blocked_ops)
 
 
 # --------------------------------------------------------------------------- utilities
@@ -883,6 +907,16 @@ def _carries_channels(value: Any) -> bool:
 
 def _is_get_attr(arg) -> bool:
     return isinstance(arg, torch.fx.Node) and arg.op == "get_attr"
+
+
+def _input(node: torch.fx.Node) -> Any:
+    """The first (tensor) argument of a call, passed by position or by name."""
+    if node.args:
+        return node.args[0]
+    for name in ("input", "tensors", "tensor", "self", "x", "a"):
+        if name in node.kwargs:
+            return node.kwargs[name]
+    return None
 
 
 def _arg(node: torch.fx.Node, name: str, default=None):

@@ -159,10 +159,5 @@ def unreachable_message(cost: CostModel, keep: np.ndarray, budget: Budget, flops
 
 
 def _no_prunable_message(groups: ChannelGroups) -> str:
-    reasons = []
-    for g in groups.groups:
-        for r in g.frozen_reasons:
-            if r not in reasons:
-                reasons.append(r)
-    listed = "\n  ".join(reasons[:10])
-    return f"no channel can be pruned: every group is frozen. Reasons:\n  {listed}"
+    return (f"no channel can be pruned: every channel group is frozen (print fxprune.analyze(model, inputs) for "
+            f"the full table).\n{groups.explain_frozen()}")

@@ -21,7 +21,7 @@ import torch.fx
 from torch import nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from fxprune.fxutil import get_attr
+from fxprune.fxutil import CONV_PARAMETERS, bind_arguments, get_attr
 from fxprune.passes.dependency import SHAPE_ARG_FUNCTIONS, SHAPE_ARG_METHODS, ChannelCount
 from fxprune.ir import ChannelGroups, ChannelMap, PrunePlan
 from fxprune.tracing import value_spec
@@ -127,6 +127,8 @@ class PruneRewrite(PassBase):
                 new.args = (new.args[0], tuple(fixed))
         elif self.is_split(node):
             self.rewrite_split(node, new)
+        elif node.op == "call_function" and self.groups.special.get(node.name, {}).get("depthwise"):
+            self.rewrite_conv_groups(node, new)
         elif node.op == "call_function" and node.target is torch.nn.functional.layer_norm:
             x = node.args[0]
             k = len(node.args[1] if len(node.args) > 1 else node.kwargs["normalized_shape"])
@@ -155,6 +157,16 @@ class PruneRewrite(PassBase):
             else:
                 out.append(new_s)
         return out if changed else None
+
+    def rewrite_conv_groups(self, node: torch.fx.Node, new: torch.fx.Node) -> None:
+        """A functional depthwise conv (F.conv2d(x, w, groups=C)): `groups` is the kept input width."""
+        x = bind_arguments(node)["input"]
+        groups = self.new_shape(value_spec(x).shape, self.groups.maps.get(x.name))[1]
+        position = CONV_PARAMETERS.index("groups")
+        if len(node.args) > position:
+            new.args = (*new.args[:position], groups, *new.args[position + 1:])
+        else:
+            new.kwargs = {**new.kwargs, "groups": groups}
 
     @staticmethod
     def is_split(node: torch.fx.Node) -> bool:
