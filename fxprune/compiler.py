@@ -19,7 +19,8 @@ from .errors import BudgetError, ConfigError, UnsupportedModelError
 from .importance import Importance, ImportanceData, resolve_importance
 from .ir import ChannelGroups, PrunePlan
 from .report import build_report, module_slices as _module_slices
-from .tracing import check_capture, normalise_example_inputs, private_eval_copy, propagate_shapes, trace_model
+from .shape_prop import propagate_shapes
+from .tracing import check_capture, normalise_example_inputs, private_eval_copy, trace_model
 from .verify import check_graph, check_groups, debug_checks_enabled, graph_fingerprint, verify_pruned
 
 

@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Union
+from typing import List, Optional, Union
 
 import numpy as np
 import torch
 import torch.fx
 
-from .fxutil import bind_arguments, einsum_subscripts, get_attr
+from .fxutil import get_attr
 from .ir import ChannelGroups, ChannelMap
-from .tracing import TensorSpec, value_spec
+from .ops import REGISTRY
+from .tracing import TensorSpec
 
 Factor = Union[int, np.ndarray]  # a constant size, or the unit of every position of a channel dim
 
@@ -98,94 +99,39 @@ class _VectorisedTerms:
         return float(np.dot(self.coef, np.multiply.reduceat(sizes, self.term_starts)))
 
 
-def build_cost_model(gm: torch.fx.GraphModule, groups: ChannelGroups) -> CostModel:
-    modules = dict(gm.named_modules())
-    params = dict(gm.named_parameters())
+class CostContext:
+    """What an op's `flops` function reads: factors of weights and tensor dims (a constant size, or the
+    unit of every position of a channel dim, so the cost follows the plan)."""
 
-    def dim_factor(elements, size: int) -> Factor:
-        return int(size) if elements is None else groups.units_of(elements)
+    def __init__(self, gm: torch.fx.GraphModule, groups: ChannelGroups):
+        self.gm, self.groups = gm, groups
 
-    def weight_factors(name: str) -> List[Factor]:
-        shape = get_attr(gm, name).shape
-        sliced = groups.param_slices.get(name, {})
-        return [dim_factor(sliced.get(d), s) for d, s in enumerate(shape)]
+    def units_of(self, elements: np.ndarray) -> np.ndarray:
+        return self.groups.units_of(elements)
 
-    def leading_factors(node: torch.fx.Node, spec: TensorSpec) -> List[Factor]:
+    def dim_factor(self, elements: Optional[np.ndarray], size: int) -> Factor:
+        return int(size) if elements is None else self.groups.units_of(elements)
+
+    def weight_factors(self, name: str) -> List[Factor]:
+        shape = get_attr(self.gm, name).shape
+        sliced = self.groups.param_slices.get(name, {})
+        return [self.dim_factor(sliced.get(d), s) for d, s in enumerate(shape)]
+
+    def leading_factors(self, node: torch.fx.Node, spec: TensorSpec) -> List[Factor]:
         """A linear layer's output dims before the feature dim (tokens; channels in token mixing)."""
-        m = groups.maps.get(node.name)
-        return [dim_factor(m.dims[d] if isinstance(m, ChannelMap) else None, spec.shape[d]) for d in range(spec.ndim - 1)]
+        m = self.groups.maps.get(node.name)
+        return [self.dim_factor(m.dims[d] if isinstance(m, ChannelMap) else None, spec.shape[d])
+                for d in range(spec.ndim - 1)]
 
+
+def build_cost_model(gm: torch.fx.GraphModule, groups: ChannelGroups) -> CostModel:
+    """FLOPs from each op's registry entry; params from every nn.Parameter."""
+    modules = dict(gm.named_modules())
+    context = CostContext(gm, groups)
     flops: List[Term] = []
     for node in gm.graph.nodes:
-        spec = value_spec(node)
-        if node.op == "call_module":
-            module = modules[node.target]
-            if isinstance(module, torch.nn.modules.conv._ConvNd) and isinstance(spec, TensorSpec):
-                # the conv rule keeps channels on dim 1 only: batch and spatial sizes are constants
-                coef = 2.0 * math.prod(spec.shape) / spec.shape[1]
-                flops.append(Term(coef, weight_factors(node.target + ".weight"), node.name))
-            elif isinstance(module, torch.nn.Linear) and isinstance(spec, TensorSpec):
-                flops.append(Term(2.0, leading_factors(node, spec) + weight_factors(node.target + ".weight"), node.name))
-            elif isinstance(module, torch.nn.MultiheadAttention):
-                flops.extend(_attention_terms(node, groups, weight_factors, node.target + ".in_proj_weight",
-                                              node.target + ".out_proj.weight", value_spec(node.args[0]), None))
-        elif node.op == "call_function":
-            name = getattr(node.target, "__name__", "")
-            if node.target in (torch.nn.functional.linear,) and isinstance(spec, TensorSpec):
-                w = bind_arguments(node).get("weight")
-                if isinstance(w, torch.fx.Node) and w.op == "get_attr":
-                    flops.append(Term(2.0, leading_factors(node, spec) + weight_factors(w.target), node.name))
-            elif node.target in (torch.nn.functional.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv3d):
-                w = bind_arguments(node).get("weight")
-                if isinstance(w, torch.fx.Node) and w.op == "get_attr":
-                    flops.append(Term(2.0 * math.prod(spec.shape) / spec.shape[1], weight_factors(w.target), node.name))
-            elif name == "shifted_window_attention":
-                kw = dict(zip(["input", "qkv_weight", "proj_weight", "relative_position_bias", "window_size"], node.args))
-                kw.update(node.kwargs)
-                flops.extend(_attention_terms(node, groups, weight_factors, kw["qkv_weight"].target,
-                                              kw["proj_weight"].target, value_spec(kw["input"]), kw["window_size"]))
-            elif node.target in (torch.matmul, torch.bmm, torch.mm) or name in ("matmul", "einsum"):
-                flops.extend(_contraction_terms(node, groups))
-        elif node.op == "call_method" and node.target == "matmul":
-            flops.extend(_contraction_terms(node, groups))
-
-    param_terms = [Term(1.0, weight_factors(name), name) for name in params]
+        entry = REGISTRY.lookup(node, modules) if node.op.startswith("call_") else None
+        if entry is not None and entry.flops is not None:
+            flops.extend(Term(coef, factors, node.name) for coef, factors in entry.flops(context, node))
+    param_terms = [Term(1.0, context.weight_factors(name), name) for name, _ in gm.named_parameters()]
     return CostModel(flops, param_terms, groups.n_units)
-
-
-def _attention_terms(node, groups, weight_factors, in_w: str, out_w: str, x_spec: TensorSpec, window) -> List[Term]:
-    """Projections (tokens x weight) plus the two L x L x E products of every attention window."""
-    e = groups.special.get(node.name, {}).get("elements")
-    embed = x_spec.shape[-1]
-    e_factor: Factor = groups.units_of(e) if e is not None else int(embed)
-    if window is None:  # nn.MultiheadAttention, batch_first or not: tokens = L * N
-        tokens = math.prod(x_spec.shape[:-1])
-        seq = x_spec.shape[-2] if len(x_spec.shape) == 3 else 1
-        batch = tokens // seq
-        attn_coef = 2.0 * 2 * batch * seq * seq
-    else:  # Swin: (B, H, W, C), padded to whole windows
-        b, h, w = x_spec.shape[:3]
-        ph, pw = math.ceil(h / window[0]) * window[0], math.ceil(w / window[1]) * window[1]
-        tokens = b * ph * pw
-        win = window[0] * window[1]
-        attn_coef = 2.0 * 2 * tokens * win
-    return [Term(2.0 * tokens, weight_factors(in_w), node.name), Term(2.0 * tokens, weight_factors(out_w), node.name),
-            Term(attn_coef, [e_factor], node.name)]
-
-
-def _contraction_terms(node, groups: ChannelGroups) -> List[Term]:
-    """matmul/einsum: 2 x the product of every letter's size (tracked letters count kept positions)."""
-    parsed = einsum_subscripts(node)
-    if parsed is None:
-        return []
-    operands, subscripts = parsed
-    sizes: Dict[str, Factor] = {}
-    for op, sub in zip(operands, subscripts):
-        spec, m = value_spec(op), groups.maps.get(op.name)
-        for d, letter in enumerate(sub):
-            e = m.dims[d] if isinstance(m, ChannelMap) else None
-            if e is not None:
-                sizes[letter] = groups.units_of(e)
-            elif letter not in sizes or (isinstance(sizes[letter], int) and sizes[letter] == 1):
-                sizes[letter] = int(spec.shape[d])
-    return [Term(2.0, list(sizes.values()), node.name)]

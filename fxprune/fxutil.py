@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import torch
 import torch.fx
@@ -49,6 +49,31 @@ def bind_arguments(node: torch.fx.Node) -> Dict[str, Any]:
     except (TypeError, ValueError):
         return {}
 
+
+
+def is_get_attr(arg: Any) -> bool:
+    return isinstance(arg, torch.fx.Node) and arg.op == "get_attr"
+
+
+def first_input(node: torch.fx.Node) -> Any:
+    """The first (tensor) argument of a call, passed by position or by name."""
+    if node.args:
+        return node.args[0]
+    for name in ("input", "tensors", "tensor", "self", "x", "a"):
+        if name in node.kwargs:
+            return node.kwargs[name]
+    return None
+
+
+def argument(node: torch.fx.Node, name: str, default: Any = None, position: Optional[int] = None) -> Any:
+    """An argument by name (bound through the callable's signature where it has one) or, for
+    builtins without a signature, by keyword or its usual `position`."""
+    value = bind_arguments(node).get(name)
+    if value is None:
+        value = node.kwargs.get(name)
+    if value is None and position is not None and len(node.args) > position:
+        value = node.args[position]
+    return default if value is None else value
 
 
 def einsum_subscripts(node: torch.fx.Node):

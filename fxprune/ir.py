@@ -128,6 +128,14 @@ class ChannelMap:
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
+class ChannelCount:
+    """The value of `x.size(d)` (or arithmetic on it) where dim d carries channels: it changes
+    when those channels are pruned, so it may only feed shape arguments the rewrite recomputes."""
+
+    def __init__(self, elements: np.ndarray):
+        self.elements = elements
+
+
 @dataclass(frozen=True)
 class ParamSlice:
     """Parameter or buffer `name` (qualified, as in named_parameters) is sliced along `dim` by `elements`."""
@@ -170,7 +178,6 @@ class ChannelGroups:
     groups: List[ChannelGroup]
     param_slices: Dict[str, Dict[int, np.ndarray]]  # param name -> dim -> elements
     elements: ElementSets
-    special: Dict[str, dict]  # node name -> rule-specific facts the rewrite needs (e.g. attention)
     # every op the analysis could not follow ("%node (op) at line: why"), including those that froze
     # nothing because no tracked channels reached them (a conv whose weight is computed makes no group)
     blocked_ops: List[str] = field(default_factory=list)

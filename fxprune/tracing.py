@@ -1,8 +1,6 @@
-"""Tracing (torch.fx.symbolic_trace on a private eval-mode copy) and shape propagation.
-
-Shape propagation runs the traced graph once on the example inputs and records, for every node,
-a frozen `TensorSpec` (or a tuple of them) in `node.meta["fxprune.value"]`. Wrong example inputs
-fail here, with the node that could not run."""
+"""Tracing: torch.fx.symbolic_trace on a private eval-mode copy of the user's model, the checks on
+what fxprune accepts, and which torch.nn layer a module computes (`torch_layer_type`). Shape
+propagation, which fills in `node.meta["fxprune.value"]`, is in shape_prop.py."""
 from __future__ import annotations
 
 import functools
@@ -186,99 +184,6 @@ def spec_of(value: Any):
     if isinstance(value, (tuple, list)):
         return tuple(spec_of(v) for v in value)
     return None
-
-
-# Layers whose output has their input's shape and dtype: on the meta device their kernels are Python
-# decompositions (batch_norm costs more than a conv), so shape propagation skips them.
-_SHAPE_PRESERVING = (
-    torch.nn.modules.batchnorm._BatchNorm, torch.nn.ReLU, torch.nn.ReLU6, torch.nn.SiLU, torch.nn.GELU,
-    torch.nn.Hardswish, torch.nn.Hardsigmoid, torch.nn.Sigmoid, torch.nn.Tanh, torch.nn.Identity,
-    torch.nn.Dropout, torch.nn.LayerNorm, torch.nn.GroupNorm,
-)
-
-
-class ShapePropagation(torch.fx.Interpreter):
-    """Analysis pass: records `node.meta["fxprune.value"]`; leaves the graph unchanged."""
-
-    failed_node: Optional[torch.fx.Node] = None
-
-    def __init__(self, module: torch.nn.Module, graph: torch.fx.Graph, meta: bool):
-        super().__init__(module, graph=graph)
-        self.meta = meta
-
-    def run_node(self, n: torch.fx.Node) -> Any:
-        self.failed_node = n
-        module = self.submodules.get(n.target) if n.op == "call_module" else None
-        if self.meta and _is_shape_preserving(module) and len(n.args) == 1 and not n.kwargs \
-                and isinstance(self.env.get(n.args[0]), torch.Tensor):
-            result = self.env[n.args[0]]
-        elif self.meta and isinstance(module, torch.nn.MultiheadAttention) and n.kwargs.get("need_weights") is False \
-                and n.args and isinstance(self.env.get(n.args[0]), torch.Tensor):
-            # attention output has the query's shape; interpreting the module on meta costs ~4 ms
-            result = (self.env[n.args[0]], None)
-        else:
-            result = super().run_node(n)
-        n.meta[VALUE_KEY] = spec_of(result)
-        return result
-
-
-def _is_shape_preserving(module: Optional[torch.nn.Module]) -> bool:
-    return module is not None and isinstance(module, _SHAPE_PRESERVING) and torch_layer_type(module) is not None
-
-
-def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Tuple[Any, ...]) -> Any:
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    if len(example_inputs) != len(placeholders):
-        raise ExampleInputsError(
-            f"the model takes {len(placeholders)} input(s) ({', '.join(p.name for p in placeholders)}) but "
-            f"example_inputs has {len(example_inputs)}"
-        )
-    try:  # shapes only: on the meta device no kernel computes anything
-        with torch.no_grad():
-            return ShapePropagation(_meta_weights(gm), gm.graph, meta=True).run(*[_to_meta(x) for x in example_inputs])
-    except Exception:
-        pass  # an op without a meta kernel, or inputs that do not fit: the real run tells which
-    interpreter = ShapePropagation(gm, gm.graph, meta=False)
-    try:
-        with torch.no_grad():
-            return interpreter.run(*example_inputs)
-    except Exception as exc:
-        # fx appends its own "While executing ..." text to the message; keep the first line only
-        first_line = (str(exc).strip().splitlines() or [""])[0]
-        raise ExampleInputsError(
-            f"the model failed on example_inputs at {describe_node(interpreter.failed_node)}: "
-            f"{type(exc).__name__}: {first_line}\n  check the shape and dtype of example_inputs (the model takes "
-            f"{len(placeholders)} input(s): {', '.join(p.name for p in placeholders)})"
-        ) from None
-
-
-def _to_meta(x: Any) -> Any:
-    return torch.empty_like(x, device="meta") if isinstance(x, torch.Tensor) else x
-
-
-def _meta_weights(gm: torch.fx.GraphModule) -> torch.nn.Module:
-    """A copy of the module tree over meta-device weights, for interpreting gm's graph on shapes.
-    Only modules the graph calls (and the get_attr targets) get meta tensors; shape-preserving
-    layers are skipped by the interpreter and need none."""
-    # a plain Module holding gm's attributes: copying the GraphModule itself would regenerate its code
-    root = torch.nn.Module()
-    root.__dict__["_parameters"] = dict(gm._parameters)
-    root.__dict__["_buffers"] = dict(gm._buffers)
-    root.__dict__["_modules"] = {k: (_structural_copy(v) if v is not None else None) for k, v in gm._modules.items()}
-    wanted = set()
-    for node in gm.graph.nodes:
-        if node.op == "call_module" and not _is_shape_preserving(root.get_submodule(node.target)):
-            wanted.update(id(m) for m in root.get_submodule(node.target).modules())
-        elif node.op == "get_attr":
-            owner = node.target.rpartition(".")[0]
-            wanted.add(id(root.get_submodule(owner) if owner else root))
-    for module in root.modules():
-        if id(module) not in wanted:
-            continue
-        module.__dict__["_parameters"] = {k: (torch.nn.Parameter(_to_meta(v), v.requires_grad) if v is not None else None)
-                                          for k, v in module._parameters.items()}
-        module.__dict__["_buffers"] = {k: (_to_meta(v) if v is not None else None) for k, v in module._buffers.items()}
-    return root
 
 
 def value_spec(node: torch.fx.Node) -> Optional[Any]:

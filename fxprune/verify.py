@@ -3,8 +3,8 @@
 The masked original (DESIGN.md, "Reference semantics") is the original graph in float64 where every
 pruned channel is zero wherever it is read: each node's output is masked along its channel dims,
 every parameter slice of a pruned channel is zeroed (so attention's internal q/k/v positions vanish
-too), and ops that reduce over channels (LayerNorm, GroupNorm) normalise over the kept channels
-only. `pruned(x) == masked(x)` in float64 tests the dependency analysis and the rewrite together.
+too), and ops that reduce over channels (LayerNorm, GroupNorm) run their registry entry's `reference`:
+the op over the kept channels only. `pruned(x) == masked(x)` in float64 tests the dependency analysis and the rewrite together.
 
 Also here: the invariant checks that run after every pass in the tests and with FXPRUNE_VERIFY=1."""
 from __future__ import annotations
@@ -18,12 +18,12 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 import torch
 import torch.fx
-import torch.nn.functional as F
 from torch.fx.node import map_aggregate
 
 from .errors import FxPruneError, VerificationError, describe_node
 from .fxutil import get_attr
 from .ir import ChannelGroups, ChannelMap, PrunePlan
+from .ops import REGISTRY, op_fact
 from .tracing import TensorSpec, value_spec
 
 
@@ -69,45 +69,23 @@ class MaskedOriginal(torch.fx.Interpreter):
             return type(value)(self.mask(v, mm) for v, mm in zip(value, m))
         return value
 
+    def kept_index(self, x: torch.fx.Node, dim: int) -> torch.Tensor:
+        """Positions of node x's dim `dim` that survive pruning."""
+        return torch.as_tensor(self.groups.kept_positions(self.groups.maps[x.name].dims[dim], self.keep_unit))
+
     def run_node(self, n: torch.fx.Node) -> Any:
-        info = self.groups.special.get(n.name, {})
-        if "reduces_over" in info:
+        fact = op_fact(n)
+        entry = REGISTRY.lookup(n, self.submodules) if fact is not None else None
+        if entry is not None and entry.reference is not None:  # not zero-exact: the op over the kept channels
             with self._set_current_node(n):
                 args, kwargs = self.fetch_args_kwargs_from_env(n)
-                result = self.normalise_over_kept(n, info, args, kwargs)
+                result = entry.reference(self, n, fact, args, kwargs)
         else:
             result = super().run_node(n)
         result = self.mask(result, self.groups.maps.get(n.name))
         if self.record:
             self.values[n.name] = result
         return result
-
-    def normalise_over_kept(self, n: torch.fx.Node, info: dict, args, kwargs) -> torch.Tensor:
-        """LayerNorm/GroupNorm applied to the kept channels only (their reference semantics)."""
-        x = args[0]
-        d = info["reduces_over"]
-        m = self.groups.maps[n.args[0].name]
-        idx = torch.as_tensor(self.groups.kept_positions(m.dims[d], self.keep_unit))
-        xs = x.index_select(d, idx)
-        if n.op == "call_module":
-            module = self.fetch_attr(n.target)
-            weight, bias, eps = module.weight, module.bias, module.eps
-            k = len(module.normalized_shape) if info["kind"] == "layer_norm" else None
-        else:
-            bound = dict(zip(["input", "normalized_shape", "weight", "bias", "eps"], args))
-            bound.update(kwargs)
-            weight, bias, eps = bound.get("weight"), bound.get("bias"), bound.get("eps", 1e-5)
-            k = len(bound["normalized_shape"])
-        if info["kind"] == "layer_norm":
-            pd = d - info["first"]
-            w = weight.index_select(pd, idx) if weight is not None else None
-            b = bias.index_select(pd, idx) if bias is not None else None
-            ys = F.layer_norm(xs, xs.shape[x.ndim - k:], w, b, eps)
-        else:
-            w = weight.index_select(0, idx) if weight is not None else None
-            b = bias.index_select(0, idx) if bias is not None else None
-            ys = F.group_norm(xs, info["num_groups"], w, b, eps)
-        return torch.zeros_like(x).index_copy(d, idx, ys)
 
 
 class _Recorder(torch.fx.Interpreter):

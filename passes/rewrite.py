@@ -12,7 +12,6 @@ result runs without anyone patching attributes by hand."""
 from __future__ import annotations
 
 import copy
-import math
 from typing import Any, Dict, List, Optional
 
 import numpy as np
@@ -21,9 +20,9 @@ import torch.fx
 from torch import nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from fxprune.fxutil import CONV_PARAMETERS, bind_arguments, get_attr
-from fxprune.passes.dependency import SHAPE_ARG_FUNCTIONS, SHAPE_ARG_METHODS, ChannelCount
+from fxprune.fxutil import get_attr
 from fxprune.ir import ChannelGroups, ChannelMap, PrunePlan
+from fxprune.ops import REGISTRY, op_fact
 from fxprune.tracing import value_spec
 
 
@@ -46,26 +45,35 @@ class PruneRewrite(PassBase):
             return list(shape)
         return [len(self.kept(e)) if e is not None else s for s, e in zip(shape, m.dims)]
 
+    def input_shape(self, x: torch.fx.Node) -> List[int]:
+        """The shape of node x's value after pruning."""
+        return self.new_shape(value_spec(x).shape, self.groups.maps.get(x.name))
+
     # ----------------------------------------------------------------- the pass
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
-        new_tensors = self.sliced_tensors(gm)
+        modules = dict(gm.named_modules())
+        entries = {node: REGISTRY.lookup(node, modules) for node in gm.graph.nodes}
+        new_tensors = self.sliced_tensors(gm, entries)
         resized_prefixes = {name.rsplit(".", 1)[0] for name in new_tensors}
         resized_prefixes |= {p.rsplit(".", i)[0] for p in list(resized_prefixes) for i in range(1, p.count(".") + 1)}
         root: Dict[str, Any] = {}
         graph = torch.fx.Graph()
         env: Dict[torch.fx.Node, torch.fx.Node] = {}
         for node in gm.graph.nodes:
+            entry = entries[node]
             new = graph.node_copy(node, lambda n: env[n])
             new.meta = {k: node.meta[k] for k in ("stack_trace", "nn_module_stack") if k in node.meta}
-            self.rewrite_arguments(node, new)
+            if entry is not None and entry.rewrite_args is not None:
+                entry.rewrite_args(self, node, new)                      # shape literals of the kept widths
             env[node] = new
             if node.op == "call_module" and node.target not in root:
                 module = gm.get_submodule(node.target)
-                # modules whose size attributes follow their input even without sliced tensors
-                # (LayerNorm without affine parameters) are refreshed too
-                if node.target in resized_prefixes or "reduces_over" in self.groups.special.get(node.name, {}):
+                # a module whose size attributes follow its input without sliced tensors of its own
+                # (LayerNorm without affine parameters) is resized too
+                if node.target in resized_prefixes or op_fact(node) is not None:
                     module = _with_tensors(module, node.target + ".", new_tensors)
-                    _refresh_attributes(module, self, node)
+                    if entry is not None and entry.resize_module is not None:
+                        entry.resize_module(module, self, node)
                     root[node.target] = module
                 else:
                     root[node.target] = copy.deepcopy(module)
@@ -76,8 +84,9 @@ class PruneRewrite(PassBase):
         pruned = torch.fx.GraphModule(root, graph, class_name="Pruned" + type(gm).__name__)
         return PassResult(pruned, True)
 
-    def sliced_tensors(self, gm: torch.fx.GraphModule) -> Dict[str, torch.Tensor]:
-        """Every parameter/buffer with a channel dim, index_select-ed to the kept channels."""
+    def sliced_tensors(self, gm: torch.fx.GraphModule, entries: Dict[torch.fx.Node, Any]) -> Dict[str, torch.Tensor]:
+        """Every parameter/buffer with a channel dim, index_select-ed to the kept channels, then the
+        fix-ups ops make across tensors (attention's q scale)."""
         out: Dict[str, torch.Tensor] = {}
         originals = {name: get_attr(gm, name) for name in self.groups.param_slices}
         with torch.no_grad():
@@ -91,99 +100,11 @@ class PruneRewrite(PassBase):
                         sliced = True
                 if sliced:  # a new tensor; unsliced ones are cloned with their module (never shared)
                     out[name] = tensor
-            self.fold_attention_scale(out)
+            for node, entry in entries.items():
+                if entry is not None and entry.adjust_tensors is not None and op_fact(node) is not None:
+                    entry.adjust_tensors(self, node, op_fact(node), out)
         return {name: (nn.Parameter(t, requires_grad=originals[name].requires_grad)
                        if isinstance(originals[name], nn.Parameter) else t) for name, t in out.items()}
-
-    def fold_attention_scale(self, tensors: Dict[str, torch.Tensor]) -> None:
-        """Attention scales q.k by head_dim**-0.5 with head_dim read from the (pruned) width. Folding
-        sqrt(new/old) into the q projection keeps the original scale, so the pruned model equals the
-        zero-masked original exactly and stays closer to the unpruned one."""
-        for info in self.groups.special.values():
-            if info.get("kind") != "attention" or not info.get("fold_scale"):
-                continue
-            old = len(info["elements"])
-            new = len(self.kept(info["elements"]))
-            if new == old or info["q_weight"] not in tensors:
-                continue
-            factor = math.sqrt(new / old)
-            for name in (info["q_weight"], info["q_bias"]):
-                if name is not None and name in tensors:
-                    tensors[name][:new] *= factor
-
-    # ----------------------------------------------------------------- shape literals
-    def rewrite_arguments(self, node: torch.fx.Node, new: torch.fx.Node) -> None:
-        maps = self.groups.maps
-        if node.op == "call_method" and node.target in SHAPE_ARG_METHODS:
-            sizes, new_sizes = node.args[1:], new.args[1:]
-            packed = len(sizes) == 1 and isinstance(sizes[0], (tuple, list))
-            sizes, new_sizes = (list(sizes[0]), list(new_sizes[0])) if packed else (list(sizes), list(new_sizes))
-            fixed = self.fixed_sizes(node, sizes, new_sizes)
-            if fixed is not None:
-                new.args = (new.args[0], tuple(fixed)) if packed else (new.args[0], *fixed)
-        elif node.op == "call_function" and node.target in SHAPE_ARG_FUNCTIONS:
-            fixed = self.fixed_sizes(node, list(node.args[1]), list(new.args[1]))
-            if fixed is not None:
-                new.args = (new.args[0], tuple(fixed))
-        elif self.is_split(node):
-            self.rewrite_split(node, new)
-        elif node.op == "call_function" and self.groups.special.get(node.name, {}).get("depthwise"):
-            self.rewrite_conv_groups(node, new)
-        elif node.op == "call_function" and node.target is torch.nn.functional.layer_norm:
-            x = node.args[0]
-            k = len(node.args[1] if len(node.args) > 1 else node.kwargs["normalized_shape"])
-            shape = self.new_shape(value_spec(x).shape, maps.get(x.name))[-k:]
-            if len(node.args) > 1:
-                new.args = (new.args[0], tuple(shape), *new.args[2:])
-            else:
-                new.kwargs = {**new.kwargs, "normalized_shape": tuple(shape)}
-
-    def fixed_sizes(self, node: torch.fx.Node, sizes: List[Any], new_sizes: List[Any]) -> Optional[List[Any]]:
-        """Shape arguments with every channel dim (literal or computed from a channel count)
-        replaced by its new literal size; batch and spatial arguments stay as traced.
-        `sizes` are the original graph's arguments, `new_sizes` the same in the new graph."""
-        spec = value_spec(node)
-        if len(sizes) != spec.ndim:
-            return None
-        shape = self.new_shape(spec.shape, self.groups.maps.get(node.name))
-        m = self.groups.maps.get(node.name)
-        out, changed = [], False
-        for i, (s, new_s) in enumerate(zip(sizes, new_sizes)):
-            tracked = isinstance(m, ChannelMap) and m.dims[i] is not None
-            counts = isinstance(s, torch.fx.Node) and isinstance(self.groups.maps.get(s.name), ChannelCount)
-            if (tracked and not (isinstance(s, int) and s == -1)) or counts:
-                out.append(shape[i] if tracked else spec.shape[i])
-                changed = True
-            else:
-                out.append(new_s)
-        return out if changed else None
-
-    def rewrite_conv_groups(self, node: torch.fx.Node, new: torch.fx.Node) -> None:
-        """A functional depthwise conv (F.conv2d(x, w, groups=C)): `groups` is the kept input width."""
-        x = bind_arguments(node)["input"]
-        groups = self.new_shape(value_spec(x).shape, self.groups.maps.get(x.name))[1]
-        position = CONV_PARAMETERS.index("groups")
-        if len(node.args) > position:
-            new.args = (*new.args[:position], groups, *new.args[position + 1:])
-        else:
-            new.kwargs = {**new.kwargs, "groups": groups}
-
-    @staticmethod
-    def is_split(node: torch.fx.Node) -> bool:
-        return (node.op == "call_function" and node.target in (torch.split, torch.chunk, torch.tensor_split)) or (
-            node.op == "call_method" and node.target in ("split", "chunk", "tensor_split"))
-
-    def rewrite_split(self, node: torch.fx.Node, new: torch.fx.Node) -> None:
-        parts = self.groups.maps.get(node.name)
-        x = node.args[0]
-        dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0)
-        xm = self.groups.maps.get(x.name)
-        if not isinstance(parts, tuple) or not isinstance(xm, ChannelMap) or xm.dims[dim % xm.ndim] is None:
-            return
-        d = dim % xm.ndim
-        sizes = [len(self.kept(p.dims[d])) for p in parts]
-        new.op, new.target = "call_function", torch.split
-        new.args, new.kwargs = (new.args[0], sizes, d), {}
 
 
 def _copy_tensor(t: Any) -> Any:
@@ -202,31 +123,3 @@ def _with_tensors(module: nn.Module, prefix: str, new_tensors: Dict[str, torch.T
     new.__dict__["_modules"] = {k: (_with_tensors(sub, prefix + k + ".", new_tensors) if sub is not None else None)
                                 for k, sub in module._modules.items()}
     return new
-
-
-def _refresh_attributes(module: nn.Module, rewrite: PruneRewrite, node: torch.fx.Node) -> None:
-    """Make size attributes agree with the sliced tensors."""
-    groups = rewrite.groups
-    if isinstance(module, nn.modules.conv._ConvNd):
-        if groups.special.get(node.name, {}).get("depthwise"):
-            x = node.args[0]
-            module.groups = rewrite.new_shape(value_spec(x).shape, groups.maps.get(x.name))[1]
-        module.out_channels = module.weight.shape[0]
-        module.in_channels = module.weight.shape[1] * module.groups
-    elif isinstance(module, nn.Linear):
-        module.out_features, module.in_features = module.weight.shape
-    elif isinstance(module, nn.modules.batchnorm._BatchNorm):
-        module.num_features = (module.running_mean if module.running_mean is not None else module.weight).shape[0]
-    elif isinstance(module, nn.LayerNorm):
-        x = node.args[0]
-        shape = rewrite.new_shape(value_spec(x).shape, groups.maps.get(x.name))
-        module.normalized_shape = tuple(shape[len(shape) - len(module.normalized_shape):])
-    elif isinstance(module, nn.GroupNorm):
-        module.num_channels = module.weight.shape[0]
-    elif isinstance(module, nn.PReLU):
-        module.num_parameters = module.weight.numel()
-    elif isinstance(module, nn.MultiheadAttention):
-        e = module.in_proj_weight.shape[1]
-        module.embed_dim = module.kdim = module.vdim = e
-        module.head_dim = e // module.num_heads
-        module.out_proj.in_features = module.out_proj.out_features = e

@@ -233,11 +233,13 @@ def test_no_prunable_channels_error_names_the_ops_that_blocked_the_layers():
 
 
 def test_an_internal_rule_failure_is_an_fxprune_error_naming_the_node(monkeypatch):
-    from fxprune.passes import dependency
+    import dataclasses
 
-    def broken(self, node, x):
+    from fxprune.ops import REGISTRY
+
+    def broken(analysis, node):
         raise IndexError("tuple index out of range")
 
-    monkeypatch.setattr(dependency._AnalysisState, "unary", broken)
+    monkeypatch.setitem(REGISTRY.functions, F.relu, dataclasses.replace(REGISTRY.functions[F.relu], channels=broken))
     with pytest.raises(fxprune.UnsupportedModelError, match=r"(?s)could not analyse %.*relu.*leaf_modules"):
         compile_small(ConvPair())

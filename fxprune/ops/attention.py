@@ -1,0 +1,177 @@
+"""Attention: nn.MultiheadAttention and torchvision's Swin window attention (with patch merging).
+
+Every head keeps the same positions (position p of every head is one unit), so `num_heads` stays
+valid. Attention scales q.k by head_dim**-0.5 with head_dim read from the pruned width; the rewrite
+folds sqrt(new/old) into the q projection (AttentionHeads.fold_scale), so the pruned model equals the
+zero-masked original exactly and stays closer to the unpruned one."""
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+import torch.fx
+from torch import nn
+
+from fxprune.errors import describe_node
+from fxprune.fxutil import bind_arguments, is_get_attr
+from fxprune.tracing import TensorSpec, value_spec
+from .registry import REGISTRY, OpEntry, op_fact, register
+
+
+@dataclass(frozen=True, eq=False)
+class AttentionHeads:
+    """The embedding channels `elements` are split into `num_heads` heads; `q_weight`/`q_bias` are
+    the parameters whose first rows are the q projection (scaled when the head width changes)."""
+
+    num_heads: int
+    elements: np.ndarray = field(repr=False)
+    q_weight: str
+    q_bias: Optional[str]
+    fold_scale: bool
+
+
+def heads_coupled(a, e: np.ndarray, num_heads: int) -> np.ndarray:
+    """Position p of every head is one unit, so that every head keeps the same size."""
+    grid = e.reshape(num_heads, -1)
+    a.es.union(grid.reshape(-1), np.tile(grid[0], num_heads))
+    return grid[0]
+
+
+def fold_attention_scale(rw, node: torch.fx.Node, fact: AttentionHeads, tensors: Dict[str, torch.Tensor]) -> None:
+    if not fact.fold_scale:
+        return
+    old, new = len(fact.elements), len(rw.kept(fact.elements))
+    if new == old or fact.q_weight not in tensors:
+        return
+    factor = math.sqrt(new / old)
+    for name in (fact.q_weight, fact.q_bias):
+        if name is not None and name in tensors:
+            tensors[name][:new] *= factor
+
+
+def _attention_flops(cost, node: torch.fx.Node, in_w: str, out_w: str, x_spec: TensorSpec, window):
+    """Projections (tokens x weight) plus the two L x L x E products of every attention window."""
+    fact = op_fact(node)
+    e_factor = cost.units_of(fact.elements) if isinstance(fact, AttentionHeads) else int(x_spec.shape[-1])
+    if window is None:  # nn.MultiheadAttention, batch_first or not: tokens = L * N
+        tokens = math.prod(x_spec.shape[:-1])
+        seq = x_spec.shape[-2] if len(x_spec.shape) == 3 else 1
+        attn_coef = 2.0 * 2 * (tokens // seq) * seq * seq
+    else:  # Swin: (B, H, W, C), padded to whole windows
+        b, h, w = x_spec.shape[:3]
+        ph, pw = math.ceil(h / window[0]) * window[0], math.ceil(w / window[1]) * window[1]
+        tokens = b * ph * pw
+        attn_coef = 2.0 * 2 * tokens * window[0] * window[1]
+    return [(2.0 * tokens, cost.weight_factors(in_w)), (2.0 * tokens, cost.weight_factors(out_w)),
+            (attn_coef, [e_factor])]
+
+
+# ----------------------------------------------------------------------------- nn.MultiheadAttention
+def multihead_attention(a, node: torch.fx.Node) -> Any:
+    module = a.module(node)
+    bound = inspect.signature(module.forward).bind(*node.args, **node.kwargs).arguments
+    q, k, v = bound["query"], bound["key"], bound["value"]
+    maps = [a.tensor_map(t) for t in (q, k, v)]
+    if (not module._qkv_same_embed_dim or module.bias_k is not None or any(m is None for m in maps)
+            or any(d != m.ndim - 1 for m in maps for d in m.tracked())):
+        return a.opaque(node, "MultiheadAttention with separate k/v dims, bias_kv or channels off the last dim")
+    e = maps[0].dims[-1]
+    if e is None:
+        e = a.new_elements(node, module.embed_dim, "attention embedding")
+        a.es.freeze(e, f"blocked by {describe_node(node)}: its input channels are not tracked")
+    for other in maps[1:]:
+        if other.dims[-1] is not None and other.dims[-1] is not e:
+            a.es.union(e, other.dims[-1])
+    heads_coupled(a, e, module.num_heads)
+    t = node.target
+    a.record_param(t + ".in_proj_weight", 1, e)
+    a.record_param(t + ".in_proj_weight", 0, np.tile(e, 3))
+    if module.in_proj_bias is not None:
+        a.record_param(t + ".in_proj_bias", 0, np.tile(e, 3))
+    a.record_param(t + ".out_proj.weight", 0, e)
+    a.record_param(t + ".out_proj.weight", 1, e)
+    if module.out_proj.bias is not None:
+        a.record_param(t + ".out_proj.bias", 0, e)
+    a.set_fact(node, AttentionHeads(module.num_heads, e, t + ".in_proj_weight",
+                                    t + ".in_proj_bias" if module.in_proj_bias is not None else None, True))
+    out = maps[0].replace(maps[0].ndim - 1, e)
+    spec = value_spec(node)
+    return tuple([out] + [a.untracked_like(s) for s in spec[1:]]) if isinstance(spec, tuple) else out
+
+
+def _resize_multihead_attention(module, rw, node) -> None:
+    e = module.in_proj_weight.shape[1]
+    module.embed_dim = module.kdim = module.vdim = e
+    module.head_dim = e // module.num_heads
+    module.out_proj.in_features = module.out_proj.out_features = e
+
+
+def _multihead_attention_meta(node: torch.fx.Node, args: tuple, kwargs: dict) -> Any:
+    # the output has the query's shape; interpreting the module on meta costs ~4 ms
+    if kwargs.get("need_weights") is False and args and isinstance(args[0], torch.Tensor):
+        return (args[0], None)
+    return None
+
+
+def _multihead_attention_flops(cost, node: torch.fx.Node):
+    return _attention_flops(cost, node, node.target + ".in_proj_weight", node.target + ".out_proj.weight",
+                            value_spec(node.args[0]), None)
+
+
+register(OpEntry("MultiheadAttention", multihead_attention, resize_module=_resize_multihead_attention,
+                 adjust_tensors=fold_attention_scale, flops=_multihead_attention_flops,
+                 meta_shape=_multihead_attention_meta),
+         modules=[nn.MultiheadAttention])
+
+
+# ----------------------------------------------------------------------------- torchvision Swin
+def shifted_window_attention(a, node: torch.fx.Node) -> Any:
+    bound = bind_arguments(node)
+    m = a.tensor_map(bound["input"])
+    weights = [bound.get(n) for n in ("qkv_weight", "proj_weight", "qkv_bias", "proj_bias")]
+    if m is None or any(w is not None and not is_get_attr(w) for w in weights) or m.tracked() not in ([], [m.ndim - 1]):
+        return a.opaque(node, "window attention with computed weights or channels off the last dim")
+    e = m.dims[-1]
+    if e is None:
+        return a.opaque(node, "window attention on untracked channels")
+    heads_coupled(a, e, bound["num_heads"])
+    qkv_w, proj_w, qkv_b, proj_b = weights
+    a.record_param(qkv_w.target, 1, e)
+    a.record_param(qkv_w.target, 0, np.tile(e, 3))
+    a.record_param(proj_w.target, 0, e)
+    a.record_param(proj_w.target, 1, e)
+    if qkv_b is not None:
+        a.record_param(qkv_b.target, 0, np.tile(e, 3))
+    if proj_b is not None:
+        a.record_param(proj_b.target, 0, e)
+    # Swin v1 scales q by head_dim**-0.5 computed from the pruned C; v2 uses cosine attention
+    # (F.normalize per head), which ignores zeroed positions and needs no correction.
+    a.set_fact(node, AttentionHeads(bound["num_heads"], e, qkv_w.target, qkv_b.target if qkv_b is not None else None,
+                                    bound.get("logit_scale") is None))
+    return m
+
+
+def _shifted_window_attention_flops(cost, node: torch.fx.Node):
+    bound = bind_arguments(node)
+    return _attention_flops(cost, node, bound["qkv_weight"].target, bound["proj_weight"].target,
+                            value_spec(bound["input"]), bound["window_size"])
+
+
+def patch_merging_pad(a, node: torch.fx.Node) -> Any:
+    """torchvision Swin: concatenates 4 spatial phases along the last (channel) dim."""
+    m = a.tensor_map(node.args[0])
+    if m is None or m.tracked() not in ([], [m.ndim - 1]):
+        return a.opaque(node, "patch merging with channels off the last dim")
+    e = m.dims[-1]
+    return m if e is None else m.replace(m.ndim - 1, np.tile(e, 4))
+
+
+REGISTRY.register_from("torchvision.models.swin_transformer", {
+    "shifted_window_attention": OpEntry("torchvision shifted_window_attention", shifted_window_attention,
+                                        adjust_tensors=fold_attention_scale, flops=_shifted_window_attention_flops),
+    "_patch_merging_pad": OpEntry("torchvision _patch_merging_pad", patch_merging_pad),
+})

@@ -1,0 +1,57 @@
+"""Contractions: matmul, bmm, mm, einsum (hand-written attention, token mixing).
+
+A contracted letter's channels meet position by position (both operands drop the same ones); a
+batch letter must carry the same channels in every operand. FLOPs are 2 x the product of every
+letter's size, tracked letters counting their kept positions."""
+from __future__ import annotations
+
+import operator
+from collections import defaultdict
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.fx
+
+from fxprune.fxutil import einsum_subscripts
+from fxprune.ir import ChannelMap
+from fxprune.tracing import value_spec
+from .registry import OpEntry, register
+
+
+def contraction(a, node: torch.fx.Node) -> Any:
+    parsed = einsum_subscripts(node)
+    if parsed is None:
+        return a.opaque(node, "matmul of vectors or einsum with ellipsis/implicit output")
+    operands, subscripts = parsed
+    by_letter: Dict[str, List[Tuple[torch.fx.Node, int, Optional[np.ndarray], int]]] = defaultdict(list)
+    for op, sub in zip(operands, subscripts[:-1]):
+        spec, m = value_spec(op), a.tensor_map(op)
+        if m is None or len(sub) != spec.ndim or len(set(sub)) != len(sub):
+            return a.opaque(node, "contraction with unsupported subscripts")
+        for d, letter in enumerate(sub):
+            by_letter[letter].append((op, d, m.dims[d], spec.shape[d]))
+    letter_elements = {letter: a.couple(node, entries, max(size for _, _, _, size in entries), "contracts")
+                       for letter, entries in by_letter.items()}
+    return ChannelMap(tuple(letter_elements.get(letter) for letter in subscripts[-1]))
+
+
+def contraction_flops(cost, node: torch.fx.Node):
+    parsed = einsum_subscripts(node)
+    if parsed is None:
+        return []
+    operands, subscripts = parsed
+    sizes: Dict[str, Any] = {}
+    for op, sub in zip(operands, subscripts):
+        spec, m = value_spec(op), cost.groups.maps.get(op.name)
+        for d, letter in enumerate(sub):
+            e = m.dims[d] if isinstance(m, ChannelMap) else None
+            if e is not None:
+                sizes[letter] = cost.units_of(e)
+            elif letter not in sizes or (isinstance(sizes[letter], int) and sizes[letter] == 1):
+                sizes[letter] = int(spec.shape[d])
+    return [(2.0, list(sizes.values()))]
+
+
+register(OpEntry("matmul/einsum", contraction, flops=contraction_flops),
+         functions=[torch.matmul, torch.bmm, torch.mm, operator.matmul, torch.einsum], methods=["matmul"])

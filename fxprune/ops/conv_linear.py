@@ -1,0 +1,170 @@
+"""Convolutions and linear layers (modules and their functional forms): they create channels.
+
+A conv or linear layer's output features are a new source space; its input features slice the
+weight's second dim. A depthwise conv (one input channel per group) has no channels of its own:
+input channel i owns outputs i*k .. i*k+k-1, so `groups` follows the kept width (DepthwiseConv fact).
+A grouped conv keeps the same positions in every group, so `groups` stays valid."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+
+from fxprune.errors import describe_node
+from fxprune.fxutil import CONV_PARAMETERS, bind_arguments, is_get_attr
+from fxprune.ir import ChannelMap
+from fxprune.tracing import TensorSpec, value_spec
+from .registry import OpEntry, op_fact, register
+
+
+@dataclass(frozen=True)
+class DepthwiseConv:
+    """This conv has one input channel per group: `groups` is its kept input width."""
+
+
+# ----------------------------------------------------------------------------- channel rules
+def conv(a, node: torch.fx.Node, m: Optional[ChannelMap], weight: str, bias: Optional[str], groups: int,
+         out_channels: int, in_channels: int) -> Any:
+    spec = value_spec(node)
+    if m is None:
+        return a.opaque(node, "conv of an unknown value")
+    for d in m.tracked():
+        if d != 1:
+            a.es.freeze(m.dims[d], f"blocked by {describe_node(node)}: channels on a spatial dim")
+    x_in = m.dims[1]
+    in_per_group, out_per_group = in_channels // groups, out_channels // groups
+    if groups == 1:
+        if x_in is not None:
+            a.record_param(weight, 1, x_in)
+        out = a.new_elements(node, out_channels, "conv output")
+    elif in_per_group == 1 and x_in is not None:
+        out = np.repeat(x_in, out_per_group)
+        a.set_fact(node, DepthwiseConv())
+    else:
+        if x_in is not None:
+            grid = x_in.reshape(groups, in_per_group)
+            a.es.union(grid.reshape(-1), np.tile(grid[0], groups))
+            a.record_param(weight, 1, grid[0])
+        out = np.tile(a.new_elements(node, out_per_group, "grouped conv output"), groups)
+    a.record_param(weight, 0, out)
+    if bias:
+        a.record_param(bias, 0, out)
+    return ChannelMap.single(spec.ndim, 1, out)
+
+
+def conv_module(a, node: torch.fx.Node) -> Any:
+    module = a.module(node)
+    return conv(a, node, a.tensor_map(node.args[0] if node.args else None), node.target + ".weight",
+                node.target + ".bias" if module.bias is not None else None,
+                module.groups, module.out_channels, module.in_channels)
+
+
+def functional_conv(a, node: torch.fx.Node) -> Any:
+    bound = bind_arguments(node)
+    w, b = bound.get("weight"), bound.get("bias")
+    if not is_get_attr(w) or (b is not None and not is_get_attr(b)):
+        return a.opaque(node, "conv with a computed weight")
+    groups = bound.get("groups", 1)
+    w_shape = value_spec(w).shape
+    return conv(a, node, a.tensor_map(bound["input"]), w.target, b.target if b is not None else None,
+                groups, w_shape[0], w_shape[1] * groups)
+
+
+def linear(a, node: torch.fx.Node, m: Optional[ChannelMap], weight: str, bias: Optional[str], out_features: int) -> Any:
+    if m is None:
+        return a.opaque(node, "linear of an unknown value")
+    if m.dims[-1] is not None:
+        a.record_param(weight, 1, m.dims[-1])
+    out = a.new_elements(node, out_features, "linear output")
+    a.record_param(weight, 0, out)
+    if bias:
+        a.record_param(bias, 0, out)
+    return m.replace(m.ndim - 1, out)
+
+
+def linear_module(a, node: torch.fx.Node) -> Any:
+    module = a.module(node)
+    return linear(a, node, a.tensor_map(node.args[0] if node.args else None), node.target + ".weight",
+                  node.target + ".bias" if module.bias is not None else None, module.out_features)
+
+
+def functional_linear(a, node: torch.fx.Node) -> Any:
+    bound = bind_arguments(node)
+    x, w, b = bound.get("input"), bound.get("weight"), bound.get("bias")
+    if not is_get_attr(w) or (b is not None and not is_get_attr(b)):
+        return a.opaque(node, "F.linear with a computed weight")
+    return linear(a, node, a.tensor_map(x), w.target, b.target if b is not None else None, value_spec(w).shape[0])
+
+
+# ----------------------------------------------------------------------------- rewrite
+def _resize_conv(module, rw, node) -> None:
+    if isinstance(op_fact(node), DepthwiseConv):
+        module.groups = rw.input_shape(node.args[0])[1]
+    module.out_channels = module.weight.shape[0]
+    module.in_channels = module.weight.shape[1] * module.groups
+
+
+def _rewrite_conv_groups(rw, node: torch.fx.Node, new: torch.fx.Node) -> None:
+    """A functional depthwise conv (F.conv2d(x, w, groups=C)): `groups` is the kept input width."""
+    if not isinstance(op_fact(node), DepthwiseConv):
+        return
+    groups = rw.input_shape(bind_arguments(node)["input"])[1]
+    position = CONV_PARAMETERS.index("groups")
+    if len(node.args) > position:
+        new.args = (*new.args[:position], groups, *new.args[position + 1:])
+    else:
+        new.kwargs = {**new.kwargs, "groups": groups}
+
+
+def _resize_linear(module, rw, node) -> None:
+    module.out_features, module.in_features = module.weight.shape
+
+
+# ----------------------------------------------------------------------------- FLOPs
+def _conv_flops(cost, node: torch.fx.Node, weight: str):
+    spec = value_spec(node)
+    if not isinstance(spec, TensorSpec):
+        return []
+    # the conv rule keeps channels on dim 1 only: batch and spatial sizes are constants
+    return [(2.0 * math.prod(spec.shape) / spec.shape[1], cost.weight_factors(weight))]
+
+
+def _linear_flops(cost, node: torch.fx.Node, weight: str):
+    spec = value_spec(node)
+    if not isinstance(spec, TensorSpec):
+        return []
+    return [(2.0, cost.leading_factors(node, spec) + cost.weight_factors(weight))]
+
+
+def _functional_weight(node: torch.fx.Node) -> Optional[str]:
+    w = bind_arguments(node).get("weight")
+    return w.target if is_get_attr(w) else None
+
+
+register(OpEntry("Conv", conv_module, resize_module=_resize_conv,
+                 flops=lambda cost, node: _conv_flops(cost, node, node.target + ".weight")),
+         modules=[nn.Conv1d, nn.Conv2d, nn.Conv3d])
+register(OpEntry("F.conv", functional_conv, rewrite_args=_rewrite_conv_groups,
+                 flops=lambda cost, node: _conv_flops(cost, node, w) if (w := _functional_weight(node)) else []),
+         functions=[F.conv1d, F.conv2d, F.conv3d])
+register(OpEntry("Linear", linear_module, resize_module=_resize_linear,
+                 flops=lambda cost, node: _linear_flops(cost, node, node.target + ".weight")),
+         modules=[nn.Linear])
+register(OpEntry("F.linear", functional_linear,
+                 flops=lambda cost, node: _linear_flops(cost, node, w) if (w := _functional_weight(node)) else []),
+         functions=[F.linear])
+
+
+def _transposed_conv(a, node: torch.fx.Node) -> Any:
+    return a.opaque(node, "no channel rule for transposed convolutions yet")
+
+
+register(OpEntry("ConvTranspose (frozen; FLOPs counted)", _transposed_conv,
+                 flops=lambda cost, node: _conv_flops(cost, node, node.target + ".weight")),
+         modules=[nn.modules.conv._ConvTransposeNd])

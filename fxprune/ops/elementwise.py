@@ -1,0 +1,99 @@
+"""Elementwise ops: activations and other unary maps, broadcasting binary ops, Python operators.
+
+Unary ops map zero to something (sigmoid(0) = 0.5) but act position by position, so a channel
+that is zero where it is read stays exact: the masked original zeroes it again at every consumer."""
+from __future__ import annotations
+
+import operator
+from typing import Any, List, Optional
+
+import numpy as np
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+
+from fxprune.fxutil import first_input
+from fxprune.ir import ChannelCount, ChannelMap
+from fxprune.tracing import TensorSpec, value_spec
+from .registry import REGISTRY, OpEntry, register, same_as_input
+
+
+# ----------------------------------------------------------------------------- unary
+def unary(a, node: torch.fx.Node) -> Any:
+    """Same shape in, same channels out, position by position."""
+    m = a.tensor_map(first_input(node))
+    spec = value_spec(node)
+    if m is None or not isinstance(spec, TensorSpec) or spec.ndim != m.ndim:
+        return a.opaque(node, "unexpected shape for an elementwise op")
+    return m
+
+
+UNARY = register(
+    OpEntry("unary elementwise", unary, meta_shape=same_as_input),
+    functions=[
+        torch.relu, torch.sigmoid, torch.tanh, torch.exp, torch.abs, torch.neg, torch.clamp, F.relu, F.relu6, F.gelu,
+        F.silu, F.hardswish, F.hardsigmoid, F.hardtanh, F.leaky_relu, F.elu, F.mish, F.sigmoid, F.tanh, F.dropout,
+        F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.softplus,
+        # an L2 norm over a dim: zeros do not contribute, so it is zero-exact
+        F.normalize,
+    ],
+    methods=["relu", "relu_", "sigmoid", "sigmoid_", "tanh", "exp", "abs", "neg", "clamp", "contiguous", "clone",
+             "float", "double", "half", "to", "type_as", "detach", "hardswish", "sqrt", "rsqrt", "pow", "square"],
+    modules=[nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh,
+             nn.LeakyReLU, nn.ELU, nn.Mish, nn.Softplus, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
+             nn.Dropout3d, nn.AlphaDropout],
+)
+REGISTRY.register_from("torchvision.ops.stochastic_depth", {"stochastic_depth": UNARY})
+
+
+# ----------------------------------------------------------------------------- binary
+def elementwise(a, node: torch.fx.Node) -> Any:
+    """Broadcasting elementwise op: positions aligned from the right are the same channel."""
+    spec = value_spec(node)
+    if not isinstance(spec, TensorSpec):
+        return a.opaque(node, "elementwise op without a tensor result")
+    tensors = [t for t in node.all_input_nodes if isinstance(value_spec(t), TensorSpec)]
+    out: List[Optional[np.ndarray]] = [None] * spec.ndim
+    for d in range(spec.ndim):
+        entries = []  # (operand, its dim, elements, size)
+        for t in tensors:
+            t_spec = value_spec(t)
+            td = d - (spec.ndim - t_spec.ndim)
+            if td < 0:
+                continue
+            m = a.tensor_map(t)
+            entries.append((t, td, m.dims[td] if m is not None else None, t_spec.shape[td]))
+        out[d] = a.couple(node, entries, spec.shape[d], "combines")
+    return ChannelMap(tuple(out))
+
+
+register(OpEntry("binary elementwise", elementwise),
+         functions=[torch.add, torch.sub, torch.mul, torch.div, torch.maximum, torch.minimum, torch.where],
+         methods=["add", "add_", "sub", "mul", "mul_", "div", "maximum", "minimum"])
+
+
+# ----------------------------------------------------------------------------- Python operators
+_TENSOR_BINARY = {operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.imul,
+                  operator.isub}
+
+
+def python_operator(a, node: torch.fx.Node) -> Any:
+    """`x + y` on tensors is elementwise; on ints (sizes read with x.size(d)) it is shape arithmetic,
+    and a channel count stays a channel count through it."""
+    if not isinstance(value_spec(node), (TensorSpec, tuple)):
+        counts = [a.map_of(arg) for arg in node.all_input_nodes]
+        counts = [c for c in counts if isinstance(c, ChannelCount)]
+        return ChannelCount(np.concatenate([c.elements for c in counts])) if counts else None
+    a.freeze_channel_counts(node)  # a count that becomes a tensor value changes it when pruned
+    if node.target is operator.neg:
+        return unary(a, node)
+    if node.target in _TENSOR_BINARY:
+        return elementwise(a, node)
+    return a.opaque(node, f"no channel rule for operator.{node.target.__name__} on tensors")
+
+
+register(OpEntry("Python operator", python_operator, accepts_channel_counts=True),
+         functions=[operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv, operator.mod,
+                    operator.pow, operator.neg, operator.eq, operator.ne, operator.lt, operator.le, operator.gt,
+                    operator.ge, operator.iadd, operator.imul, operator.isub])

@@ -1,0 +1,73 @@
+"""Ops that reduce or resample: softmax, sum/mean/max over dims, pooling and resizing.
+
+A sum over a channel dim is exact over the kept channels (the removed ones are zero); a mean or max
+over channels is not, so it freezes them. Pooling must act on dims that carry no channels."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+
+from fxprune.fxutil import argument, first_input
+from fxprune.ir import ChannelMap
+from fxprune.tracing import TensorSpec, value_spec
+from .registry import OpEntry, register
+
+
+def softmax(a, node: torch.fx.Node) -> Any:
+    m = a.tensor_map(first_input(node))
+    if node.op == "call_module":
+        dim = a.module(node).dim
+    else:
+        dim = argument(node, "dim", position=1)
+    if m is None:
+        return a.opaque(node, "softmax of an unknown value")
+    if dim is not None and m.dims[dim % m.ndim] is not None:
+        return a.opaque(node, "softmax over a channel dim")
+    return m
+
+
+register(OpEntry("softmax", softmax), functions=[F.softmax, F.log_softmax, torch.softmax, torch.log_softmax],
+         methods=["softmax", "log_softmax"], modules=[nn.Softmax, nn.LogSoftmax])
+
+
+def reduction(a, node: torch.fx.Node) -> Any:
+    name = node.target if isinstance(node.target, str) else node.target.__name__
+    m = a.tensor_map(first_input(node))
+    spec = value_spec(node)
+    dims = argument(node, "dim", position=1)
+    if m is None or dims is None or not isinstance(spec, TensorSpec):
+        return a.opaque(node, f"{name} over all dims")
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    dims = sorted(d % m.ndim for d in dims)
+    if any(m.dims[d] is not None for d in dims) and name != "sum":  # sum over kept channels is exact
+        return a.opaque(node, f"{name} over a channel dim")
+    keepdim = spec.ndim == m.ndim
+    return ChannelMap(tuple(None if d in dims else e for d, e in enumerate(m.dims) if keepdim or d not in dims))
+
+
+register(OpEntry("sum/mean/amax/amin", reduction), functions=[torch.sum, torch.mean, torch.amax, torch.amin],
+         methods=["sum", "mean", "amax", "amin"])
+
+
+def pool(a, node: torch.fx.Node) -> Any:
+    """Pooling/resizing over the trailing spatial dims; channel dims must be elsewhere."""
+    m = a.tensor_map(first_input(node))
+    spec = value_spec(node)
+    if m is None or not isinstance(spec, TensorSpec) or spec.ndim != m.ndim:
+        return a.opaque(node, "pooling with an unexpected shape")
+    n_spatial = max(m.ndim - 2, 1)
+    if any(m.dims[d] is not None for d in range(m.ndim - n_spatial, m.ndim)):
+        return a.opaque(node, "pooling over a channel dim")
+    return m
+
+
+register(OpEntry("pooling/resizing", pool),
+         functions=[F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.avg_pool1d, F.avg_pool2d,
+                    F.avg_pool3d, F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool2d, F.interpolate,
+                    torch._C._nn.avg_pool2d],
+         modules=[nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AvgPool1d, nn.AvgPool2d,
+                  nn.AvgPool3d, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool2d, nn.Upsample])

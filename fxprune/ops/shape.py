@@ -1,0 +1,339 @@
+"""Shape and layout ops: size queries, indexing, view/reshape/flatten, permute, expand, cat, split,
+pad, roll.
+
+Reshapes map channels through blocks of dims with equal products; splitting a channel dim into
+(heads, head_dim) makes position p of every head one unit, so every head keeps the same size.
+Shape literals that carry a channel dim (view sizes, split sizes) are recomputed by the rewrite."""
+from __future__ import annotations
+
+import operator
+from typing import Any, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.fx
+from torch import nn
+
+from fxprune.errors import describe_node
+from fxprune.fxutil import argument, first_input
+from fxprune.ir import ChannelCount, ChannelMap
+from fxprune.tracing import TensorSpec, value_spec
+from .registry import OpEntry, register
+
+
+# ----------------------------------------------------------------------------- metadata
+def size(a, node: torch.fx.Node) -> Any:
+    """x.size() / x.size(d): a channel dim's size is a ChannelCount (it changes when pruned)."""
+    m = a.tensor_map(node.args[0])
+    if m is None:
+        return None
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    counts = tuple(ChannelCount(e) if e is not None else None for e in m.dims)
+    return counts if dim is None else counts[dim]
+
+
+register(OpEntry("size", size), methods=["size"])
+register(OpEntry("dim", lambda a, node: None), methods=["dim"])
+
+
+def attribute(a, node: torch.fx.Node) -> Any:
+    """getattr(x, "shape") and other metadata reads."""
+    m = a.tensor_map(node.args[0])
+    if node.args[1] == "shape" and m is not None:
+        return tuple(ChannelCount(e) if e is not None else None for e in m.dims)
+    if node.args[1] in ("shape", "dtype", "device", "ndim", "is_cuda"):
+        return None
+    return a.opaque(node, f"no channel rule for attribute .{node.args[1]}")
+
+
+register(OpEntry("getattr", attribute), functions=[getattr])
+
+
+# ----------------------------------------------------------------------------- indexing
+def getitem(a, node: torch.fx.Node) -> Any:
+    source, index = node.args
+    value = a.map_of(source)
+    if isinstance(value, (tuple, list)):
+        return value[index]
+    if isinstance(value, ChannelMap):
+        return _tensor_index(a, node, value, index)
+    return None if not isinstance(value_spec(node), TensorSpec) else a.untracked_like(value_spec(node))
+
+
+def _tensor_index(a, node: torch.fx.Node, m: ChannelMap, index) -> Any:
+    """x[...]: ints and full slices of channel dims are understood; anything else freezes them."""
+    index = index if isinstance(index, tuple) else (index,)
+    if any(isinstance(i, torch.fx.Node) or (not isinstance(i, (int, slice, type(None), type(Ellipsis)))) for i in index):
+        return a.opaque(node, "tensor indexing by a tensor or list")
+    n_real = sum(1 for i in index if i is not None and i is not Ellipsis)
+    expanded: List[Any] = []
+    for i in index:
+        if i is Ellipsis:
+            expanded.extend([slice(None)] * (m.ndim - n_real))
+        else:
+            expanded.append(i)
+    expanded.extend([slice(None)] * (m.ndim - sum(1 for i in expanded if i is not None)))
+    out, d = [], 0
+    for i in expanded:
+        if i is None:
+            out.append(None)
+            continue
+        e = m.dims[d]
+        if isinstance(i, slice) and i == slice(None):
+            out.append(e)
+        elif e is not None:
+            a.es.freeze(e, f"blocked by {describe_node(node)}: indexing a channel dim")
+            if isinstance(i, slice):
+                out.append(None)
+        elif isinstance(i, slice):
+            out.append(None)
+        d += 1
+    return ChannelMap(tuple(out))
+
+
+# tuples of channel counts (x.shape) are indexed too: the count passes through
+register(OpEntry("getitem", getitem, accepts_channel_counts=True), functions=[operator.getitem])
+
+
+# ----------------------------------------------------------------------------- reshapes
+def reshape(a, node: torch.fx.Node) -> Any:
+    """view/reshape/flatten/squeeze: map channels through blocks of dims with equal products."""
+    x = first_input(node)
+    m = a.tensor_map(x)
+    out_spec, in_spec = value_spec(node), value_spec(x)
+    if m is None or not isinstance(out_spec, TensorSpec):
+        return a.opaque(node, "reshape of an unknown value")
+    out: List[Optional[np.ndarray]] = [None] * out_spec.ndim
+    for in_dims, out_dims in _reshape_blocks(in_spec.shape, out_spec.shape):
+        tracked = [d for d in in_dims if m.dims[d] is not None]
+        if not tracked:
+            continue
+        if not out_dims:
+            a.es.freeze(m.dims[tracked[0]], f"blocked by {describe_node(node)}: a channel dim of size 1 vanishes")
+            continue
+        if len(tracked) > 1:
+            for d in tracked:
+                a.es.freeze(m.dims[d], f"blocked by {describe_node(node)}: merges two channel dims")
+            continue
+        if len(in_dims) == 1 and len(out_dims) == 1:
+            out[out_dims[0]] = m.dims[in_dims[0]]
+            continue
+        block_in = [in_spec.shape[d] for d in in_dims]
+        grid = np.broadcast_to(
+            m.dims[tracked[0]].reshape([-1 if d == tracked[0] else 1 for d in in_dims]), block_in
+        ).reshape([out_spec.shape[d] for d in out_dims])
+        varying = [ax for ax in range(grid.ndim) if grid.shape[ax] > 1 and np.any(np.diff(grid, axis=ax) != 0)]
+        if not varying:  # every position is the same element: the last non-trivial dim carries it
+            varying = [max(ax for ax in range(grid.ndim) if grid.shape[ax] > 1)]
+        carrier = varying[-1]
+        # Outer split dims (heads, shuffle groups) keep all their positions: the same channel
+        # position in each of them is one unit, so the kept set stays a product set.
+        base = grid[tuple(slice(None) if ax == carrier else 0 for ax in range(grid.ndim))]
+        if len(varying) > 1:
+            shape = [grid.shape[ax] if ax == carrier else 1 for ax in range(grid.ndim)]
+            a.es.union(grid.reshape(-1), np.broadcast_to(base.reshape(shape), grid.shape).reshape(-1))
+        out[out_dims[carrier]] = np.ascontiguousarray(base)
+    return ChannelMap(tuple(out))
+
+
+def _reshape_blocks(in_shape: Sequence[int], out_shape: Sequence[int]) -> List[Tuple[List[int], List[int]]]:
+    """Pair contiguous runs of input and output dims with equal products (size-1 dims alone)."""
+    blocks, i, j = [], 0, 0
+    while i < len(in_shape) or j < len(out_shape):
+        if i < len(in_shape) and in_shape[i] == 1:
+            blocks.append(([i], []))
+            i += 1
+            continue
+        if j < len(out_shape) and out_shape[j] == 1:
+            blocks.append(([], [j]))
+            j += 1
+            continue
+        if i >= len(in_shape) or j >= len(out_shape):
+            break
+        in_dims, out_dims = [i], [j]
+        p_in, p_out = in_shape[i], out_shape[j]
+        i, j = i + 1, j + 1
+        while p_in != p_out:
+            if p_in < p_out:
+                p_in *= in_shape[i]
+                in_dims.append(i)
+                i += 1
+            else:
+                p_out *= out_shape[j]
+                out_dims.append(j)
+                j += 1
+        blocks.append((in_dims, out_dims))
+    return blocks
+
+
+def rewrite_size_arguments(rw, node: torch.fx.Node, new: torch.fx.Node) -> None:
+    """view/reshape/expand sizes: every channel dim (a literal, or computed from a channel count)
+    becomes its new literal size; batch and spatial sizes stay as traced."""
+    if node.op == "call_function":  # torch.reshape(x, shape)
+        sizes, new_sizes, packed = list(node.args[1]), list(new.args[1]), True
+    else:
+        sizes, new_sizes = node.args[1:], new.args[1:]
+        packed = len(sizes) == 1 and isinstance(sizes[0], (tuple, list))
+        sizes, new_sizes = (list(sizes[0]), list(new_sizes[0])) if packed else (list(sizes), list(new_sizes))
+    spec = value_spec(node)
+    if len(sizes) != spec.ndim:
+        return
+    m = rw.groups.maps.get(node.name)
+    shape = rw.new_shape(spec.shape, m)
+    out, changed = [], False
+    for i, (s, new_s) in enumerate(zip(sizes, new_sizes)):
+        tracked = isinstance(m, ChannelMap) and m.dims[i] is not None
+        counts = isinstance(s, torch.fx.Node) and isinstance(rw.groups.maps.get(s.name), ChannelCount)
+        if (tracked and not (isinstance(s, int) and s == -1)) or counts:
+            out.append(shape[i] if tracked else spec.shape[i])
+            changed = True
+        else:
+            out.append(new_s)
+    if changed:
+        new.args = (new.args[0], tuple(out)) if packed else (new.args[0], *out)
+
+
+register(OpEntry("view/reshape", reshape, rewrite_args=rewrite_size_arguments, accepts_channel_counts=True),
+         functions=[torch.reshape], methods=["view", "reshape"])
+register(OpEntry("flatten/squeeze/unsqueeze", reshape),
+         functions=[torch.flatten, torch.squeeze, torch.unsqueeze],
+         methods=["flatten", "squeeze", "unsqueeze", "unflatten"], modules=[nn.Flatten, nn.Unflatten])
+
+
+def expand(a, node: torch.fx.Node) -> Any:
+    m = a.tensor_map(node.args[0])
+    spec = value_spec(node)
+    if m is None or not isinstance(spec, TensorSpec):
+        return a.opaque(node, "expand of an unknown value")
+    return ChannelMap(tuple([None] * (spec.ndim - m.ndim) + list(m.dims)))
+
+
+register(OpEntry("expand", expand, rewrite_args=rewrite_size_arguments, accepts_channel_counts=True),
+         methods=["expand"])
+register(OpEntry("expand_as", expand), methods=["expand_as"])
+
+
+# ----------------------------------------------------------------------------- layout
+def permute(a, node: torch.fx.Node) -> Any:
+    m = a.tensor_map(first_input(node))
+    if m is None:
+        return a.opaque(node, "permute of an unknown value")
+    args = list(node.args[1:])
+    if node.target == "t":
+        order = list(range(m.ndim))[::-1]
+    elif node.target in (torch.permute, "permute"):
+        order = list(args[0]) if len(args) == 1 and isinstance(args[0], (tuple, list)) else args
+        if not args:
+            order = list(node.kwargs.get("dims"))
+    else:  # transpose / swapaxes
+        if len(args) < 2:  # dims passed by name
+            args = [v for k, v in node.kwargs.items() if k not in ("input", "self")]
+        i, j = args[0] % m.ndim, args[1] % m.ndim
+        order = list(range(m.ndim))
+        order[i], order[j] = order[j], order[i]
+    return ChannelMap(tuple(m.dims[d % m.ndim] for d in order))
+
+
+register(OpEntry("permute/transpose", permute),
+         functions=[torch.permute, torch.transpose, torch.swapaxes, torch.swapdims],
+         methods=["permute", "transpose", "swapaxes", "swapdims", "t"])
+
+
+# ----------------------------------------------------------------------------- cat and split
+def cat(a, node: torch.fx.Node) -> Any:
+    """Concatenation lays channel vectors side by side; the other dims must agree (unioned)."""
+    tensors, dim = list(first_input(node)), argument(node, "dim", 0)
+    spec = value_spec(node)
+    maps = [a.tensor_map(t) if isinstance(t, torch.fx.Node) else None for t in tensors]
+    if not isinstance(spec, TensorSpec) or any(m is None for m in maps):
+        return a.opaque(node, "cat of unknown values")
+    dim = dim % spec.ndim
+    others: List[Optional[np.ndarray]] = [None] * spec.ndim
+    for d in range(spec.ndim):
+        if d != dim:
+            entries = [(t, d, a.tensor_map(t).dims[d], value_spec(t).shape[d]) for t in tensors]
+            others[d] = a.couple(node, entries, spec.shape[d], "joins", broadcasting=False)
+    if all(m.dims[dim] is None for m in maps):
+        cat_elements = None
+    else:
+        parts = []
+        for t, m in zip(tensors, maps):
+            if m.dims[dim] is not None:
+                parts.append(m.dims[dim])
+            else:
+                fresh = a.new_elements(node, value_spec(t).shape[dim], f"cat input %{t.name}")
+                a.es.freeze(fresh, f"constant segment of {describe_node(node)}")
+                parts.append(fresh)
+        cat_elements = np.concatenate(parts)
+    return ChannelMap(tuple(cat_elements if d == dim else others[d] for d in range(spec.ndim)))
+
+
+register(OpEntry("cat", cat), functions=[torch.cat, torch.concat])
+
+
+def _split_dim(node: torch.fx.Node, ndim: int) -> int:
+    return node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0) % ndim
+
+
+def split(a, node: torch.fx.Node) -> Any:
+    m = a.tensor_map(first_input(node))
+    spec = value_spec(node)
+    if m is None or not isinstance(spec, tuple):
+        return a.opaque(node, "split of an unknown value")
+    dim = _split_dim(node, m.ndim)
+    outs, start = [], 0
+    for part in spec:
+        n = part.shape[dim]
+        e = m.dims[dim]
+        outs.append(m.replace(dim, None if e is None else e[start:start + n]))
+        start += n
+    return tuple(outs)
+
+
+def rewrite_split(rw, node: torch.fx.Node, new: torch.fx.Node) -> None:
+    """Split sizes become the kept width of each part (as an explicit torch.split)."""
+    parts, x = rw.groups.maps.get(node.name), first_input(node)
+    xm = rw.groups.maps.get(x.name)
+    if not isinstance(parts, tuple) or not isinstance(xm, ChannelMap):
+        return
+    d = _split_dim(node, xm.ndim)
+    if xm.dims[d] is None:
+        return
+    new.op, new.target = "call_function", torch.split
+    new.args, new.kwargs = (new.args[0] if new.args else new.kwargs[_first_kwarg(new)],
+                            [len(rw.kept(p.dims[d])) for p in parts], d), {}
+
+
+def _first_kwarg(node: torch.fx.Node) -> str:
+    return next(k for k in ("input", "tensor", "self") if k in node.kwargs)
+
+
+register(OpEntry("split/chunk", split, rewrite_args=rewrite_split),
+         functions=[torch.split, torch.chunk, torch.tensor_split], methods=["split", "chunk", "tensor_split"])
+
+
+# ----------------------------------------------------------------------------- padding and rolling
+def pad(a, node: torch.fx.Node) -> Any:
+    m = a.tensor_map(first_input(node))
+    amounts = argument(node, "pad")
+    if m is None or not isinstance(amounts, (tuple, list)):
+        return a.opaque(node, "pad with unknown arguments")
+    padded = range(m.ndim - len(amounts) // 2, m.ndim)
+    if any(m.dims[d] is not None and any(amounts[2 * (m.ndim - 1 - d) + k] != 0 for k in (0, 1)) for d in padded):
+        return a.opaque(node, "padding a channel dim")
+    return m
+
+
+register(OpEntry("pad", pad), functions=[torch.nn.functional.pad])
+
+
+def roll(a, node: torch.fx.Node) -> Any:
+    m = a.tensor_map(first_input(node))
+    dims = argument(node, "dims")
+    dims = [dims] if isinstance(dims, int) else list(dims or [])
+    if m is None or not dims or any(m.dims[d] is not None for d in dims):
+        return a.opaque(node, "roll over a channel dim")
+    return m
+
+
+register(OpEntry("roll", roll), functions=[torch.roll])

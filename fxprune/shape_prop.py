@@ -1,0 +1,106 @@
+"""Shape propagation: every node's shape and dtype on the example inputs.
+
+Runs the traced graph once, on the meta device where every op has a meta kernel (falling back to real
+tensors otherwise), and records for every node a frozen `TensorSpec` (or a tuple of them) in
+`node.meta["fxprune.value"]`. Wrong example inputs fail here, with the node that could not run.
+Layers whose output shape the op registry knows (`meta_shape`) are not interpreted: on meta their
+kernels are Python decompositions that cost more than a conv."""
+from __future__ import annotations
+
+from typing import Any, Optional, Tuple
+
+import torch
+import torch.fx
+
+from .errors import ExampleInputsError, describe_node
+from .ops import REGISTRY
+from .ops.registry import same_as_input
+from .tracing import VALUE_KEY, _structural_copy, spec_of, torch_layer_type
+
+
+class ShapePropagation(torch.fx.Interpreter):
+    """Analysis pass: records `node.meta["fxprune.value"]`; leaves the graph unchanged."""
+
+    failed_node: Optional[torch.fx.Node] = None
+
+    def __init__(self, module: torch.nn.Module, graph: torch.fx.Graph, meta: bool):
+        super().__init__(module, graph=graph)
+        self.meta = meta
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        self.failed_node = n
+        result = self.known_shape(n) if self.meta and n.op == "call_module" else None
+        if result is None:
+            result = super().run_node(n)
+        n.meta[VALUE_KEY] = spec_of(result)
+        return result
+
+    def known_shape(self, n: torch.fx.Node) -> Any:
+        entry = REGISTRY.lookup(n, self.submodules)
+        if entry is None or entry.meta_shape is None:
+            return None
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        return entry.meta_shape(n, args, kwargs)
+
+
+def _needs_no_weights(module: torch.nn.Module) -> bool:
+    """Layers whose output is their input's shape: shape propagation never runs them."""
+    entry = REGISTRY.for_module_type(type(module)) if torch_layer_type(module) is not None else None
+    return entry is not None and entry.meta_shape is same_as_input
+
+
+def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Tuple[Any, ...]) -> Any:
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(example_inputs) != len(placeholders):
+        raise ExampleInputsError(
+            f"the model takes {len(placeholders)} input(s) ({', '.join(p.name for p in placeholders)}) but "
+            f"example_inputs has {len(example_inputs)}"
+        )
+    try:  # shapes only: on the meta device no kernel computes anything
+        with torch.no_grad():
+            return ShapePropagation(_meta_weights(gm), gm.graph, meta=True).run(*[_to_meta(x) for x in example_inputs])
+    except Exception:
+        pass  # an op without a meta kernel, or inputs that do not fit: the real run tells which
+    interpreter = ShapePropagation(gm, gm.graph, meta=False)
+    try:
+        with torch.no_grad():
+            return interpreter.run(*example_inputs)
+    except Exception as exc:
+        # fx appends its own "While executing ..." text to the message; keep the first line only
+        first_line = (str(exc).strip().splitlines() or [""])[0]
+        raise ExampleInputsError(
+            f"the model failed on example_inputs at {describe_node(interpreter.failed_node)}: "
+            f"{type(exc).__name__}: {first_line}\n  check the shape and dtype of example_inputs (the model takes "
+            f"{len(placeholders)} input(s): {', '.join(p.name for p in placeholders)})"
+        ) from None
+
+
+def _to_meta(x: Any) -> Any:
+    return torch.empty_like(x, device="meta") if isinstance(x, torch.Tensor) else x
+
+
+def _meta_weights(gm: torch.fx.GraphModule) -> torch.nn.Module:
+    """A copy of the module tree over meta-device weights, for interpreting gm's graph on shapes.
+    Only modules the graph calls (and the get_attr targets) get meta tensors; shape-preserving
+    layers are skipped by the interpreter and need none."""
+    # a plain Module holding gm's attributes: copying the GraphModule itself would regenerate its code
+    root = torch.nn.Module()
+    root.__dict__["_parameters"] = dict(gm._parameters)
+    root.__dict__["_buffers"] = dict(gm._buffers)
+    root.__dict__["_modules"] = {k: (_structural_copy(v) if v is not None else None) for k, v in gm._modules.items()}
+    wanted = set()
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and not _needs_no_weights(root.get_submodule(node.target)):
+            wanted.update(id(m) for m in root.get_submodule(node.target).modules())
+        elif node.op == "get_attr":
+            owner = node.target.rpartition(".")[0]
+            wanted.add(id(root.get_submodule(owner) if owner else root))
+    for module in root.modules():
+        if id(module) not in wanted:
+            continue
+        module.__dict__["_parameters"] = {k: (torch.nn.Parameter(_to_meta(v), v.requires_grad) if v is not None else None)
+                                          for k, v in module._parameters.items()}
+        module.__dict__["_buffers"] = {k: (_to_meta(v) if v is not None else None) for k, v in module._buffers.items()}
+    return root
+
+
