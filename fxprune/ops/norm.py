@@ -189,3 +189,14 @@ register(OpEntry("GroupNorm", group_norm_module, resize_module=_resize_group_nor
 def norm_fact(node: torch.fx.Node) -> Optional[NormOverKept]:
     fact = op_fact(node)
     return fact if isinstance(fact, NormOverKept) else None
+
+
+# ----------------------------------------------------------------------------- functional forms
+def functional_channelwise(a, node: torch.fx.Node, params: List[str]) -> Any:
+    """A functional per-channel op whose statistics and affine parameters are graph attributes
+    (what a custom norm layer decomposes into): each is sliced with the channel."""
+    bound = bind_arguments(node)
+    tensors = [bound.get(p) for p in params if bound.get(p) is not None]
+    if any(not is_get_attr(t) for t in tensors):
+        return a.opaque(node, f"{node.target.__name__} with computed statistics or affine parameters")
+    return channelwise(a, node, [t.target for t in tensors])
