@@ -200,3 +200,7 @@ def functional_channelwise(a, node: torch.fx.Node, params: List[str]) -> Any:
     if any(not is_get_attr(t) for t in tensors):
         return a.opaque(node, f"{node.target.__name__} with computed statistics or affine parameters")
     return channelwise(a, node, [t.target for t in tensors])
+
+
+register(OpEntry("F.batch_norm", lambda a, node: functional_channelwise(
+    a, node, ["running_mean", "running_var", "weight", "bias"])), functions=[F.batch_norm])
