@@ -43,3 +43,21 @@ def test_functional_batch_norm_prunes_with_its_conv():
             "graph output (the model's outputs keep their size)"])}
         modules = prune_and_check(model)
         assert set(modules[""]["params"]) == {"weight", "bias", "mean", "var"}
+
+
+class FunctionalGroupNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 16, 3), nn.Conv2d(16, 8, 3)
+        self.weight, self.bias = nn.Parameter(torch.rand(16) + 0.5), nn.Parameter(torch.randn(16))
+
+    def forward(self, x):
+        return self.conv2(F.relu(F.group_norm(self.conv1(x), 4, self.weight, self.bias)))
+
+
+def test_functional_group_norm_keeps_groups_equal_and_normalises_over_kept():
+    model = FunctionalGroupNorm().eval()
+    assert groups_by_layer(model)["conv1"] == (True, [])
+    kept = prune_and_check(model)["conv1"]["out"]
+    per_group = [sum(1 for c in kept if c // 4 == g) for g in range(4)]
+    assert len(set(per_group)) == 1 and [c % 4 for c in kept[:per_group[0]]] == [c % 4 for c in kept[-per_group[0]:]]

@@ -15,7 +15,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from fxprune.fxutil import bind_arguments, first_input, is_get_attr
+from fxprune.fxutil import argument, bind_arguments, first_input, is_get_attr
 from fxprune.ir import ChannelMap
 from .registry import OpEntry, op_fact, register, same_as_input
 
@@ -204,3 +204,9 @@ def functional_channelwise(a, node: torch.fx.Node, params: List[str]) -> Any:
 
 register(OpEntry("F.batch_norm", lambda a, node: functional_channelwise(
     a, node, ["running_mean", "running_var", "weight", "bias"])), functions=[F.batch_norm])
+
+
+register(OpEntry("F.group_norm", lambda a, node: group_norm(
+    a, node, a.tensor_map(first_input(node)), argument(node, "num_groups"),
+    [t.target for t in (argument(node, "weight"), argument(node, "bias")) if is_get_attr(t)]),
+    reference=_group_norm_reference), functions=[F.group_norm])
