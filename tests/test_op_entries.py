@@ -61,3 +61,19 @@ def test_functional_group_norm_keeps_groups_equal_and_normalises_over_kept():
     kept = prune_and_check(model)["conv1"]["out"]
     per_group = [sum(1 for c in kept if c // 4 == g) for g in range(4)]
     assert len(set(per_group)) == 1 and [c % 4 for c in kept[:per_group[0]]] == [c % 4 for c in kept[-per_group[0]:]]
+
+
+class FunctionalInstanceNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 16, 3), nn.Conv2d(16, 8, 3)
+        self.weight, self.bias = nn.Parameter(torch.rand(16) + 0.5), nn.Parameter(torch.randn(16))
+
+    def forward(self, x):
+        return self.conv2(F.relu(F.instance_norm(self.conv1(x), weight=self.weight, bias=self.bias)))
+
+
+def test_functional_instance_norm_prunes_with_its_conv():
+    model = FunctionalInstanceNorm().eval()
+    assert groups_by_layer(model)["conv1"] == (True, [])
+    assert set(prune_and_check(model)[""]["params"]) == {"weight", "bias"}

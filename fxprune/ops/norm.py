@@ -210,3 +210,7 @@ register(OpEntry("F.group_norm", lambda a, node: group_norm(
     a, node, a.tensor_map(first_input(node)), argument(node, "num_groups"),
     [t.target for t in (argument(node, "weight"), argument(node, "bias")) if is_get_attr(t)]),
     reference=_group_norm_reference), functions=[F.group_norm])
+
+
+register(OpEntry("F.instance_norm", lambda a, node: functional_channelwise(
+    a, node, ["running_mean", "running_var", "weight", "bias"])), functions=[F.instance_norm])
