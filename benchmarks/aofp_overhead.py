@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fxprune.cifar_resnet import cifar_resnet
+from fxprune.training.cifar_resnet import cifar_resnet
 from fxprune.compiler import _analyse
 from fxprune.passes.aofp import AOFP, AOFPPass, _Capturing
 

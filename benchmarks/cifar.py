@@ -38,14 +38,16 @@ from typing import Dict, List, Optional
 import torch
 
 import fxprune
-from fxprune.benchmark import benchmark_onnxruntime
-from fxprune.cifar_resnet import load_cifar_resnet
-from fxprune.data import CIFAR10Loader, calibration_batches, find_cifar10
-from fxprune.finetune import FinetuneConfig, evaluate, finetune
+from fxprune.export.benchmark import benchmark_onnxruntime
+from fxprune.training.cifar_resnet import load_cifar_resnet
+from fxprune.training.data import CIFAR10Loader, calibration_batches, find_cifar10
+from fxprune.training.finetune import FinetuneConfig, evaluate, finetune
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the library has no default data location; the repository's runs read the shared copy
+os.environ.setdefault("FXPRUNE_DATA", os.path.join(REPO, "..", "shared", "data"))
 CONFIGS = {
     # one fine-tune epoch per run: 7 methods x 2 seeds finish in about an hour on one core of this
     # 2-core machine (one thread: small convs gain little from the second core under load)
@@ -201,7 +203,7 @@ def parse_args(argv) -> argparse.Namespace:
     parser.add_argument("--scop-knockoff", default="shuffle", help="shuffle | gaussian | noise")
     parser.add_argument("--scop-scope", default="non_residual", help="non_residual (paper) | all | l1_streams")
     parser.add_argument("--scop-allocation", default="uniform", help="uniform (paper) | global")
-    parser.add_argument("--data", help="CIFAR-10 npz file or pickles directory (default: ../shared/data or FXPRUNE_DATA)")
+    parser.add_argument("--data", help="CIFAR-10 npz file or pickles directory (default: $FXPRUNE_DATA, else ../shared/data)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default="benchmarks/results/cifar.json")
     parser.add_argument("--table", nargs="+", metavar="JSON",

@@ -9,7 +9,7 @@ For every model (torchvision, random init, 224x224) and a FLOPs budget, this bui
     cost model = FlopCounterMode's convention);
   - tp-rt8: the same with Torch-Pruning's round_to=8;
 then exports each to ONNX, checks it against torch in onnxruntime, and times all of them interleaved
-(fxprune.benchmark: warm-up, then rounds in rotated order; median and IQR) at each batch size.
+(fxprune.export.benchmark: warm-up, then rounds in rotated order; median and IQR) at each batch size.
 
 Run from the repository root (about 15 minutes on 2 cores for the three default models):
 
@@ -33,7 +33,7 @@ import torch
 import torchvision
 
 import fxprune
-from fxprune.benchmark import benchmark_onnxruntime
+from fxprune.export.benchmark import benchmark_onnxruntime
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from zoo import search_tp_ratio, tp_prune  # noqa: E402  (Torch-Pruning recipe shared with zoo.py)

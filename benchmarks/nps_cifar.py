@@ -29,13 +29,15 @@ from typing import List, Optional
 import torch
 
 import fxprune
-from fxprune.cifar_resnet import load_cifar_resnet
-from fxprune.data import CIFAR10Loader, find_cifar10
-from fxprune.finetune import FinetuneConfig, evaluate, finetune
-from fxprune.parallel import distributed_rank_and_size
-from fxprune.proxy_eval import cifar10_proxy_evaluator
+from fxprune.training.cifar_resnet import load_cifar_resnet
+from fxprune.training.data import CIFAR10Loader, find_cifar10
+from fxprune.training.finetune import FinetuneConfig, evaluate, finetune
+from fxprune.search.parallel import distributed_rank_and_size
+from fxprune.search.proxy_eval import cifar10_proxy_evaluator
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the library has no default data location; the repository's runs read the shared copy
+os.environ.setdefault("FXPRUNE_DATA", os.path.join(REPO, "..", "shared", "data"))
 
 
 def main(argv: Optional[List[str]] = None) -> int:

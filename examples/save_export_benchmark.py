@@ -9,8 +9,8 @@ import torch
 import torchvision
 
 import fxprune
-from fxprune.benchmark import benchmark_onnxruntime
-from fxprune.visualize import visualize
+from fxprune.export.benchmark import benchmark_onnxruntime
+from fxprune.apps.visualize import visualize
 
 logging.basicConfig(level=logging.INFO, format="[fxprune] %(message)s")
 model = torchvision.models.mobilenet_v2().eval()

@@ -10,8 +10,10 @@ import logging
 import torch
 
 import fxprune
-from fxprune.cifar_resnet import load_cifar_resnet
-from fxprune.data import CIFAR10Loader
+from fxprune.training.cifar_resnet import load_cifar_resnet
+from fxprune.training.data import CIFAR10Loader
+import os
+os.environ.setdefault("FXPRUNE_DATA", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data"))  # this repository's data
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--checkpoint", default="../shared/models/cifar_resnet20.pt")

@@ -11,9 +11,11 @@ import logging
 import torch
 
 import fxprune
-from fxprune.cifar_resnet import load_cifar_resnet
-from fxprune.data import CIFAR10Loader
-from fxprune.proxy_eval import cifar10_proxy_evaluator
+from fxprune.training.cifar_resnet import load_cifar_resnet
+from fxprune.training.data import CIFAR10Loader
+from fxprune.search.proxy_eval import cifar10_proxy_evaluator
+import os
+os.environ.setdefault("FXPRUNE_DATA", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data"))  # this repository's data
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--checkpoint", default="../shared/models/cifar_resnet20.pt")

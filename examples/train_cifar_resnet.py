@@ -1,13 +1,13 @@
 """Train a CIFAR ResNet baseline to prune: SGD (momentum 0.9, Nesterov, weight decay 5e-4), cosine
 learning rate per step, the standard crop + flip augmentation, deterministic for a given seed (and,
-on a CPU, thread count). Writes the shared checkpoint format after every epoch (fxprune.cifar_resnet).
+on a CPU, thread count). Writes the shared checkpoint format after every epoch (fxprune.training.cifar_resnet).
 
     python examples/train_cifar_resnet.py --depth 20 --epochs 160 --out resnet20.pt
     python examples/train_cifar_resnet.py --epochs 1 --subset 2000 --test-subset 1000 --out /tmp/r20.pt
 
 160 epochs of ResNet-20 reach about 91-92% on a GPU in well under an hour; on a 2-core CPU one full
-epoch takes minutes, so use --subset there. The data is found as fxprune.data.find_cifar10 says
-(--data, else $FXPRUNE_DATA, else ../shared/data/cifar10_jpeg.npz); nothing is downloaded."""
+epoch takes minutes, so use --subset there. The data is found as fxprune.training.data.find_cifar10 says
+(--data, else $FXPRUNE_DATA, else ../shared/data beside the repository); nothing is downloaded."""
 from __future__ import annotations
 
 import argparse
@@ -17,8 +17,10 @@ import time
 import torch
 from torch import nn
 
-from fxprune.cifar_resnet import cifar_resnet, save_cifar_resnet
-from fxprune.data import CIFAR10Loader
+from fxprune.training.cifar_resnet import cifar_resnet, save_cifar_resnet
+from fxprune.training.data import CIFAR10Loader
+import os
+os.environ.setdefault("FXPRUNE_DATA", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data"))  # this repository's data
 
 
 def parse_args(argv=None) -> argparse.Namespace:

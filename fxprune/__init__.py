@@ -11,12 +11,25 @@ from .passes.l1_importance import L1Importance, L2Importance
 from .passes.random_importance import RandomImportance
 from .passes.scop import SCOP
 from .passes.space_search import SearchResult, SpaceSearch
-from .proxy_eval import ProxyEvaluator
 from .passes.taylor_importance import TaylorImportance
-from .finetune import FinetuneConfig, evaluate, finetune, recalibrate_bn
 from .ir import ChannelGroup, ChannelGroups, PrunePlan
 from .report import report_json
 from .serialize import load, save
+
+# Training and search helpers live above the compiler core: imported on first use, so that
+# `import fxprune` stays light (no training loop, data reader or plotting code).
+_LAZY = {"finetune": "fxprune.training.finetune", "evaluate": "fxprune.training.finetune",
+         "FinetuneConfig": "fxprune.training.finetune", "recalibrate_bn": "fxprune.training.finetune",
+         "ProxyEvaluator": "fxprune.search.proxy_eval"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'fxprune' has no attribute {name!r}")
 
 __all__ = [
     "compile", "analyze", "apply_plan", "cost_of", "save", "load", "report_json", "Budget",

@@ -27,12 +27,12 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from fxprune import space_stats
+from fxprune.search import space_stats
 from fxprune.budget import Budget
 from fxprune.cost import CostModel
 from fxprune.errors import ConfigError
 from fxprune.ir import ChannelGroups, PrunePlan
-from fxprune.parallel import Evaluator, distributed_rank_and_size, evaluate_samples
+from fxprune.search.parallel import Evaluator, distributed_rank_and_size, evaluate_samples
 from .pruning_space import DEFAULT_KEEP_RATIOS, PruningSpace, Regime
 
 log = logging.getLogger("fxprune")
@@ -119,7 +119,7 @@ class SearchResult:
             json.dump(self.as_dict(), f, indent=1)
         paths = [path]
         try:
-            from fxprune.space_plots import plot_edfs, plot_error_vs_params
+            from fxprune.search.space_plots import plot_edfs, plot_error_vs_params
         except ImportError:  # pragma: no cover - matplotlib is optional
             return paths
         populations = {r: {"errors": [s["error"] for s in self.samples if s["round"] == r],

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fxprune
-from fxprune.cli import EXIT_INPUT, EXIT_OK, main
+from fxprune.apps.cli import EXIT_INPUT, EXIT_OK, main
 
 pytest.importorskip("torchvision")
 

@@ -1,4 +1,4 @@
-"""fxprune.data (CIFAR-10 without downloads) and fxprune.cifar_resnet (the CIFAR ResNet family and
+"""fxprune.training.data (CIFAR-10 without downloads) and fxprune.training.cifar_resnet (the CIFAR ResNet family and
 its checkpoints). Tests that need the real data or the shared checkpoint skip, saying why, when
 ../shared is absent; the rest build tiny fake data sets in tmp_path."""
 import importlib.util
@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from fxprune import data
-from fxprune.cifar_resnet import (CheckpointError, CifarResNet, cifar_resnet, load_cifar_resnet,
+from fxprune.training import data
+from fxprune.training.cifar_resnet import (CheckpointError, CifarResNet, cifar_resnet, load_cifar_resnet,
                                   save_cifar_resnet)
-from fxprune.data import (CIFAR10, CIFAR10_MEAN, CIFAR10_STD, CIFAR10Loader, DataNotFoundError,
+from fxprune.training.data import (CIFAR10, CIFAR10_MEAN, CIFAR10_STD, CIFAR10Loader, DataNotFoundError,
                           augment_batch, balanced_subset, calibration_batches, find_cifar10,
                           load_cifar10, normalize)
 

@@ -13,7 +13,7 @@ from torch import nn
 
 import fxprune
 from fxprune.errors import ConfigError
-from fxprune.finetune import FinetuneConfig, distillation_loss, evaluate, finetune, lr_at, make_optimizer, recalibrate_bn
+from fxprune.training.finetune import FinetuneConfig, distillation_loss, evaluate, finetune, lr_at, make_optimizer, recalibrate_bn
 
 
 # ------------------------------------------------------------------------------------------------

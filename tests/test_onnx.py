@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import fxprune
-from fxprune.benchmark import LatencyStats, benchmark_onnxruntime, measure_latency
-from fxprune.onnx_export import OnnxMismatchError, compare_with_torch, export_onnx, physical_cores
+from fxprune.export.benchmark import LatencyStats, benchmark_onnxruntime, measure_latency
+from fxprune.export.onnx_export import OnnxMismatchError, compare_with_torch, export_onnx, physical_cores
 
 torchvision = pytest.importorskip("torchvision")
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import fxprune
-from fxprune.cifar_resnet import cifar_resnet
+from fxprune.training.cifar_resnet import cifar_resnet
 from fxprune.compiler import _analyse
 from fxprune.cost import build_cost_model
 from fxprune.errors import BudgetError, ConfigError
@@ -145,8 +145,8 @@ def test_torchrun_two_processes_give_the_same_result(tmp_path):
 
 
 def test_cli_search_on_the_cifar_resnet(tmp_path):
-    from fxprune.cli import main
-    from fxprune.data import find_cifar10
+    from fxprune.apps.cli import main
+    from fxprune.training.data import find_cifar10
     checkpoint = os.path.join(HERE, "..", "..", "shared", "models", "cifar_resnet20.pt")
     try:
         find_cifar10()

@@ -1,11 +1,11 @@
-"""Tests of the pruning-space statistics (fxprune.space_stats) and their plots, on synthetic numbers whose
+"""Tests of the pruning-space statistics (fxprune.search.space_stats) and their plots, on synthetic numbers whose
 answers are known by hand or planted in the data."""
 import json
 
 import numpy as np
 import pytest
 
-from fxprune.space_stats import (
+from fxprune.search.space_stats import (
     ParamBucket,
     best_ratio,
     bootstrap_min,
@@ -343,7 +343,7 @@ def _assert_png(path):
 
 def test_plot_edfs_writes_png(tmp_path):
     pytest.importorskip("matplotlib")
-    from fxprune.space_plots import plot_edfs
+    from fxprune.search.space_plots import plot_edfs
     rng = np.random.default_rng(0)
     populations = {
         "initial": {"errors": rng.uniform(0.3, 0.6, 80), "flops": rng.uniform(1.8e9, 2.2e9, 80)},
@@ -357,7 +357,7 @@ def test_plot_edfs_writes_png(tmp_path):
 
 def test_plot_error_vs_params_writes_png(tmp_path):
     pytest.importorskip("matplotlib")
-    from fxprune.space_plots import plot_error_vs_params
+    from fxprune.search.space_plots import plot_error_vs_params
     rng = np.random.default_rng(0)
     samples = [{"params": float(p), "flops": float(f), "error": float(e), "round": r}
                for p, f, e, r in zip(rng.uniform(5e6, 20e6, 60), rng.uniform(1.8e9, 2.2e9, 60),
@@ -370,6 +370,6 @@ def test_plot_error_vs_params_writes_png(tmp_path):
 
 def test_plot_edfs_rejects_population_without_flops(tmp_path):
     pytest.importorskip("matplotlib")
-    from fxprune.space_plots import plot_edfs
+    from fxprune.search.space_plots import plot_edfs
     with pytest.raises(ValueError, match="'flops'"):
         plot_edfs({"a": {"errors": [0.1]}}, str(tmp_path / "x.png"))

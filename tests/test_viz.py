@@ -1,4 +1,4 @@
-"""fxprune.visualize: the graph it builds from a report, the HTML / SVG / PNG it writes, and the page as
+"""fxprune.apps.visualize: the graph it builds from a report, the HTML / SVG / PNG it writes, and the page as
 a user sees it in headless Chromium (skipped when Chromium is not installed)."""
 import copy
 import html
@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import fxprune
-from fxprune import visualize as viz
+from fxprune.apps import visualize as viz
 
 torchvision = pytest.importorskip("torchvision")
 

@@ -8,7 +8,7 @@ onnx.checker), compared with torch in onnxruntime, then timed: warm-up runs, the
 interleaved, median and interquartile range per batch size. `--help` lists every option."""
 import sys
 
-from fxprune.cli import main
+from fxprune.apps.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["bench", *sys.argv[1:]]))

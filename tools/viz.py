@@ -8,7 +8,7 @@ Writes a self-contained HTML page (pan, zoom, hover for widths; works offline), 
 per-layer width bar chart (PNG, needs matplotlib). `--help` lists every option."""
 import sys
 
-from fxprune.cli import main
+from fxprune.apps.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["viz", *sys.argv[1:]]))

@@ -9,7 +9,7 @@ Two on-disk sources are understood:
     loaded: use only copies you trust.
 
 `find_cifar10(path)` says where the data is: an explicit `path`, else the environment variable
-FXPRUNE_DATA, else ../shared/data/cifar10_jpeg.npz beside the repository. Each may name the .npz
+FXPRUNE_DATA (the library has no default location). Each may name the .npz
 file, a directory holding it, or a pickles directory (or the directory holding
 `cifar-10-batches-py`, as torchvision lays it out).
 
@@ -37,14 +37,13 @@ from typing import Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from .errors import FxPruneError
+from ..errors import FxPruneError
 
 PathLike = Union[str, "os.PathLike[str]"]
 Subset = Union[None, int, Sequence[int], np.ndarray]
 
 NPZ_NAME = "cifar10_jpeg.npz"
 PICKLES_DIR_NAME = "cifar-10-batches-py"
-DEFAULT_PATH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / NPZ_NAME
 DATA_ENV, CACHE_ENV = "FXPRUNE_DATA", "FXPRUNE_CACHE"
 SPLITS = ("train", "test")
 NUM_CLASSES = 10
@@ -82,9 +81,10 @@ class DataNotFoundError(FxPruneError, FileNotFoundError):
 def find_cifar10(path: Optional[PathLike] = None) -> Path:
     """The CIFAR-10 source to read: a `cifar10_jpeg.npz` file or a `cifar-10-batches-py` directory.
 
-    Looks at `path` if given, else at $FXPRUNE_DATA if set, else at ../shared/data/cifar10_jpeg.npz
-    beside the repository. A place that is given but unusable is an error, not a reason to look
-    elsewhere, so a typo in FXPRUNE_DATA never silently selects other data.
+    Looks at `path` if given, else at $FXPRUNE_DATA; the library has no default location of its own
+    (the repository's tests and benchmarks point FXPRUNE_DATA at ../shared/data). A place that is
+    given but unusable is an error, not a reason to look elsewhere, so a typo in FXPRUNE_DATA never
+    silently selects other data.
 
     Raises DataNotFoundError (a FileNotFoundError) naming what was tried."""
     if path is not None:
@@ -92,7 +92,10 @@ def find_cifar10(path: Optional[PathLike] = None) -> Path:
     elif os.environ.get(DATA_ENV):
         origin, candidate = f"${DATA_ENV}", Path(os.environ[DATA_ENV]).expanduser()
     else:
-        origin, candidate = "default location", DEFAULT_PATH
+        raise DataNotFoundError(
+            f"CIFAR-10: no location given. Pass path=... or set {DATA_ENV}=... to a {NPZ_NAME} file, a directory "
+            f"containing it, or a {PICKLES_DIR_NAME} directory (data_batch_1..5, test_batch). fxprune never "
+            f"downloads data.")
     found, why = _resolve_source(candidate)
     if found is not None:
         return found
@@ -100,7 +103,7 @@ def find_cifar10(path: Optional[PathLike] = None) -> Path:
         f"CIFAR-10 not found. Tried the {origin}: {candidate} ({why}).\n"
         f"Point fxprune at the data: pass path=... or set {DATA_ENV}=... to a {NPZ_NAME} file, a "
         f"directory containing it, or a {PICKLES_DIR_NAME} directory (data_batch_1..5, test_batch). "
-        f"fxprune never downloads data; the shared copy is expected at {DEFAULT_PATH}.")
+        "fxprune never downloads data.")
 
 
 def _resolve_source(candidate: Path) -> Tuple[Optional[Path], str]:

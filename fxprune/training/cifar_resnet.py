@@ -20,7 +20,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from .errors import FxPruneError
+from ..errors import FxPruneError
 
 PathLike = Union[str, "os.PathLike[str]"]
 STAGES = ((16, 1), (32, 2), (64, 2))  # (channels, stride of the stage's first block)

@@ -4,7 +4,7 @@ fine-tuning, for searches that must rank many of them.
 Right after pruning, accuracy collapses whatever was cut, and the BatchNorm running statistics no
 longer describe the activations (ALGORITHMS.md 7). So the proxy re-estimates them, optionally takes a
 few fine-tuning steps, and measures top-1 error on held-out data. Hold out part of the *training* set
-for this (`fxprune.data.CIFAR10Loader(subset=indices)`): selecting subnetworks on the test set would
+for this (`fxprune.training.data.CIFAR10Loader(subset=indices)`): selecting subnetworks on the test set would
 report a biased test accuracy for the winner."""
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ import numpy as np
 
 import torch
 
-from .errors import ConfigError
-from .finetune import FinetuneConfig, evaluate, finetune, recalibrate_bn
+from ..errors import ConfigError
+from ..training.finetune import FinetuneConfig, evaluate, finetune, recalibrate_bn
 
 log = logging.getLogger("fxprune")
 
@@ -77,7 +77,7 @@ def cifar10_proxy_evaluator(*, val: int = 2000, steps: int = 30, lr: float = 0.0
                             seed: int = 0) -> ProxyEvaluator:
     """A ProxyEvaluator on CIFAR-10: `val` class-balanced training images held out for the error, the
     other training images (augmented, shuffled) for recalibration and the short fine-tune."""
-    from .data import CIFAR10Loader, balanced_subset, load_cifar10
+    from ..training.data import CIFAR10Loader, balanced_subset, load_cifar10
     _, labels = load_cifar10(path, "train")
     held_out = balanced_subset(labels, val, seed=seed)
     rest = np.setdiff1d(np.arange(len(labels)), held_out)

@@ -15,8 +15,8 @@ from typing import Sequence, Tuple
 import numpy as np
 import torch
 
-from .errors import FxPruneError
-from .tracing import normalise_example_inputs
+from ..errors import FxPruneError
+from ..tracing import normalise_example_inputs
 
 log = logging.getLogger("fxprune")
 

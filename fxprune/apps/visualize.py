@@ -18,18 +18,20 @@ from __future__ import annotations
 
 import colorsys
 import html
+import importlib.resources
 import json
 import logging
 import math
 import os
 import re
+import string
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import networkx as nx
 
-from .report import human_count
+from ..report import human_count
 
 __all__ = ["pruning_graph", "group_colours", "write_html", "write_svg", "write_width_chart", "visualize"]
 
@@ -50,6 +52,11 @@ _H_GAP = 26           # between neighbouring boxes of one layer
 _MIN_W, _MAX_W = 96, 360
 _CHAR_W1, _CHAR_W2 = 6.7, 6.0   # average advance of the 11px monospace label / 10px sans second line
 _LANE_MARGIN, _LANE_STEP = 16, 5
+def _asset(name: str) -> str:
+    """A file of the viewer (HTML template, CSS, JS), shipped as package data in fxprune/apps/viewer/."""
+    return importlib.resources.files("fxprune.apps").joinpath("viewer", name).read_text(encoding="utf-8")
+
+
 _LABEL_FONT = "'DejaVu Sans Mono',Menlo,Consolas,monospace"
 _TEXT_FONT = "'DejaVu Sans','Segoe UI',Helvetica,Arial,sans-serif"
 
@@ -618,22 +625,8 @@ def _drawing(G: nx.DiGraph, view: str) -> _Drawing:
 
 # ------------------------------------------------------------------------------------------------ SVG
 
-_SVG_CSS = f"""
-.fx .box{{stroke-width:1.3}}
-.fx .block .box{{stroke-width:2.2}}
-.fx .frz .box{{stroke:{FROZEN_STROKE};stroke-dasharray:5 3;stroke-width:2}}
-.fx .hatch{{fill:url(#fx-hatch);pointer-events:none}}
-.fx .l1{{font:600 11px {_LABEL_FONT};fill:#111;text-anchor:middle}}
-.fx .l2{{font:10px {_TEXT_FONT};fill:#333;text-anchor:middle}}
-.fx .frz .l2{{fill:{FROZEN_STROKE}}}
-.fx .barbg{{fill:#fff;fill-opacity:.75}}
-.fx .edge{{fill:none;stroke-width:1.3;stroke-opacity:.55;marker-end:url(#fx-arrow)}}
-.fx .cluster{{fill:#5b6b7b;fill-opacity:.045;stroke:#5b6b7b;stroke-opacity:.35;stroke-dasharray:3 3}}
-.fx .clabel{{font:italic 10px {_LABEL_FONT};fill:#5b6b7b}}
-.fx .hdr{{font:12px {_TEXT_FONT};fill:#222}}
-.fx .hdr1{{font:600 15px {_TEXT_FONT};fill:#111}}
-.fx .hdrw{{font:12px {_TEXT_FONT};fill:{FROZEN_STROKE}}}
-"""
+_SVG_CSS = string.Template(_asset("svg.css")).substitute(
+    FROZEN_STROKE=FROZEN_STROKE, LABEL_FONT=_LABEL_FONT, TEXT_FONT=_TEXT_FONT)
 
 _SVG_DEFS = (
     '<defs><pattern id="fx-hatch" patternUnits="userSpaceOnUse" width="7" height="7" '
@@ -748,292 +741,11 @@ def write_svg(report: Any, path: PathLike, view: str = "detail", title: Optional
 
 # ----------------------------------------------------------------------------------------------- HTML
 
-_PAGE_CSS = """
-*{box-sizing:border-box}
-html,body{margin:0;height:100%;font:13px 'DejaVu Sans','Segoe UI',Helvetica,Arial,sans-serif;color:#1d2430}
-body{display:flex;overflow:hidden;background:#fafbfc}
-#main{flex:1;position:relative;min-width:0}
-#canvas{width:100%;height:100%;display:block;cursor:grab;background:#fff}
-#canvas.dragging{cursor:grabbing}
-#side{width:360px;border-left:1px solid #d5dae0;background:#f6f7f9;overflow-y:auto;padding:10px 12px}
-h1{font-size:15px;margin:0 0 6px;word-break:break-all}
-h2{font-size:12px;text-transform:uppercase;letter-spacing:.05em;color:#5b6675;margin:14px 0 6px}
-.sum td{padding:1px 8px 1px 0;vertical-align:top}
-.sum td:first-child{white-space:nowrap}
-.sum .r{font-weight:600}
-.ctl{display:flex;flex-wrap:wrap;gap:4px;align-items:center;margin:4px 0}
-button,.seg label{font:12px inherit;padding:3px 8px;border:1px solid #b9c0c8;background:#fff;border-radius:4px;cursor:pointer}
-button:hover{background:#eef2f6}
-.seg{display:inline-flex}.seg input{display:none}
-.seg label{border-radius:0;margin-left:-1px}.seg label:first-of-type{border-radius:4px 0 0 4px}
-.seg label:last-of-type{border-radius:0 4px 4px 0}
-.seg input:checked+label{background:#2f5d8a;color:#fff;border-color:#2f5d8a}
-#q{flex:1;min-width:120px;padding:3px 6px;border:1px solid #b9c0c8;border-radius:4px;font:12px inherit}
-#status{color:#5b6675;font-size:11px;margin:4px 0}
-.help{color:#5b6675;font-size:11px;line-height:1.45}
-.sw{display:inline-block;width:14px;height:14px;border:1px solid;border-radius:3px;vertical-align:middle;flex:none}
-.sw.frz{background-image:repeating-linear-gradient(45deg,rgba(0,0,0,.22) 0 2px,transparent 2px 6px);border:1.5px dashed #b3261e}
-.grp{display:flex;gap:6px;align-items:flex-start;padding:3px 4px;border-radius:4px;cursor:pointer}
-.grp:hover,.grp.on{background:#e3e9f0}
-.grp .gn{flex:1;min-width:0;word-break:break-all;font:11px 'DejaVu Sans Mono',Menlo,Consolas,monospace}
-.grp .gk{white-space:nowrap;font-size:11px;color:#38414d}
-.kb{height:3px;background:#dde2e7;margin-top:2px}.kb i{display:block;height:3px}
-.why{color:#b3261e;font:11px 'DejaVu Sans','Segoe UI',Helvetica,Arial,sans-serif;word-break:normal}
-.legend div{display:flex;gap:6px;align-items:center;margin:2px 0;font-size:12px}
-#tip{position:fixed;pointer-events:none;background:#fff;border:1px solid #9aa4af;border-radius:5px;
- box-shadow:0 2px 8px rgba(0,0,0,.18);padding:6px 8px;font-size:12px;max-width:460px;display:none;z-index:5}
-#tip b,#sel b{font-family:'DejaVu Sans Mono',Menlo,Consolas,monospace;word-break:break-all}
-.mono{font-family:'DejaVu Sans Mono',Menlo,Consolas,monospace;font-size:11px}
-#sel{background:#fff;border:1px solid #d5dae0;border-radius:4px;padding:6px;font-size:12px;display:none}
-svg.focus .node:not(.hl),svg.focus .block:not(.hl),svg.focus .io:not(.hl){opacity:.16}
-svg.focus .edge:not(.hl){stroke-opacity:.06}
-svg.focus .edge.hl{stroke-opacity:.95;stroke-width:2}
-.hl.cur .box{stroke:#111;stroke-width:3}
-.view{display:none}.view.on{display:inline}
-"""
+_PAGE_CSS = _asset("page.css")
 
 # The page script: pan/zoom of the inline SVG, view switch, hover tooltips, group highlighting, search.
 # Written here rather than taken from a library, so the page needs no network and stays small.
-_PAGE_JS = r"""
-(function () {
-  'use strict';
-  var svg = document.getElementById('canvas'), vp = document.getElementById('viewport');
-  var DATA = JSON.parse(document.getElementById('fx-data').textContent);
-  var tip = document.getElementById('tip'), sel = document.getElementById('sel');
-  var statusEl = document.getElementById('status'), q = document.getElementById('q');
-  var k = 1, tx = 0, ty = 0, view = DATA.defaultView, pinned = null, hits = [], hit = -1, note = '';
-  var edgesOf = {};
-  Array.prototype.forEach.call(document.querySelectorAll('path.edge'), function (e) {
-    [e.getAttribute('data-s'), e.getAttribute('data-t')].forEach(function (id) {
-      (edgesOf[id] = edgesOf[id] || []).push(e);
-    });
-  });
-  function esc(s) { return String(s).replace(/[&<>"]/g, function (c) {
-    return {'&': '&amp;', '<': '&lt;', '>': '&gt;', '"': '&quot;'}[c]; }); }
-  function pct(a, b) { return b ? Math.round(100 * a / b) + '%' : '-'; }
-  function viewEl() { return document.getElementById('view-' + view); }
-  function boxes() { return viewEl().querySelectorAll('g[data-k]'); }
-  function apply() {
-    vp.setAttribute('transform', 'translate(' + tx + ',' + ty + ') scale(' + k + ')');
-    statusEl.textContent = (view === 'detail' ? 'Detail' : 'Blocks') + ' view \u00b7 ' + boxes().length +
-      ' boxes \u00b7 zoom ' + Math.round(k * 100) + '%' + note;
-  }
-  function bboxOf(els) {
-    var x0 = Infinity, y0 = Infinity, x1 = -Infinity, y1 = -Infinity;
-    els.forEach(function (el) {
-      var m = el.transform.baseVal.consolidate().matrix, r = el.querySelector('rect.box');
-      var x = m.e + r.x.baseVal.value, y = m.f + r.y.baseVal.value;
-      x0 = Math.min(x0, x); y0 = Math.min(y0, y);
-      x1 = Math.max(x1, x + r.width.baseVal.value); y1 = Math.max(y1, y + r.height.baseVal.value);
-    });
-    return {x: x0, y: y0, width: x1 - x0, height: y1 - y0};
-  }
-  function fitTo(b, maxK, topAlign) {
-    var W = svg.clientWidth, H = svg.clientHeight, pad = 30;
-    if (!isFinite(b.width)) return;
-    k = Math.min((W - 2 * pad) / Math.max(b.width, 1), (H - 2 * pad) / Math.max(b.height, 1), maxK || 8);
-    if (topAlign) {   // tall graphs: readable width, start at the inputs
-      k = Math.min((W - 2 * pad) / Math.max(b.width, 1), maxK || 1);
-      tx = (W - b.width * k) / 2 - b.x * k; ty = pad - b.y * k;
-    } else {
-      tx = (W - b.width * k) / 2 - b.x * k; ty = (H - b.height * k) / 2 - b.y * k;
-    }
-    apply();
-  }
-  function fitAll() { fitTo(viewEl().getBBox(), 2); }
-  function initialView() {
-    var b = viewEl().getBBox(), W = svg.clientWidth, H = svg.clientHeight;
-    var kw = Math.min(1, (W - 60) / b.width);
-    if (b.height * kw > H - 60) fitTo(b, 1, true); else fitTo(b, 1);
-  }
-  function zoomAt(mx, my, f) {
-    var nk = Math.max(0.01, Math.min(8, k * f));
-    tx = mx - (mx - tx) * nk / k; ty = my - (my - ty) * nk / k; k = nk; apply();
-  }
-  function centreOn(el, minK) {
-    var b = bboxOf([el]), W = svg.clientWidth, H = svg.clientHeight;
-    k = Math.max(k, minK || 0.8);
-    tx = W / 2 - (b.x + b.width / 2) * k; ty = H / 2 - (b.y + b.height / 2) * k; apply();
-  }
-  function setView(v, keep) {
-    if (!document.getElementById('view-' + v)) return;
-    view = v; note = '';
-    Array.prototype.forEach.call(document.querySelectorAll('.view'), function (g) {
-      g.classList.toggle('on', g.id === 'view-' + v); });
-    var r = document.getElementById('v-' + v); if (r) r.checked = true;
-    clearFocus(); if (!keep) initialView();
-    document.documentElement.setAttribute('data-fxprune-view', v);
-    try { history.replaceState(null, '', '#view=' + v); } catch (e) { /* file:// in some browsers */ }
-  }
-  // --- highlighting
-  function clearFocus() {
-    svg.classList.remove('focus');
-    Array.prototype.forEach.call(document.querySelectorAll('.hl'), function (e) {
-      e.classList.remove('hl', 'cur'); });
-    Array.prototype.forEach.call(document.querySelectorAll('.grp.on'), function (e) {
-      e.classList.remove('on'); });
-  }
-  function focusGroups(gids, el) {
-    clearFocus(); svg.classList.add('focus');
-    var set = {};
-    gids.forEach(function (g) {
-      Array.prototype.forEach.call(viewEl().querySelectorAll('g[data-g~="' + g + '"]'), function (n) {
-        set[n.id] = n; n.classList.add('hl'); });
-    });
-    if (el) { set[el.id] = el; el.classList.add('hl', 'cur');
-      (edgesOf[el.id] || []).forEach(function (e) { e.classList.add('hl'); }); }
-    Object.keys(set).forEach(function (id) {
-      (edgesOf[id] || []).forEach(function (e) {
-        if (set[e.getAttribute('data-s')] && set[e.getAttribute('data-t')]) e.classList.add('hl'); });
-    });
-    return Object.keys(set).map(function (id) { return set[id]; });
-  }
-  function groupsOf(el) {
-    var g = el.getAttribute('data-g'); return g ? g.split(' ') : [];
-  }
-  // --- tooltip / details
-  function groupLine(g) {
-    var G = DATA.groups[g]; if (!G) return '';
-    return '<div><span class="sw' + (G.frz ? ' frz' : '') + '" style="background-color:' + G.fill +
-      ';border-color:' + G.stroke + '"></span> <span class="mono">' + esc(G.name) + '</span> ' +
-      G.kept + '/' + G.size + ' (' + pct(G.kept, G.size) + ')' +
-      (G.reasons.length ? '<div class="why">' + (G.blocked ? 'blocked: ' : 'frozen ' + G.frozen + ': ') +
-       esc(G.reasons.join('; ')) + '</div>' : '') + '</div>';
-  }
-  function describe(el) {
-    var key = el.getAttribute('data-k'), n = DATA.nodes[key], h = '', gs = groupsOf(el);
-    if (n && !(view === 'blocks' && DATA.blocks[key])) {
-      h += '<b>' + esc(n.l) + '</b>' + (n.l !== key ? ' <span class="mono">(' + esc(key) + ')</span>' : '');
-      h += '<div>' + esc(n.op) + ' \u00b7 ' + esc(n.k) + (n.sh ? ' \u00b7 ' + n.sh.join('\u00d7') : '') + '</div>';
-      n.ch.forEach(function (c) {
-        h += '<div>dim ' + c[0] + ': <b>' + c[1] + ' \u2192 ' + c[2] + '</b> (' + pct(c[2], c[1]) + ' kept)</div>';
-      });
-      if (n.b) h += '<div class="mono">block: ' + esc(n.b) + '</div>';
-    } else if (DATA.blocks[key]) {
-      var B = DATA.blocks[key];
-      h += '<b>' + esc(key) + '</b><div>' + B.m.length + ' ops collapsed (switch to Detail to see them)</div>';
-      B.m.slice(0, 40).forEach(function (m) {
-        var c = DATA.nodes[m]; if (!c) return;
-        h += '<div class="mono">' + esc(c.l) + (c.ch.length ? ' ' + c.ch[0][1] + '\u2192' + c.ch[0][2] : '') + '</div>';
-      });
-      if (B.m.length > 40) h += '<div>\u2026</div>';
-    }
-    if (gs.length) {
-      h += '<div style="margin-top:4px">' + (gs.length === 1 ? 'channel group:' : gs.length + ' channel groups:') + '</div>';
-      gs.slice(0, 12).forEach(function (g) { h += groupLine(g); });
-      if (gs.length > 12) h += '<div>\u2026 and ' + (gs.length - 12) + ' more</div>';
-    }
-    return h;
-  }
-  function nodeFrom(t) {
-    while (t && t !== svg) { if (t.getAttribute && t.getAttribute('data-k') !== null && t.id) return t; t = t.parentNode; }
-    return null;
-  }
-  var hovered = null;
-  svg.addEventListener('mousemove', function (ev) {
-    var el = nodeFrom(ev.target);
-    if (!el || dragging) {
-      tip.style.display = 'none';
-      if (!el && hovered) { hovered = null; if (!pinned) clearFocus(); }
-      return;
-    }
-    if (el !== hovered) {         // rebuild the tooltip and the highlight only when entering a box
-      hovered = el; tip.innerHTML = describe(el);
-      if (!pinned) focusGroups(groupsOf(el), el);
-    }
-    tip.style.display = 'block';
-    var x = ev.clientX + 14, y = ev.clientY + 14, r = tip.getBoundingClientRect();
-    if (x + r.width > window.innerWidth) x = ev.clientX - r.width - 10;
-    if (y + r.height > window.innerHeight) y = Math.max(0, window.innerHeight - r.height - 4);
-    tip.style.left = x + 'px'; tip.style.top = y + 'px';
-  });
-  svg.addEventListener('mouseleave', function () {
-    hovered = null; tip.style.display = 'none'; if (!pinned) clearFocus(); });
-  // --- pan and zoom
-  var dragging = false, moved = false, px = 0, py = 0;
-  svg.addEventListener('wheel', function (ev) {
-    ev.preventDefault();
-    if (ev.shiftKey) { ty -= ev.deltaY; tx -= ev.deltaX; apply(); return; }
-    var r = svg.getBoundingClientRect();
-    zoomAt(ev.clientX - r.left, ev.clientY - r.top, Math.exp(-ev.deltaY * (ev.deltaMode ? 0.05 : 0.0015)));
-  }, {passive: false});
-  svg.addEventListener('pointerdown', function (ev) {
-    if (ev.button !== 0) return;
-    dragging = true; moved = false; px = ev.clientX; py = ev.clientY;
-  });
-  window.addEventListener('pointermove', function (ev) {
-    if (!dragging) return;
-    var dx = ev.clientX - px, dy = ev.clientY - py;
-    if (!moved && Math.abs(dx) + Math.abs(dy) < 4) return;
-    if (!moved) { moved = true; svg.classList.add('dragging'); tip.style.display = 'none'; }
-    tx += dx; ty += dy; px = ev.clientX; py = ev.clientY; apply();
-  });
-  window.addEventListener('pointerup', function (ev) {
-    if (!dragging) return;
-    dragging = false; svg.classList.remove('dragging');
-    if (moved) return;
-    var el = nodeFrom(ev.target);
-    if (el) { pinned = el; focusGroups(groupsOf(el), el); sel.innerHTML = describe(el); sel.style.display = 'block'; }
-    else { pinned = null; clearFocus(); sel.style.display = 'none'; }
-  });
-  window.addEventListener('keydown', function (ev) {
-    if (ev.target === q) return;
-    var W = svg.clientWidth, H = svg.clientHeight;
-    if (ev.key === 'f') fitAll();
-    else if (ev.key === '0') initialView();
-    else if (ev.key === '+' || ev.key === '=') zoomAt(W / 2, H / 2, 1.25);
-    else if (ev.key === '-') zoomAt(W / 2, H / 2, 0.8);
-    else if (ev.key === 'ArrowDown' || ev.key === 'PageDown') { ty -= ev.key === 'PageDown' ? H * 0.9 : 60; apply(); }
-    else if (ev.key === 'ArrowUp' || ev.key === 'PageUp') { ty += ev.key === 'PageUp' ? H * 0.9 : 60; apply(); }
-    else if (ev.key === 'ArrowLeft') { tx += 60; apply(); }
-    else if (ev.key === 'ArrowRight') { tx -= 60; apply(); }
-    else if (ev.key === 'Escape') { pinned = null; clearFocus(); sel.style.display = 'none'; }
-    else return;
-    ev.preventDefault();
-  });
-  window.addEventListener('resize', apply);
-  document.getElementById('b-fit').onclick = fitAll;
-  document.getElementById('b-top').onclick = initialView;
-  document.getElementById('b-in').onclick = function () { zoomAt(svg.clientWidth / 2, svg.clientHeight / 2, 1.25); };
-  document.getElementById('b-out').onclick = function () { zoomAt(svg.clientWidth / 2, svg.clientHeight / 2, 0.8); };
-  Array.prototype.forEach.call(document.querySelectorAll('input[name=view]'), function (r) {
-    r.onchange = function () { setView(r.value); };
-  });
-  // --- legend: click a group to highlight its nodes and zoom to them
-  Array.prototype.forEach.call(document.querySelectorAll('.grp'), function (row) {
-    row.onclick = function () {
-      var g = row.getAttribute('data-gid'), els = focusGroups([g]);
-      row.classList.add('on'); pinned = row;
-      if (els.length) fitTo(bboxOf(els), 1.2);
-      else { note = ' \u00b7 group ' + DATA.groups[g].name + ' is not drawn in this view'; apply(); }
-    };
-  });
-  // --- search: Enter jumps to the next box whose name contains the text
-  function find(text) {
-    var t = text.trim().toLowerCase(); if (!t) return;
-    if (!hits.length || hits.t !== t || hits.view !== view) {
-      hits = Array.prototype.filter.call(boxes(), function (el) {
-        var key = el.getAttribute('data-k'), n = DATA.nodes[key];
-        return key.toLowerCase().indexOf(t) >= 0 || (n && n.l.toLowerCase().indexOf(t) >= 0);
-      });
-      hits.t = t; hits.view = view; hit = -1;
-    }
-    if (!hits.length) { note = ' \u00b7 no box matches "' + text + '"'; apply(); return; }
-    hit = (hit + 1) % hits.length;
-    var el = hits[hit]; note = ' \u00b7 match ' + (hit + 1) + '/' + hits.length;
-    pinned = el; focusGroups(groupsOf(el), el); centreOn(el, 0.9);
-    sel.innerHTML = describe(el); sel.style.display = 'block';
-  }
-  q.addEventListener('keydown', function (ev) { if (ev.key === 'Enter') find(q.value); });
-  var hash = location.hash;    // read once: setView rewrites it
-  var m = /view=(detail|blocks)/.exec(hash);
-  setView(m ? m[1] : view);
-  var f = /focus=([^&]+)/.exec(hash);
-  if (f) { q.value = decodeURIComponent(f[1]); find(q.value); }
-  if (/(^#|&)fit(&|$)/.test(hash)) fitAll();
-  document.documentElement.setAttribute('data-fxprune-ready', view);
-})();
-"""
+_PAGE_JS = _asset("page.js")
 
 
 def _page_data(G: nx.DiGraph, drawings: Dict[str, _Drawing], default_view: str) -> str:
@@ -1122,51 +834,15 @@ def write_html(report: Any, path: PathLike, title: Optional[str] = None, view: s
     if isinstance(ver, dict) and ver:
         ok = ver.get("passed", ver.get("ok"))
         ver_s = f"<tr><td>Verification</td><td colspan=2>{'passed' if ok else 'FAILED' if ok is False else _esc(ok)}</td></tr>"
-    page = f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width,initial-scale=1">
-<title>{_esc(title)}</title>
-<style>{_PAGE_CSS}{_SVG_CSS}</style></head>
-<body>
-<div id="main"><svg id="canvas" class="fx" role="img" aria-label="pruning graph">{_SVG_DEFS}
-<g id="viewport">{views}</g></svg></div>
-<div id="side">
-<h1>{_esc(title)}</h1>
-<table class="sum">{"".join(summary)}
-<tr><td>Budget</td><td colspan=2>{_esc(budget_s or "-")}</td></tr>{ver_s}
-<tr><td>Groups</td><td colspan=2>{n_groups} ({n_frozen} frozen or blocked)</td></tr>
-<tr><td>Nodes</td><td colspan=2>{n_detail} drawn, {n_blocks} boxes with blocks collapsed{f", {hidden} shape-only ops and constants not drawn" if hidden else ""}</td></tr>
-</table>
-<div class="help">{_esc(opts)}</div>
-<h2>View</h2>
-<div class="ctl"><span class="seg"><input type="radio" name="view" id="v-detail" value="detail"{" checked" if view == "detail" else ""}><label for="v-detail">Detail</label><input type="radio" name="view" id="v-blocks" value="blocks"{" checked" if view == "blocks" else ""}><label for="v-blocks">Blocks</label></span>
-<button id="b-fit" title="fit the whole graph (f)">Fit</button><button id="b-top" title="readable width, from the inputs (0)">Top</button><button id="b-out" title="zoom out (-)">−</button><button id="b-in" title="zoom in (+)">+</button></div>
-<div class="ctl"><input id="q" type="search" placeholder="find a node, e.g. layer1.0.conv1 (Enter)"></div>
-<div id="status"></div>
-<div id="sel"></div>
-<div class="help">Wheel: zoom · drag: pan · Shift+wheel, arrows, PgUp/PgDn: scroll · hover: details and
-the node's channel groups · click: pin · Esc: clear. The Blocks view collapses repeated blocks
-(e.g. <span class="mono">layer1.0</span>, <span class="mono">features.denseblock1.denselayer3</span>)
-into one box.</div>
-<h2>Legend</h2>
-<div class="legend">
-<div><span class="sw" style="background:#f6c7a1;border-color:#7a3d0a"></span>box colour = its channel group (channels pruned together)</div>
-<div><span class="sw" style="background:{NEUTRAL_FILL};border-color:{NEUTRAL_STROKE}"></span>neutral: no group, or several (concat)</div>
-<div><span class="sw frz" style="background-color:#f6c7a1"></span>frozen / blocked channels (kept as they are)</div>
-<div><span class="sw" style="background:linear-gradient(90deg,#333 60%,#fff 60%);border-color:#999;height:6px"></span>bar: kept fraction of each group</div>
-<div><span class="mono">64→32 · 50%</span>&nbsp;width before → after, kept ratio</div>
-</div>
-<h2>Frozen channels ({n_frozen})</h2>
-<div>{frozen_rows or '<div class="help">none: every group can be pruned</div>'}</div>
-<h2>Channel groups ({n_groups})</h2>
-<div class="help">kept/size in channel units (a unit can span several positions, e.g. one per attention head)</div>
-<div>{rows}</div>
-</div>
-<div id="tip"></div>
-<script type="application/json" id="fx-data">{_page_data(G, drawings, view)}</script>
-<script>{_PAGE_JS}</script>
-</body></html>
-"""
+    page = string.Template(_asset("page.html")).substitute(
+        title=_esc(title), page_css=_PAGE_CSS, svg_css=_SVG_CSS, svg_defs=_SVG_DEFS, views=views,
+        summary="".join(summary), budget=_esc(budget_s or "-"), verification=ver_s, n_groups=n_groups,
+        n_frozen=n_frozen, n_detail=n_detail, n_blocks=n_blocks,
+        hidden_note=f", {hidden} shape-only ops and constants not drawn" if hidden else "", options=_esc(opts),
+        detail_checked=" checked" if view == "detail" else "", blocks_checked=" checked" if view == "blocks" else "",
+        neutral_fill=NEUTRAL_FILL, neutral_stroke=NEUTRAL_STROKE,
+        frozen_rows=frozen_rows or '<div class="help">none: every group can be pruned</div>', rows=rows,
+        data=_page_data(G, drawings, view), page_js=_PAGE_JS)
     path = Path(path)
     path.write_text(page, encoding="utf-8")
     log.info("visualize: wrote %s (%d nodes, %d blocks, %.0f KB)", path, n_detail, n_blocks,
@@ -1273,7 +949,7 @@ def visualize(report_or_pruned: Any, out_dir: PathLike, name: str = "model", exa
     when matplotlib is not installed. Returns {"html": path, "svg": path, "png": path} for the files
     written."""
     if example_inputs is not None:
-        from .compiler import compile  # a budget of 1.0 runs the analysis and keeps every channel
+        from ..compiler import compile  # a budget of 1.0 runs the analysis and keeps every channel
         report_or_pruned = compile(report_or_pruned, 1.0, example_inputs=example_inputs, verify=False)
     report = _as_report(report_or_pruned)
     out = Path(out_dir)

@@ -23,7 +23,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from .report import human_count as _human
+from ..report import human_count as _human
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INPUT, EXIT_INTERNAL = 0, 1, 2, 3, 4
 
@@ -34,7 +34,7 @@ def load_model(spec: str) -> Tuple[torch.nn.Module, str]:
     if spec.endswith(".pt"):
         if not os.path.exists(spec):
             raise SystemExit(_usage_error(f"no such file: {spec}"))
-        from .cifar_resnet import load_cifar_resnet
+        from ..training.cifar_resnet import load_cifar_resnet
         model, info = load_cifar_resnet(spec)
         return model, f"cifar_resnet{info.get('depth', '')}"
     if ":" in spec and spec.split(":", 1)[0].endswith(".py"):
@@ -107,7 +107,7 @@ def _bench_options(args) -> dict:
 
 def cmd_prune(args) -> int:
     import fxprune
-    from fxprune.benchmark import benchmark_onnxruntime
+    from fxprune.export.benchmark import benchmark_onnxruntime
     model, name = load_model(args.model)
     shape = args.input_shape or default_input_shape(name)
     x = torch.randn(*shape)
@@ -145,7 +145,7 @@ def cmd_prune(args) -> int:
 
 def cmd_search(args) -> int:
     import fxprune
-    from fxprune.proxy_eval import cifar10_proxy_evaluator
+    from fxprune.search.proxy_eval import cifar10_proxy_evaluator
     model, name = load_model(args.model)
     x = torch.randn(*(args.input_shape or [1, 3, 32, 32]))
     try:
@@ -161,7 +161,7 @@ def cmd_search(args) -> int:
     options = {"round_to": 1, **_compile_options(args)}  # the search's levels are keep ratios: no rounding
     pruned = fxprune.compile(model.eval(), args.budget, example_inputs=(x,), allocation=search, **options)
     seconds = time.perf_counter() - start
-    from fxprune.parallel import distributed_rank_and_size
+    from fxprune.search.parallel import distributed_rank_and_size
     if distributed_rank_and_size()[0] != 0:
         return EXIT_OK
     report = pruned.meta["fxprune"]
@@ -180,13 +180,13 @@ def cmd_search(args) -> int:
 
 
 def _write_viz(report: dict, out: str, name: str) -> List[str]:
-    from fxprune.visualize import visualize
+    from fxprune.apps.visualize import visualize
     paths = visualize(report, out, name=name)
     return [os.path.basename(p) for p in paths.values()]
 
 
 def cmd_bench(args) -> int:
-    from fxprune.benchmark import prune_and_benchmark
+    from fxprune.export.benchmark import prune_and_benchmark
     model, name = load_model(args.model)
     shape = args.input_shape or default_input_shape(name)
     result = prune_and_benchmark(model.eval(), (torch.randn(*shape),), budgets=args.budgets, name=name,
@@ -321,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--val", type=int, default=2000, help="held-out training images for the proxy error")
     search.add_argument("--workers", type=int, default=1, help="evaluation processes (per torchrun rank)")
     search.add_argument("--seed", type=int, default=0)
-    search.add_argument("--data", help="CIFAR-10 npz or pickles directory (default: ../shared/data or FXPRUNE_DATA)")
+    search.add_argument("--data", help="CIFAR-10 npz or pickles directory (default: $FXPRUNE_DATA)")
     search.add_argument("--device", default="cpu")
     search.add_argument("--out", default="fxprune-search", help="output directory (default fxprune-search)")
     search.set_defaults(run=cmd_search)
@@ -334,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     import fxprune
-    from fxprune.onnx_export import OnnxMismatchError
+    from fxprune.export.onnx_export import OnnxMismatchError
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="[fxprune] %(message)s",
                         stream=sys.stderr)

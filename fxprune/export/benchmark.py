@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .onnx_export import compare_with_torch, export_onnx, ort_session, physical_cores
-from .report import human_count as _human
+from ..report import human_count as _human
 
 log = logging.getLogger("fxprune")
 
@@ -191,8 +191,8 @@ def benchmark_onnxruntime(models: Dict[str, torch.nn.Module], example_inputs, *,
     onnxruntime (OnnxMismatchError beyond rtol), and measure them all interleaved. FLOPs and params
     come from a model's fxprune report when it has one, else from fxprune.cost_of. The ONNX files
     are kept in onnx_dir as `<key>.onnx` when it is given."""
-    from .compiler import cost_of
-    from .tracing import normalise_example_inputs
+    from ..compiler import cost_of
+    from ..tracing import normalise_example_inputs
     inputs = normalise_example_inputs(example_inputs)
     threads = threads or physical_cores()
     with tempfile.TemporaryDirectory() as tmp:
@@ -224,7 +224,7 @@ def prune_and_benchmark(model: torch.nn.Module, example_inputs, *, budgets: Sequ
                         extra_models: Optional[Dict[str, torch.nn.Module]] = None, **bench_options) -> BenchResult:
     """Prune `model` to each budget with fxprune.compile and benchmark the results against the
     dense model (and any `extra_models`, e.g. another tool's pruned model) in onnxruntime."""
-    from .compiler import compile
+    from ..compiler import compile
     models: Dict[str, torch.nn.Module] = {"dense": model.eval()}
     for budget in budgets:
         if budget < 1.0:

@@ -1,0 +1,1 @@
+"""Above everything: the `fxprune` command line and the graph viewer."""
