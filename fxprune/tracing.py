@@ -40,7 +40,7 @@ class _Tracer(torch.fx.Tracer):
     def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
         if isinstance(m, self._leaf_types) or qualname in self._leaf_names:
             return True
-        if torch.nn.utils.parametrize.is_parametrized(m):
+        if _is_parametrized(m):
             # its weight is computed by the parametrization on every call: trace into it so the
             # graph shows the computed weight (fxprune freezes such a layer, naming it)
             return False
@@ -120,9 +120,15 @@ def torch_layer_type(module: torch.nn.Module) -> Optional[type]:
     BatchNorm that adds an activation), a parametrized module (weight_norm) and a module with
     forward hooks must not take the rule of its torch.nn base class: None makes fxprune trace into it
     or, for a leaf, freeze its channels."""
-    if module._forward_hooks or module._forward_pre_hooks or torch.nn.utils.parametrize.is_parametrized(module):
+    if module._forward_hooks or module._forward_pre_hooks or _is_parametrized(module):
         return None
     return _torch_layer_type(type(module))
+
+
+def _is_parametrized(module: torch.nn.Module) -> bool:
+    # torch.nn.utils.parametrize.is_parametrized, without its getattr miss (slow on nn.Module,
+    # and this runs for every module several times per compile)
+    return isinstance(module._modules.get("parametrizations"), torch.nn.ModuleDict)
 
 
 @functools.lru_cache(maxsize=None)
