@@ -39,11 +39,21 @@ class CostModel:
         self.n_units = n_units
         self._flops = _VectorisedTerms(flops_terms)
         self._params = _VectorisedTerms(param_terms)
+        self._dense_flops: Optional[float] = None
+        self._dense_params: Optional[float] = None
 
     def flops(self, keep_unit: np.ndarray) -> float:
+        if keep_unit.all():  # the dense cost: asked for by every pass and check, computed once
+            if self._dense_flops is None:
+                self._dense_flops = self._flops(keep_unit)
+            return self._dense_flops
         return self._flops(keep_unit)
 
     def params(self, keep_unit: np.ndarray) -> float:
+        if keep_unit.all():
+            if self._dense_params is None:
+                self._dense_params = self._params(keep_unit)
+            return self._dense_params
         return self._params(keep_unit)
 
     def unit_cost(self, which: str = "flops") -> np.ndarray:
