@@ -1,8 +1,8 @@
 """fxprune: structured pruning of PyTorch models as a torch.fx compiler pipeline."""
 from .budget import Budget
 from .compiler import analyze, apply_plan, compile, cost_of
-from .errors import (BudgetError, ConfigError, ExampleInputsError, FxPruneError, NoPrunableChannelsError,
-                     UnsupportedModelError, VerificationError)
+from .errors import (BudgetError, ConfigError, DataError, ExampleInputsError, FxPruneError, LoadError,
+                     NoPrunableChannelsError, UnsupportedModelError, VerificationError)
 from .importance import Importance, ImportanceData, importance_names
 from .passes.aofp import AOFP
 from .passes.bn_scale_importance import BNScaleImportance
@@ -38,6 +38,6 @@ __all__ = [
     "Importance", "ImportanceData", "importance_names", "L1Importance", "L2Importance", "BNScaleImportance",
     "TaylorImportance", "FPGMImportance", "RandomImportance", "ChannelGroup", "ChannelGroups", "PrunePlan",
     "FxPruneError", "UnsupportedModelError", "ExampleInputsError", "BudgetError", "NoPrunableChannelsError",
-    "ConfigError", "VerificationError",
+    "ConfigError", "DataError", "LoadError", "VerificationError",
 ]
 __version__ = "0.1.0"

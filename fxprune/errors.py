@@ -31,10 +31,23 @@ class ConfigError(FxPruneError):
     """A compile option is invalid (e.g. `ignore` names a module that does not exist)."""
 
 
+class DataError(FxPruneError):
+    """Calibration or training batches do not fit the model or the loss (shape, dtype, label range)."""
+
+
+class LoadError(FxPruneError):
+    """fxprune.load cannot read the file: missing, truncated, or not written by fxprune.save."""
+
+
 class VerificationError(FxPruneError):
     """Internal error: the pruned model does not compute what the masked original computes.
 
     This is a bug in fxprune; the message names the first node that diverges and its groups."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (torch appends long notes after it)."""
+    return (str(exc).strip().splitlines() or [""])[0]
 
 
 def describe_node(node: Optional[torch.fx.Node]) -> str:

@@ -11,6 +11,7 @@ training set. The traced GraphModule shares the user's parameter tensors: a crit
 write to them (use detached copies, e.g. torch.func.functional_call, to take gradients)."""
 from __future__ import annotations
 
+import contextlib
 import itertools
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Tuple, Type
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 import torch.fx
 
-from .errors import ConfigError
+from .errors import ConfigError, DataError, FxPruneError, first_line
 from .ir import ChannelGroups
 
 
@@ -48,10 +49,35 @@ class ImportanceData:
                 raise ConfigError("this importance needs targets: data must yield (x, y) pairs")
             yield (x if isinstance(x, tuple) else (x,)), y
 
+    @contextlib.contextmanager
+    def batch(self, index: int, inputs: Tuple[Any, ...], target: Any = None) -> Iterator[None]:
+        """Run one batch through the model and the loss inside this: a batch that does not fit either
+        becomes a DataError naming the batch and its shapes, not a raw error from inside torch."""
+        try:
+            yield
+        except FxPruneError:
+            raise
+        except (RuntimeError, IndexError, ValueError, TypeError) as exc:
+            shapes = ", ".join(_describe(x) for x in inputs)
+            hint = ("batches must be shaped like example_inputs (any batch size)" if self.loss_fn is not None else
+                    "batches must be shaped like example_inputs (any batch size); with the default cross-entropy "
+                    "loss, targets are class indices (int64) in [0, number of model outputs)")
+            raise DataError(f"calibration batch {index} does not fit the model or the loss: inputs {shapes}, "
+                            f"target {_describe(target)}: {type(exc).__name__}: {first_line(exc)}\n  {hint}") from None
+
     def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if self.loss_fn is not None:
             return self.loss_fn(output, target)
         return torch.nn.functional.cross_entropy(output, target)
+
+
+def _describe(x: Any) -> str:
+    if isinstance(x, torch.Tensor):
+        text = f"{tuple(x.shape)} {str(x.dtype).replace('torch.', '')}"
+        if not x.is_floating_point() and x.numel():
+            text += f" in [{int(x.min())}, {int(x.max())}]"
+        return text
+    return type(x).__name__
 
 
 class Importance:

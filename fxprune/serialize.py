@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import io
+import os
 import json
 from typing import Dict, Optional
 
@@ -20,7 +21,7 @@ import torch
 import torch.fx
 
 from .compiler import apply_plan
-from .errors import ConfigError
+from .errors import ConfigError, LoadError, first_line
 
 FORMAT = "fxprune.saved/1"
 
@@ -41,17 +42,31 @@ def load(path, model: Optional[torch.nn.Module] = None, example_inputs=None, *,
     """Load what `save` wrote. Without `model`: rebuild the saved GraphModule (unpickles its
     structure: load only files you trust). With `model` (the original architecture, any weights) and
     `example_inputs`: prune it by the saved plan and load the saved weights into the result."""
-    saved = torch.load(path, map_location="cpu", weights_only=True)
+    if not os.path.isfile(path):
+        raise LoadError(f"fxprune.load: no file at {path}" + (" (it is a directory)" if os.path.isdir(path) else ""))
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated, corrupt, or another kind of file (torch raises several types)
+        raise LoadError(f"fxprune.load cannot read {path}: it is corrupt or was not written by fxprune.save "
+                        f"({type(exc).__name__}: {first_line(exc)})") from None
     if not isinstance(saved, dict) or saved.get("format") != FORMAT:
-        raise ConfigError(f"{path} is not a file written by fxprune.save")
-    report = json.loads(saved["report"])
+        raise LoadError(f"{path} is not a file written by fxprune.save (a torch file without fxprune's format tag)")
+    try:
+        report = json.loads(saved["report"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise LoadError(f"{path} has fxprune's format tag but no readable report: {first_line(exc)}") from None
     if model is not None:
         if example_inputs is None:
             raise ConfigError("load(path, model=...) needs example_inputs to re-apply the plan")
         pruned = apply_plan(model, report, example_inputs=example_inputs, verify=verify)
         rebuilt_report = pruned.meta["fxprune"]
     else:
-        pruned = torch.load(io.BytesIO(saved["structure"]), map_location="meta", weights_only=False)
+        try:
+            pruned = torch.load(io.BytesIO(saved["structure"]), map_location="meta", weights_only=False)
+        except Exception as exc:  # the pickled structure names code this environment lacks, or is damaged
+            raise LoadError(f"fxprune.load cannot rebuild the model saved in {path}: {type(exc).__name__}: "
+                            f"{first_line(exc)}. Load it with load(path, model=<the original architecture>, "
+                            f"example_inputs=...) instead") from None
         rebuilt_report = report
     _assign_tensors(pruned, saved["tensors"])
     pruned.meta["fxprune"] = rebuilt_report

@@ -128,13 +128,15 @@ class AOFPPass:
         log.info("AOFP: %d target groups, theta %g, H %d, warm-up %d, FLOPs target %.1f%%", len(trainer.targets),
                  self.config.theta, self.config.iters_per_half, self.config.warmup_iters, 100 * self.flops_target)
         it, epoch, start, trajectory = 0, 0, time.perf_counter(), []
+        batches = ImportanceData(loader, self.loss_fn)  # names a batch that does not fit the model
         max_steps = int(round(self.config.max_epochs * len(loader)))
         gm.train()
         while it < max_steps:
             if hasattr(loader, "set_epoch"):
                 loader.set_epoch(epoch)
             for x, y in loader:
-                loss, events = trainer.step(it, x, y)
+                with batches.batch(it, (x,), y):
+                    loss, events = trainer.step(it, x, y)
                 it += 1
                 if events and cost.flops(keep) / flops0 <= self.flops_target:
                     break  # target met: stop now rather than at the epoch's end (short halves overshoot)

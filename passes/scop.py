@@ -111,9 +111,10 @@ class SCOP(Importance):
         while step < total:
             for inputs, target in data.iter_batches(need_targets=True):
                 x = inputs[0]
-                knockoff = self.generator(x, rng)
-                out = _Mixing(work, producers, betas, len(x)).run(torch.cat([x, knockoff]))
-                loss = data.loss(out[: len(x)], target)
+                with data.batch(step, inputs, target):
+                    knockoff = self.generator(x, rng)
+                    out = _Mixing(work, producers, betas, len(x)).run(torch.cat([x, knockoff]))
+                    loss = data.loss(out[: len(x)], target)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

@@ -39,8 +39,8 @@ class TaylorImportance(Importance):
         scores = np.zeros(groups.n_units)
         n = 0
         for inputs, target in data.iter_batches(self.n_batches, need_targets=True):
-            output = torch.func.functional_call(gm, weights, inputs)
-            loss = data.loss(output, target)
+            with data.batch(n, inputs, target):
+                loss = data.loss(torch.func.functional_call(gm, weights, inputs), target)
             grads = torch.autograd.grad(loss, [weights[k] for k in names], allow_unused=True)
             per_batch = np.zeros(groups.n_units)
             with torch.no_grad():

@@ -116,3 +116,42 @@ def test_training_mode_model_is_pruned_in_eval_mode_and_left_training():
     assert model.training and all(m.training for m in model.modules())
     assert not pruned.training
     assert unchanged(before, model)  # BN running stats untouched (no forward in train mode)
+
+
+# ------------------------------------------------------------------ data and files at the boundaries
+def _classifier():
+    return nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(8, 10)).eval()
+
+
+@pytest.mark.parametrize("batch, match", [
+    ((torch.randn(2, 4, 16, 16), torch.zeros(2, dtype=torch.long)), r"(?s)batch 0 does not fit.*\(2, 4, 16, 16\).*3 channels"),
+    ((torch.randn(2, 3, 16, 16), torch.full((2,), 12)), r"(?s)batch 0 does not fit.*in \[12, 12\].*class indices"),
+])
+def test_calibration_batches_that_do_not_fit_are_a_data_error(batch, match):
+    model = _classifier()
+    before = snapshot(model)
+    with pytest.raises(fxprune.DataError, match=match):
+        fxprune.compile(model, 0.5, example_inputs=(torch.randn(2, 3, 16, 16),), importance="taylor", round_to=1,
+                        data=[batch])
+    assert unchanged(before, model)
+
+
+def test_load_of_a_missing_or_corrupt_file_is_a_load_error(tmp_path):
+    with pytest.raises(fxprune.LoadError, match="no file at"):
+        fxprune.load(tmp_path / "missing.pt")
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"not a torch file")
+    with pytest.raises(fxprune.LoadError, match="corrupt or was not written by fxprune.save"):
+        fxprune.load(corrupt)
+    other = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(2)}, other)
+    with pytest.raises(fxprune.LoadError, match="not a file written by fxprune.save"):
+        fxprune.load(other)
+    pruned = fxprune.compile(ConvChain(), 0.5, example_inputs=(example_input(),), round_to=1)
+    good = tmp_path / "good.pt"
+    fxprune.save(pruned, good)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(fxprune.LoadError):
+        fxprune.load(truncated)

@@ -73,5 +73,5 @@ def test_plan_of_another_architecture_is_refused(pruned_resnet):
 
 def test_load_rejects_other_files(tmp_path):
     torch.save({"state_dict": {}}, tmp_path / "other.pt")
-    with pytest.raises(ConfigError, match="not a file written by fxprune.save"):
+    with pytest.raises(fxprune.LoadError, match="not a file written by fxprune.save"):
         fxprune.load(tmp_path / "other.pt")
