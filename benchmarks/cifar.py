@@ -147,7 +147,8 @@ def prune(dense: torch.nn.Module, method: str, budget: float, x: torch.Tensor, a
                               path=args.data)
         pruned = fxprune.compile(dense, budget, example_inputs=(x,), importance=config, round_to=args.round_to,
                                  data=train)
-        search_stats["aofp"] = {"steps": config.last_run.steps, "epochs": config.last_run.epochs}
+        run = pruned.meta["fxprune"]["importance"]
+        search_stats["aofp"] = {"steps": run["steps"], "epochs": run["epochs"]}
         return pruned
     if method == "scop":  # default: the paper's setup (inner groups only, uniform per-layer rate, shuffle)
         config = fxprune.SCOP(knockoff=args.scop_knockoff, steps=args.scop_steps, scope=args.scop_scope, seed=0)
@@ -155,8 +156,9 @@ def prune(dense: torch.nn.Module, method: str, budget: float, x: torch.Tensor, a
                               path=args.data)
         pruned = fxprune.compile(dense, budget, example_inputs=(x,), importance=config, round_to=args.round_to,
                                  data=train, allocation=args.scop_allocation)
-        search_stats["scop"] = {"steps": args.scop_steps, "saturated": config.saturated,
-                                "below_half": config.below_half}
+        factors = pruned.meta["fxprune"]["importance"]
+        search_stats["scop"] = {"steps": args.scop_steps, "saturated": factors["saturated"],
+                                "below_half": factors["below_half"]}
         return pruned
     if method == "l1_inner":  # control for SCOP's paper setup: L1 scores, SCOP's scope and uniform rate
         return fxprune.compile(dense, budget, example_inputs=(x,), importance=InnerGroupsL1(), round_to=args.round_to,

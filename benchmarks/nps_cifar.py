@@ -70,17 +70,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     test = CIFAR10Loader("test", batch_size=500, shuffle=False, augment=False, path=args.data)
     config = FinetuneConfig(epochs=args.epochs, lr=args.lr, optimizer="sgd", schedule="cosine", weight_decay=5e-4,
                             seed=0)
-    result = search.last_result
+    result = searched.meta["fxprune"]["search"]
     out = {"config": vars(args), "world_size": world, "dense": {"top1": evaluate(dense, test)["top1"], **{
                k: v for k, v in info.items() if isinstance(v, (int, float, str))}},
-           "search_seconds": search_seconds, "finetune": asdict(config), "search": result.summary(), "rows": []}
+           "search_seconds": search_seconds, "finetune": asdict(config), "search": {k: v for k, v in result.items() if k != "samples"},
+           "rows": []}
     for name, model in (("search", searched), ("l1_global", l1)):
         report = model.meta["fxprune"]
         row = {"method": name, "flops_ratio": report["flops"]["ratio"], "params_ratio": report["params"]["ratio"],
                "widths": {g["name"]: g["kept"] for g in report["groups"] if not g["blocked"]},
                "top1_pruned": evaluate(copy.deepcopy(model), test)["top1"], "top1_finetuned": [],
                # the search's proxy on the same held-out images, with the winner's seed: where L1 would rank
-               "proxy_error": result.best["error"] if name == "search" else evaluator(model, result.best["seed"])}
+               "proxy_error": result["best"]["error"] if name == "search" else evaluator(model, result["best"]["seed"])}
         for seed in args.seeds:
             trained = copy.deepcopy(model)
             train = CIFAR10Loader("train", batch_size=128, shuffle=True, augment=True, seed=seed, drop_last=True,
@@ -93,14 +94,14 @@ def main(argv: Optional[List[str]] = None) -> int:
               f"{mean_std(row['top1_finetuned'])} (per seed {row['top1_finetuned']})", flush=True)
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
-    comparison = result.comparison
+    comparison = result["comparison"]
     print(f"\nsamples: {args.samples} initial + {args.refined or args.samples} refined, proxy {args.proxy_steps} "
           f"steps; search {search_seconds:.0f}s")
-    print(f"rho* = {result.rho_star:.2f} FLOPs/param ({result.rho_star / result.rho0:.3f} x dense)")
+    print(f"rho* = {result['rho_star']:.2f} FLOPs/param ({result['rho_star'] / result['rho0']:.3f} x dense)")
     print(f"proxy error mean initial {comparison['mean_error_initial']:.4f} -> refined "
           f"{comparison['mean_error_refined']:.4f}; refined EDF dominates: {comparison['dominates']} "
           f"(max shortfall {comparison['max_shortfall']:.3f}, area {comparison['area']:.4f}; FLOPs-normalised "
-          f"dominates: {result.comparison_normalized['dominates']})")
+          f"dominates: {result['comparison_normalized']['dominates']})")
     print(f"wrote {args.json} and {args.out_dir}/")
     return 0
 

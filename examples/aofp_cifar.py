@@ -36,8 +36,9 @@ config = fxprune.AOFP(theta=args.theta, iters_per_half=args.half, warmup_iters=a
                       flops_aware=not args.paper_thresholds)
 pruned = fxprune.compile(model, args.budget, example_inputs=(torch.randn(1, 3, 32, 32),), importance=config,
                          data=train, round_to=1)
-moves = [e for e in config.last_run.history if e["kind"] == "move"]
-print(f"AOFP: {len(moves)} moves in {config.last_run.steps} steps, FLOPs kept "
+run = pruned.meta["fxprune"]["importance"]  # AOFP's steps, epochs and search history
+moves = [e for e in run["history"] if e["kind"] == "move"]
+print(f"AOFP: {len(moves)} moves in {run['steps']} steps, FLOPs kept "
       f"{pruned.meta['fxprune']['flops']['ratio']:.1%}, top-1 before fine-tuning {fxprune.evaluate(pruned, test)['top1']:.2%}")
 fxprune.finetune(pruned, CIFAR10Loader("train", batch_size=128, shuffle=True, augment=True, seed=1),
                  fxprune.FinetuneConfig(epochs=args.finetune_epochs, lr=0.01))

@@ -35,10 +35,10 @@ search = fxprune.SpaceSearch(evaluator=evaluator, n_samples=args.samples, n_buck
                              out_dir=args.out)
 pruned = fxprune.compile(model, args.budget, example_inputs=(torch.randn(1, 3, 32, 32),), allocation=search,
                          round_to=1)
-result = search.last_result
-print(f"rho* = {result.rho_star:.1f} FLOPs/param ({result.rho_star / result.rho0:.2f} x dense); proxy error "
-      f"initial {result.comparison['mean_error_initial']:.3f} -> refined {result.comparison['mean_error_refined']:.3f}; "
-      f"best {result.best['error']:.3f} from the {result.best['round']} space; plots in {args.out}/")
+result = pruned.meta["fxprune"]["search"]  # every sample, rho*, the EDF comparison, the best subnetwork
+print(f"rho* = {result['rho_star']:.1f} FLOPs/param ({result['rho_star'] / result['rho0']:.2f} x dense); proxy error "
+      f"initial {result['comparison']['mean_error_initial']:.3f} -> refined {result['comparison']['mean_error_refined']:.3f}; "
+      f"best {result['best']['error']:.3f} from the {result['best']['round']} space; plots in {args.out}/")
 
 train = CIFAR10Loader("train", batch_size=128, shuffle=True, augment=True, seed=0, drop_last=True)
 test = CIFAR10Loader("test", batch_size=500)

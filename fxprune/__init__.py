@@ -2,7 +2,7 @@
 from .budget import Budget
 from .compiler import analyze, apply_plan, compile, cost_of
 from .errors import (BudgetError, ConfigError, DataError, ExampleInputsError, FxPruneError, LoadError,
-                     NoPrunableChannelsError, UnsupportedModelError, VerificationError)
+                     NoPrunableChannelsError, PassCheckError, UnsupportedModelError, VerificationError)
 from .importance import Importance, ImportanceData, importance_names
 from .passes.aofp import AOFP
 from .passes.bn_scale_importance import BNScaleImportance
@@ -38,6 +38,6 @@ __all__ = [
     "Importance", "ImportanceData", "importance_names", "L1Importance", "L2Importance", "BNScaleImportance",
     "TaylorImportance", "FPGMImportance", "RandomImportance", "ChannelGroup", "ChannelGroups", "PrunePlan",
     "FxPruneError", "UnsupportedModelError", "ExampleInputsError", "BudgetError", "NoPrunableChannelsError",
-    "ConfigError", "DataError", "LoadError", "VerificationError",
+    "ConfigError", "DataError", "LoadError", "PassCheckError", "VerificationError",
 ]
 __version__ = "0.1.0"

@@ -1,12 +1,10 @@
-"""fxprune.compile: the pipeline as one readable function, each step a named pass."""
+"""fxprune.compile: the pipeline as one readable function, each step a named pass (fxprune/pipeline.py)."""
 from __future__ import annotations
 
 import copy
 import difflib
 import fnmatch
 import logging
-import time
-import warnings
 from typing import Any, Callable, Dict, Iterable, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -14,14 +12,13 @@ import torch
 import torch.fx
 
 from .budget import Budget, as_budget
-from .cost import build_cost_model
-from .errors import BudgetError, ConfigError, UnsupportedModelError
+from .errors import ConfigError, UnsupportedModelError
 from .importance import Importance, ImportanceData, resolve_importance
 from .ir import ChannelGroups, PrunePlan
+from .pipeline import (Allocate, AnalyseChannels, CompileState, CountCost, PlanFromReport, PlanWhileTraining, Rewrite,
+                       Score, Trace, Verify, run_passes)
 from .report import build_report, module_slices as _module_slices
-from .shape_prop import propagate_shapes
-from .tracing import check_capture, normalise_example_inputs, private_eval_copy, trace_model
-from .verify import check_graph, check_groups, debug_checks_enabled, graph_fingerprint, verify_pruned
+from .tracing import check_capture, normalise_example_inputs, private_eval_copy
 
 
 log = logging.getLogger("fxprune")
@@ -62,35 +59,23 @@ def compile(model: torch.nn.Module, budget: Union[float, Budget], *, example_inp
     if scorer.requires_data and data is None:
         raise ConfigError(f"importance {scorer.name!r} needs calibration data: pass data=<iterable of (x, y) "
                           f"batches> (e.g. a DataLoader over a few hundred training images)")
-    seconds: Dict[str, float] = {}
-    clock = time.perf_counter()
-
-    source = copy.deepcopy(model) if scorer.trains_model else model         # training never touches the user's
-    gm, groups = _analyse(source, inputs, ignore_names, leaf_modules)       # trace, shapes, channel groups
-    cost = build_cost_model(gm, groups)                                     # FLOPs/params per kept unit
-    log.info("analysed: %d nodes, %d channel groups (%d prunable), %.2fs", len(gm.graph.nodes),
-             len(groups.groups), sum(g.prunable for g in groups.groups), time.perf_counter() - clock)
-    _check_budget_measurable(groups, cost, budget)                          # something to take a fraction of
-    _freeze(groups, scorer.excluded_groups(gm, groups))                    # groups the criterion keeps whole
     calibration = ImportanceData(data, loss_fn)
-    if scorer.decides_widths:                                               # AOFP: masks learnt while training
-        plan = scorer.plan(gm, groups, cost, budget, calibration)
-    else:
-        scores = scorer.score(gm, groups, calibration)                      # importance of every unit
-        plan = _bind(allocation_pass, budget, round_to, min_channels, gm).run(groups, cost, scores)  # what stays
-    budget_status = _check_budget_met(plan, cost, budget, scorer)           # never a silent miss
-    seconds["analyse_and_plan"] = time.perf_counter() - clock
-    log.info("planned with %s%s, %.2fs", scorer.name,
-             "" if scorer.decides_widths else f" importance and {getattr(allocation, 'name', allocation)} allocation", seconds["analyse_and_plan"])
-
+    source = copy.deepcopy(model) if scorer.trains_model else model          # training never touches the user's
+    passes = [
+        Trace(leaf_modules),                                                 # fx graph of a private copy, with shapes
+        AnalyseChannels(ignore_names),                                       # which channels must go together
+        CountCost(),                                                         # FLOPs/params per kept unit
+        *([PlanWhileTraining(scorer, calibration, budget)] if scorer.decides_widths else [  # AOFP: masks learnt
+            Score(scorer, calibration),                                      # importance of every unit
+            Allocate(allocation_pass, budget, round_to, min_channels)]),     # which units stay
+        Rewrite(),                                                           # the new, smaller GraphModule
+        *([Verify()] if verify else []),                                     # pruned == masked original
+    ]
+    state = run_passes(passes, CompileState(inputs=inputs, model=private_eval_copy(source)))
     importance_label = scorer.name if isinstance(importance, str) else repr(scorer)  # with its settings
     options = {"importance": importance_label, "allocation": getattr(allocation, "name", allocation),
                "round_to": round_to, "min_channels": min_channels, "ignore": sorted(ignore_names)}
-    pruned = _rewrite_and_report(gm, groups, plan, cost, inputs, budget, options, verify, seconds)
-    pruned.meta["fxprune"]["budget"].update(budget_status)
-    if getattr(allocation, "last_result", None) is not None:                # a search: what it measured
-        pruned.meta["fxprune"]["search"] = allocation.last_result.summary()
-    return pruned
+    return _with_report(state, budget, options)
 
 
 def apply_plan(model: torch.nn.Module, report: Dict[str, Any], *, example_inputs, verify: bool = True,
@@ -104,13 +89,11 @@ def apply_plan(model: torch.nn.Module, report: Dict[str, Any], *, example_inputs
     if not isinstance(report, dict) or report.get("format") != "fxprune.report/1":
         raise ConfigError("apply_plan needs an fxprune report (pruned.meta['fxprune'] or its report.json)")
     inputs = normalise_example_inputs(example_inputs)
-    clock = time.perf_counter()
-    gm, groups = _analyse(model, inputs, set(report["options"].get("ignore", ())), leaf_modules)
-    plan = plan_from_report(groups, report)                                 # what the report kept
-    cost = build_cost_model(gm, groups)
-    seconds = {"analyse_and_plan": time.perf_counter() - clock}
+    passes = [Trace(leaf_modules), AnalyseChannels(set(report["options"].get("ignore", ()))), CountCost(),
+              PlanFromReport(report), Rewrite(), *([Verify()] if verify else [])]
+    state = run_passes(passes, CompileState(inputs=inputs, model=private_eval_copy(model)))
     budget = Budget(**{k: report["budget"].get(k) for k in ("flops", "params") if report["budget"].get(k) is not None})
-    return _rewrite_and_report(gm, groups, plan, cost, inputs, budget, dict(report["options"]), verify, seconds)
+    return _with_report(state, budget, dict(report["options"]))
 
 
 def plan_from_report(groups: ChannelGroups, report: Dict[str, Any]) -> PrunePlan:
@@ -143,26 +126,18 @@ def plan_from_report(groups: ChannelGroups, report: Dict[str, Any]) -> PrunePlan
     return plan
 
 
-def _rewrite_and_report(gm, groups, plan, cost, inputs, budget, options, verify, seconds) -> torch.fx.GraphModule:
-    """The shared tail of compile and apply_plan: rewrite, verify, attach the report."""
-    from fxprune.passes.rewrite import PruneRewrite
-    start = time.perf_counter()
-    pruned = PruneRewrite(groups, plan)(gm).graph_module                     # new, smaller GraphModule
-    if debug_checks_enabled():
-        check_graph(pruned, "PruneRewrite")
-    seconds["rewrite"] = time.perf_counter() - start
-    log.info("rewrote the graph, %.2fs", seconds["rewrite"])
-
-    verification = None
-    if verify:                                                              # pruned == masked original
-        start = time.perf_counter()
-        verification = verify_pruned(gm, pruned, groups, plan, inputs).as_dict()
-        seconds["verify"] = time.perf_counter() - start
-        log.info("verified against the masked original in float64 (max error %.2g), %.2fs",
-                 verification["max_abs_error"], seconds["verify"])
-    report = build_report(gm, groups, plan, cost, budget, options, verification, seconds)
-    log.info("kept %.1f%% of the FLOPs and %.1f%% of the parameters", 100 * report["flops"]["ratio"],
-             100 * report["params"]["ratio"])
+def _with_report(state: CompileState, budget: Budget, options: Dict[str, Any]) -> torch.fx.GraphModule:
+    """The pruned model, in eval mode, with its report (plain data) at `meta["fxprune"]`."""
+    seconds = dict(state.seconds)
+    seconds["analyse_and_plan"] = sum(t for name, t in seconds.items() if name not in ("rewrite", "verify"))
+    report = build_report(state.gm, state.groups, state.plan, state.cost, budget, options, state.verification, seconds)
+    importance = state.results.get("importance", {})
+    report["budget"]["met"] = importance.get("budget_met", True)
+    for key, value in state.results.items():
+        report[key] = value
+    log.info("kept %.1f%% of the FLOPs and %.1f%% of the parameters (%s)", 100 * report["flops"]["ratio"],
+             100 * report["params"]["ratio"], ", ".join(f"{k} {v:.2f}s" for k, v in state.seconds.items()))
+    pruned = state.pruned
     pruned.meta["fxprune"] = report
     return pruned.eval()
 
@@ -180,70 +155,23 @@ def cost_of(model: torch.nn.Module, example_inputs, *, leaf_modules: Sequence[An
     """FLOPs and parameters of `model` on `example_inputs`, counted the way compile counts them (so
     any model, e.g. another tool's pruned result, compares with compile's report)."""
     _check_model(model)
-    inputs = normalise_example_inputs(example_inputs)
-    gm, groups = _analyse(model, inputs, set(), leaf_modules)
-    cost = build_cost_model(gm, groups)
-    full = np.ones(groups.n_units, dtype=bool)
-    return {"flops": float(cost.flops(full)), "params": float(cost.params(full))}
+    passes = [Trace(leaf_modules), AnalyseChannels(), CountCost()]
+    state = run_passes(passes, CompileState(inputs=normalise_example_inputs(example_inputs), model=private_eval_copy(model)))
+    full = np.ones(state.groups.n_units, dtype=bool)
+    return {"flops": float(state.cost.flops(full)), "params": float(state.cost.params(full))}
 
 
 def _analyse(model, inputs: Tuple[Any, ...], ignore_names, leaf_modules) -> Tuple[torch.fx.GraphModule, ChannelGroups]:
-    from fxprune.passes.dependency import ChannelGroupAnalysis
-    work = private_eval_copy(model)                       # never touch the user's model
-    gm = trace_model(work, leaf_modules)                  # torch.fx graph of the forward
-    propagate_shapes(gm, inputs)                          # every node's shape, on the example inputs
-    before = graph_fingerprint(gm) if debug_checks_enabled() else None
-    groups = ChannelGroupAnalysis(ignore_names).run(gm)   # which channels must go together
-    if before is not None:
-        check_graph(gm, "ChannelGroupAnalysis")
-        if graph_fingerprint(gm) != before:
-            raise AssertionError("ChannelGroupAnalysis modified the graph")
-        check_groups(gm, groups)
-    return gm, groups
-
-
-def _freeze(groups: ChannelGroups, reasons: Dict[int, str]) -> None:
-    for gid, reason in reasons.items():
-        group = groups.groups[gid]
-        groups.unit_frozen[group.units] = True
-        group.n_frozen = group.size
-        group.frozen_reasons.append(reason)
+    """The traced graph and its channel groups (the first two passes of compile)."""
+    state = run_passes([Trace(leaf_modules), AnalyseChannels(ignore_names)],
+                       CompileState(inputs=inputs, model=private_eval_copy(model)))
+    return state.gm, state.groups
 
 
 def _check_model(model) -> None:
     if not isinstance(model, torch.nn.Module):
         raise UnsupportedModelError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     check_capture(model)
-
-
-def _check_budget_measurable(groups: ChannelGroups, cost, budget: Budget) -> None:
-    """A budget is a fraction of something fxprune counted: with nothing counted, any plan would
-    'meet' it while pruning nothing."""
-    full = np.ones(groups.n_units, dtype=bool)
-    for what, wanted, total in (("FLOPs", budget.flops, cost.flops(full)), ("parameters", budget.params, cost.params(full))):
-        if wanted is not None and wanted < 1 and total <= 0:
-            counted = "conv, linear, matmul/einsum and attention" if what == "FLOPs" else "nn.Parameter elements"
-            raise BudgetError(
-                f"the budget asks for {wanted:.0%} of the {what}, but fxprune counted no {what} in this model (it counts "
-                f"{counted} it has a rule for).\n{groups.explain_frozen()}")
-
-
-def _check_budget_met(plan: PrunePlan, cost, budget: Budget, scorer: Importance) -> Dict[str, Any]:
-    """The plan keeps at most the budget. An allocation pass guarantees this; a criterion that decides
-    widths while training (AOFP) may stop short, which is reported and warned about, never hidden."""
-    full = np.ones(len(plan.keep_unit), dtype=bool)
-    missed = []
-    for what, wanted, before, after in (("FLOPs", budget.flops, cost.flops(full), cost.flops(plan.keep_unit)),
-                                        ("params", budget.params, cost.params(full), cost.params(plan.keep_unit))):
-        if wanted is not None and before > 0 and after > wanted * before * (1 + 1e-9):
-            missed.append(f"{what} {after / before:.1%} (budget {wanted:.1%})")
-    if missed and not scorer.decides_widths:
-        raise BudgetError(f"fxprune internal error: the allocation returned a plan that keeps {', '.join(missed)}; "
-                          f"please report it")
-    if missed:
-        warnings.warn(f"fxprune: {scorer.name} stopped above the budget: it keeps {', '.join(missed)}; the report "
-                      f"records budget.met = False", stacklevel=3)
-    return {"met": not missed}
 
 
 def _allocation(name):
@@ -259,13 +187,6 @@ def _allocation(name):
         raise ConfigError(f"unknown allocation {name!r}; choose one of {sorted(table)} or pass "
                           f"fxprune.SpaceSearch(evaluator=...)")
     return table[name]
-
-
-def _bind(allocation_pass, budget: Budget, round_to: int, min_channels: int, gm: torch.fx.GraphModule):
-    """The allocation pass for this budget; a search also needs the graph, to build its candidates."""
-    if hasattr(allocation_pass, "bind"):
-        return allocation_pass.bind(budget, round_to, min_channels, gm)
-    return allocation_pass(budget, round_to, min_channels)
 
 
 def _positive_int(value, name: str) -> int:

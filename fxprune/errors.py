@@ -39,6 +39,11 @@ class LoadError(FxPruneError):
     """fxprune.load cannot read the file: missing, truncated, or not written by fxprune.save."""
 
 
+class PassCheckError(FxPruneError):
+    """A pass broke the pass contract or left an ill-formed state (FXPRUNE_VERIFY=1 checks): a bug in fxprune
+    or in a custom pass. The message names the pass and the passes run before it."""
+
+
 class VerificationError(FxPruneError):
     """Internal error: the pruned model does not compute what the masked original computes.
 

@@ -95,6 +95,17 @@ class Importance:
               data: Optional[ImportanceData] = None) -> np.ndarray:  # pragma: no cover
         raise NotImplementedError
 
+    def score_with_results(self, gm: torch.fx.GraphModule, groups: ChannelGroups,
+                           data: Optional[ImportanceData] = None) -> Tuple[np.ndarray, Dict[str, Any]]:
+        """The scores and what the criterion measured on the way, JSON-able, for the report (SCOP's
+        factors). Results travel with the compile, never on the criterion: one instance serves many."""
+        return self.score(gm, groups, data), {}
+
+    def plan_with_results(self, gm: torch.fx.GraphModule, groups: ChannelGroups, cost, budget,
+                          data: Optional[ImportanceData]) -> Tuple[Any, Dict[str, Any]]:
+        """For criteria that decide the widths themselves (decides_widths): the PrunePlan and results."""
+        raise NotImplementedError(f"{type(self).__name__} does not decide widths")
+
     def excluded_groups(self, gm: torch.fx.GraphModule, groups: ChannelGroups) -> Dict[int, str]:
         """Groups this criterion keeps whole, with the reason (compile freezes them): SCOP leaves
         residual streams alone, as its paper does."""

@@ -84,12 +84,15 @@ class AOFP(Importance):
     trains_model = True      # compile hands it a private copy of the weights
     decides_widths = True    # its masks are the plan: no allocation pass
 
-    def plan(self, gm, groups: ChannelGroups, cost: CostModel, budget, data: ImportanceData) -> PrunePlan:
+    def plan_with_results(self, gm, groups: ChannelGroups, cost: CostModel, budget, data: ImportanceData):
+        """The plan AOFP's masks reach while training, and its run for the report: steps, epochs, the
+        FLOPs ratio after each epoch, and the search history (every move and finished group)."""
         if budget.flops is None:
             raise ConfigError("AOFP stops at a FLOPs target: give the budget as a FLOPs fraction")
-        loss_fn = data.loss_fn if data is not None else None
-        self.last_run = AOFPPass(self, budget.flops, loss_fn)
-        return self.last_run.run(gm, groups, cost, data.batches)
+        run = AOFPPass(self, budget.flops, data.loss_fn if data is not None else None)
+        plan = run.run(gm, groups, cost, data.batches)
+        return plan, {"steps": run.steps, "epochs": run.epochs, "trajectory": [float(r) for r in run.trajectory],
+                      "history": _jsonable(run.history)}
 
     def __post_init__(self):
         if self.score_bn not in ("base_stats", "batch", "eval"):
@@ -340,3 +343,16 @@ class _Capturing(MaskedOriginal):
                     out_keep = out_keep.to(result.dtype) if out_keep is not None else None
             self.captured[n.name] = (x.detach(), result.detach(), out_keep)
         return result
+
+
+def _jsonable(value: Any) -> Any:
+    """numpy scalars and arrays in nested dicts/lists as plain Python numbers and lists."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value

@@ -63,7 +63,6 @@ class SpaceSearch:
     workers: int = 1
     out_dir: Optional[str] = None
     seed: int = 0
-    last_result: Optional["SearchResult"] = field(default=None, init=False, repr=False, compare=False)
     name: str = field(default="search", init=False)
 
     def __post_init__(self):
@@ -197,7 +196,6 @@ class SpaceSearchPass:
             else repr(config.evaluator)
         result = SearchResult(samples, regime.as_dict(), rho0, rho_star, [b.as_dict() for b in buckets], comparison,
                               comparison_normalized, best, settings, time.perf_counter() - started)
-        config.last_result = result
         if config.out_dir and distributed_rank_and_size()[0] == 0:
             for path in result.write(config.out_dir):
                 log.info("search: wrote %s", path)

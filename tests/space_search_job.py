@@ -58,7 +58,7 @@ def run(**options):
     search = make_search(**options)
     pruned = fxprune.compile(make_model(), 0.5, example_inputs=torch.randn(1, 3, 8, 8), allocation=search,
                              round_to=1)
-    return pruned, search.last_result
+    return pruned, pruned.meta["fxprune"]["search"]
 
 
 if __name__ == "__main__":
@@ -66,6 +66,6 @@ if __name__ == "__main__":
     import torch.distributed as dist
     if dist.get_rank() == 0:
         with open(sys.argv[1], "w") as f:
-            json.dump({"result": result.as_dict(), "world_size": dist.get_world_size(),
+            json.dump({"result": result, "world_size": dist.get_world_size(),
                        "kept": pruned.meta["fxprune"]["flops"]["ratio"]}, f)
     dist.destroy_process_group()

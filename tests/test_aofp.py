@@ -2,6 +2,7 @@
 result passes the core's differential verification. (The search state machine itself is tested
 against a synthetic oracle in test_aofp_search.py.)"""
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -74,8 +75,11 @@ def test_dead_filters_are_pruned_first_and_nothing_else():
     kept = report["modules"]["c1"]["out"]
     removed = sorted(set(range(16)) - set(kept))
     assert removed and set(removed) <= set(DEAD)                  # only dead filters went
-    moves = [e for e in config.last_run.history if e["kind"] == "move"]
-    assert moves and all(set(e["pruned"].tolist()) <= set(DEAD) for e in moves if e["group"] == 0)
+    moves = [e for e in report["importance"]["history"] if e["kind"] == "move"]
+    assert moves and all(set(e["pruned"]) <= set(DEAD) for e in moves if e["group"] == 0)
+    assert report["importance"]["steps"] > 0 and report["budget"]["met"]
+    json.dumps(report)                                             # the report, results included, is plain data
+    assert not hasattr(config, "last_run")                         # and nothing is left on the config
     assert 0.6 < report["flops"]["ratio"] <= 0.75                  # stops at the move that meets the target
     assert report["verification"]["passed"]                       # rewrite == masked trained model
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # the user's model untrained

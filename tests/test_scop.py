@@ -68,10 +68,10 @@ def test_noise_channels_rank_lowest(score_form):
     model = trained_probe()
     gm, groups = _analyse(model, (torch.randn(1, 3, 6, 6),), set(), ())
     scop = fxprune.SCOP(epochs=4, score_form=score_form, seed=0)
-    scores = scop.score(gm, groups, ImportanceData(task()))
+    scores, results = scop.score_with_results(gm, groups, ImportanceData(task()))
     per_channel = scores[groups.units_of(groups.param_slices["conv.weight"][0])]
     assert per_channel[NOISE].max() < per_channel[SIGNAL].min(), per_channel
-    beta = next(iter(scop.betas.values())).numpy()
+    beta = np.array(next(iter(results["factors"].values())))
     assert beta[SIGNAL].mean() > 0.7 and beta[SIGNAL].mean() > beta[NOISE].mean() + 0.2, beta
 
 
@@ -80,15 +80,13 @@ def test_saturated_factors_are_counted_and_warned_about(caplog):
     model = trained_probe()
     gm, groups = _analyse(model, (torch.randn(1, 3, 6, 6),), set(), ())
     with caplog.at_level(logging.INFO, logger="fxprune"):
-        hot = fxprune.SCOP(epochs=4, lr=0.5, seed=0)
-        hot.score(gm, groups, ImportanceData(task()))
-    beta = next(iter(hot.betas.values())).numpy()
-    assert hot.saturated == pytest.approx((beta >= 1 - 1e-6).mean()) and hot.saturated > 0.25
+        _, hot = fxprune.SCOP(epochs=4, lr=0.5, seed=0).score_with_results(gm, groups, ImportanceData(task()))
+    beta = np.array(next(iter(hot["factors"].values())))
+    assert hot["saturated"] == pytest.approx((beta >= 1 - 1e-6).mean()) and hot["saturated"] > 0.25
     assert any("saturated" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
-    cold = fxprune.SCOP(epochs=1, lr=1e-4, seed=0)
-    cold.score(gm, groups, ImportanceData(task()))
-    cold_beta = next(iter(cold.betas.values())).numpy()
-    assert cold.saturated == 0.0 and cold.below_half == pytest.approx((cold_beta < 0.5).mean())
+    _, cold = fxprune.SCOP(epochs=1, lr=1e-4, seed=0).score_with_results(gm, groups, ImportanceData(task()))
+    cold_beta = np.array(next(iter(cold["factors"].values())))
+    assert cold["saturated"] == 0.0 and cold["below_half"] == pytest.approx((cold_beta < 0.5).mean())
 
 
 def test_compile_with_scop_prunes_the_noise_and_verifies():
@@ -123,7 +121,13 @@ def test_residual_streams_stay_whole_unless_scope_all():
     assert report["verification"]["passed"]
     streams = {g["id"] for g in report["groups"] if len(g["spaces"]) > 1}
     assert any(g["kept"] < g["size"] for g in report["groups"] if g["id"] in streams)  # pruned, by L1
-    assert hybrid_config.betas and not streams & set(hybrid_config.betas)           # no factors trained there
+    stream_names = {g["name"] for g in report["groups"] if g["id"] in streams}
+    factors = report["importance"]["factors"]
+    assert factors and not stream_names & set(factors)                              # no factors trained there
+    settings = dict(vars(hybrid_config))                                              # the config holds no results:
+    again = fxprune.compile(model, 0.7, example_inputs=(example_input(),), data=data, round_to=1,
+                            importance=hybrid_config, allocation="uniform")           # reused, it gives the same
+    assert vars(hybrid_config) == settings and again.meta["fxprune"]["importance"]["factors"] == factors
 
 
 def test_bad_options_and_missing_data():

@@ -97,21 +97,21 @@ def test_search_end_to_end_on_a_tiny_model(tmp_path):
     assert 0.45 - 1e-9 <= report["flops"]["ratio"] <= 0.5 + 1e-9
     assert report["options"]["allocation"] == "search"
     # the plan is the best sample's widths
-    errors = [s["error"] for s in result.samples]
-    assert result.best["error"] == min(errors)
-    assert report["flops"]["ratio"] == pytest.approx(result.best["flops_ratio"])
-    assert report["search"]["rho_star"] == result.rho_star
-    assert [s["round"] for s in result.samples].count("refined") == 6
-    for s in result.samples:
+    errors = [s["error"] for s in result["samples"]]
+    assert result["best"]["error"] == min(errors)
+    assert report["flops"]["ratio"] == pytest.approx(result["best"]["flops_ratio"])
+    assert report["search"]["rho_star"] == result["rho_star"]
+    assert [s["round"] for s in result["samples"]].count("refined") == 6
+    for s in result["samples"]:
         if s["round"] == "refined":
-            assert abs(s["rho"] - result.rho_star) <= 0.1 * result.rho_star + 1e-9
+            assert abs(s["rho"] - result["rho_star"]) <= 0.1 * result["rho_star"] + 1e-9
     saved = json.loads((tmp_path / "search.json").read_text())
-    assert len(saved["samples"]) == 14 and saved["rho_star"] == result.rho_star
+    assert len(saved["samples"]) == 14 and saved["rho_star"] == result["rho_star"]
     for png in ("edf.png", "error_vs_params.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
     # same seed, same search
     _, again = job.run()
-    assert [s["error"] for s in again.samples] == errors
+    assert [s["error"] for s in again["samples"]] == errors
 
 
 def test_search_needs_a_flops_budget_and_an_evaluator():
@@ -125,8 +125,8 @@ def test_search_needs_a_flops_budget_and_an_evaluator():
 def test_worker_processes_give_the_same_errors():
     _, one = job.run()
     _, pool = job.run(workers=2)
-    assert [s["error"] for s in pool.samples] == [s["error"] for s in one.samples]
-    assert pool.best["widths"] == one.best["widths"]
+    assert [s["error"] for s in pool["samples"]] == [s["error"] for s in one["samples"]]
+    assert pool["best"]["widths"] == one["best"]["widths"]
 
 
 def test_torchrun_two_processes_give_the_same_result(tmp_path):
@@ -139,9 +139,9 @@ def test_torchrun_two_processes_give_the_same_result(tmp_path):
     distributed = json.loads(out.read_text())
     assert distributed["world_size"] == 2
     _, local = job.run()
-    assert [s["error"] for s in distributed["result"]["samples"]] == [s["error"] for s in local.samples]
-    assert distributed["result"]["best"]["widths"] == local.best["widths"]
-    assert distributed["result"]["rho_star"] == local.rho_star
+    assert [s["error"] for s in distributed["result"]["samples"]] == [s["error"] for s in local["samples"]]
+    assert distributed["result"]["best"]["widths"] == local["best"]["widths"]
+    assert distributed["result"]["rho_star"] == local["rho_star"]
 
 
 def test_cli_search_on_the_cifar_resnet(tmp_path):

@@ -166,11 +166,12 @@ def cmd_search(args) -> int:
         return EXIT_OK
     report = pruned.meta["fxprune"]
     print_summary(name, report, seconds)
-    result, comparison = search.last_result, search.last_result.comparison
-    print(f"  search: rho* = {result.rho_star:.4g} FLOPs/param ({result.rho_star / result.rho0:.3f} x dense), "
+    result = report["search"]
+    comparison = result["comparison"]
+    print(f"  search: rho* = {result['rho_star']:.4g} FLOPs/param ({result['rho_star'] / result['rho0']:.3f} x dense), "
           f"proxy error mean {comparison['mean_error_initial']:.4f} (initial) -> {comparison['mean_error_refined']:.4f} "
-          f"(refined); refined EDF dominates: {comparison['dominates']}; best {result.best['error']:.4f} "
-          f"({result.best['round']} space)")
+          f"(refined); refined EDF dominates: {comparison['dominates']}; best {result['best']['error']:.4f} "
+          f"({result['best']['round']} space)")
     fxprune.save(pruned, os.path.join(args.out, "pruned.pt"))
     with open(os.path.join(args.out, "report.json"), "w") as fh:
         json.dump(report, fh, indent=2)
