@@ -21,6 +21,62 @@ def assert_same_state(before, model):
         assert torch.equal(before[k], after[k]), k
 
 
+OUTPUT = "graph output"
+# The specification of the dependency analysis on each fixture: every channel group as (its coupled
+# source spaces, its size in channel units, what freezes it or None). A unit can span several positions:
+# the same position in every attention head, conv group, GroupNorm group or shuffle group.
+EXPECTED_GROUPS = {
+    "ConvChain": [(("body_0_0",), 16, None), (("body_1_0",), 24, None), (("body_2_0",), 32, None),
+                  (("head_fc",), 5, OUTPUT)],
+    # the stem and both blocks' last layers write one residual stream
+    "Residual": [(("stem_0", "b1_1", "b2_1"), 16, None), (("b1_0_0",), 24, None), (("b2_0_0",), 8, None),
+                 (("head_fc",), 5, OUTPUT)],
+    # cat lays its inputs side by side: each keeps its own group
+    "Concat": [(("a_0",), 12, None), (("b_0",), 20, None), (("fuse_0",), 16, None), (("head_fc",), 5, OUTPUT)],
+    "SplitChunk": [(("stem_0",), 24, None), (("left_0",), 10, None), (("right_0",), 14, None),
+                   (("head_fc",), 5, OUTPUT)],
+    # depthwise convs create no channels of their own: they follow the expand conv
+    "Depthwise": [(("expand_0",), 24, None), (("project_0",), 16, None), (("head_fc",), 5, OUTPUT)],
+    # groups=4: the same in-group position of all 4 groups is one unit (32 / 4 and 16 / 4)
+    "GroupedConv": [(("a_0",), 8, None), (("g_0",), 4, None), (("b_0",), 24, None), (("head_fc",), 5, OUTPUT)],
+    "FlattenLinear": [(("conv_0",), 12, None), (("fc1",), 32, None), (("fc2",), 5, OUTPUT)],
+    # the residual stream (embedding and MLP output) in 4 heads of 8 positions; the MLP's hidden width
+    "AttentionHeads": [(("embed", "mlp_2"), 8, None), (("mlp_0",), 64, None), (("head",), 5, OUTPUT)],
+    # q and k meet in q @ k^T, v in a @ v: 8 head-dim positions each, shared by the 3 heads
+    "HeadReshape": [(("embed", "proj"), 24, None), (("qkv",), 16, None), (("head",), 5, OUTPUT)],
+    "BlockingOp": [(("a_0",), 16, "blocked by %cumsum"), (("b_0",), 16, None), (("head_fc",), 5, OUTPUT)],
+    # one conv called twice: its input and output are the same channels
+    "SharedWeights": [(("stem_0", "shared", "shared_1"), 16, None), (("head_fc",), 5, OUTPUT)],
+    "FunctionalParams": [(("conv2d",), 12, None), (("conv2d_1",), 20, None), (("linear",), 5, OUTPUT)],
+    # the residual add joins the stem with fc2 (through the permutes and the layer scale)
+    "ChannelsLast": [(("stem", "fc2"), 16, None), (("fc1",), 64, None), (("head_fc",), 5, OUTPUT)],
+    # the shuffle's view into (2, 8) makes position p of both halves one unit
+    "ChannelShuffle": [(("a_0",), 8, None), (("b_0",), 16, None), (("head_fc",), 5, OUTPUT)],
+    # the excite conv's output gates the feature map channel by channel
+    "SqueezeExcite": [(("a_0", "excite"), 24, None), (("squeeze",), 8, None), (("head_fc",), 5, OUTPUT)],
+    "GroupNormNet": [(("a",), 4, None), (("b_0",), 12, None), (("head_fc",), 5, OUTPUT)],
+}
+
+
+def test_every_fixture_has_a_group_specification():
+    assert set(EXPECTED_GROUPS) == set(FIXTURES)
+
+
+@pytest.mark.parametrize("name", sorted(FIXTURES))
+def test_fixture_groups_match_the_specification(name):
+    groups = fxprune.analyze(FIXTURES[name]().eval(), (example_input(),))
+    got = []
+    for g in groups.groups:
+        reason = g.frozen_reasons[0] if g.frozen_reasons else None
+        got.append((tuple(g.spaces), g.size, reason))
+        assert (g.n_frozen == g.size) == (reason is not None), g  # these fixtures freeze whole groups or none
+    expected = EXPECTED_GROUPS[name]
+    assert [(spaces, size) for spaces, size, _ in got] == [(spaces, size) for spaces, size, _ in expected]
+    for (_, _, reason), (_, _, want) in zip(got, expected):
+        assert (reason is None and want is None) or (want is not None and reason is not None and want in reason), \
+            (reason, want)
+
+
 @pytest.mark.parametrize("name", sorted(FIXTURES))
 @pytest.mark.parametrize("budget", [0.7, 0.4])
 def test_fixture_prunes_and_verifies(name, budget):
