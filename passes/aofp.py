@@ -45,6 +45,7 @@ from fxprune.cost import CostModel
 from fxprune.errors import ConfigError, NoPrunableChannelsError
 from fxprune.importance import Importance, ImportanceData
 from fxprune.ir import ChannelGroups, ChannelMap, PrunePlan
+from fxprune.layers import batch_norm_after, weight_decay_groups
 from fxprune.verify import MaskedOriginal
 from .aofp_search import AOFPSearch, AOFPSearchConfig
 
@@ -188,7 +189,6 @@ class AOFPPass:
 
     def targets(self, gm, groups: ChannelGroups):
         consumers: Dict[int, List[Consumer]] = {}
-        users = {n.name: list(n.users) for n in gm.graph.nodes}
         for node in gm.graph.nodes:
             if node.op != "call_module" or not node.args:
                 continue
@@ -206,11 +206,7 @@ class AOFPPass:
             if elements is None:
                 continue
             units = groups.units_of(elements)
-            bn = None
-            after = users[node.name]
-            if len(after) == 1 and after[0].op == "call_module" and \
-                    isinstance(gm.get_submodule(after[0].target), nn.modules.batchnorm._BatchNorm):
-                bn = gm.get_submodule(after[0].target)
+            bn = batch_norm_after(gm, node)
             for g in np.unique(groups.unit_group[units]):
                 group = groups.groups[int(g)]
                 if not group.prunable:
@@ -220,15 +216,7 @@ class AOFPPass:
         return sorted(consumers), consumers
 
     def optimizer(self, gm) -> torch.optim.Optimizer:
-        decay, no_decay = [], []
-        for module in gm.modules():
-            for name, p in module.named_parameters(recurse=False):
-                if not p.requires_grad:
-                    continue
-                norm = isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm))
-                (no_decay if norm or name == "bias" else decay).append(p)
-        return torch.optim.SGD([{"params": decay, "weight_decay": self.config.weight_decay},
-                                {"params": no_decay, "weight_decay": 0.0}], lr=self.config.lr,
+        return torch.optim.SGD(weight_decay_groups(gm, self.config.weight_decay), lr=self.config.lr,
                                momentum=self.config.momentum)
 
     # -------------------------------------------------------------------------------- damage

@@ -14,10 +14,10 @@ import torch.fx
 
 from fxprune.importance import Importance, register_importance
 from fxprune.ir import ChannelGroups
+from fxprune.layers import NORM_LAYER_TYPES
 from .importance_common import add_to_units, owner, position_sums
 from .l1_importance import L1Importance
 
-NORM_TYPES = (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm, torch.nn.LayerNorm)
 
 
 @register_importance
@@ -33,7 +33,7 @@ class BNScaleImportance(Importance):
                 if name not in params:
                     continue
                 module, local = owner(gm, name)
-                if local != "weight" or not isinstance(module, NORM_TYPES):
+                if local != "weight" or not isinstance(module, NORM_LAYER_TYPES):
                     continue
                 for elements, per_position in position_sums(params[name].detach().abs(), dims):
                     add_to_units(scores, groups, elements, per_position)

@@ -47,6 +47,7 @@ from torch import nn
 from fxprune.errors import ConfigError
 from fxprune.importance import Importance, ImportanceData
 from fxprune.ir import ChannelGroups, ChannelMap
+from fxprune.layers import batch_norm_after
 from .l1_importance import L1Importance
 from .scop_knockoffs import make_knockoff
 
@@ -146,7 +147,6 @@ class SCOP(Importance):
     def producers(self, gm, groups: ChannelGroups, excluded: Collection[int]) -> Dict[str, Dict[str, Any]]:
         """Per producer node (conv/linear writing a target group's channels): its group, the
         group-local unit of each output channel, and the BN right after it (if any)."""
-        users = {n.name: list(n.users) for n in gm.graph.nodes}
         out: Dict[str, Dict[str, Any]] = {}
         for node in gm.graph.nodes:
             if node.op != "call_module":
@@ -167,9 +167,7 @@ class SCOP(Importance):
             group = groups.groups[int(gids[0])]
             if not group.prunable or group.id in excluded:
                 continue
-            after = users[node.name]
-            bn = gm.get_submodule(after[0].target) if len(after) == 1 and after[0].op == "call_module" and \
-                isinstance(gm.get_submodule(after[0].target), nn.modules.batchnorm._BatchNorm) else None
+            bn = batch_norm_after(gm, node)
             out[node.name] = {"group": group.id, "local": torch.as_tensor(np.searchsorted(group.units, units)),
                               "dim": dim, "bn": bn}
         return out

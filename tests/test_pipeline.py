@@ -4,7 +4,6 @@ import dataclasses
 
 import numpy as np
 import pytest
-import torch
 
 import fxprune
 from fixtures import ConvChain, example_input

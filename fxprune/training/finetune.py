@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
+from ..layers import weight_decay_groups
 
 log = logging.getLogger("fxprune")
 
@@ -93,37 +94,10 @@ class FinetuneConfig:
 # Building blocks (public so that other methods and the tests can use them directly)
 # --------------------------------------------------------------------------------------------------
 
-_NORM_TYPES: Tuple[type, ...] = tuple(t for t in (
-    nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm,
-    getattr(nn, "RMSNorm", None)) if t is not None)
-
-
 def make_optimizer(model: nn.Module, config: FinetuneConfig) -> torch.optim.Optimizer:
-    """The optimizer for `model`'s trainable parameters, in two groups: conv/linear (and other >= 2-D)
-    weights with config.weight_decay, and biases plus normalisation affine parameters with none.
-
-    Why no decay on those: weight decay regularises by shrinking the weights that multiply the inputs;
-    a BN/LN scale is followed by nothing that renormalises it, so decaying it just shrinks a channel's
-    output (and, after pruning, the surviving channels are exactly the ones whose scales matter), and
-    biases/shifts have too few degrees of freedom to overfit. Decaying them costs accuracy in practice
-    (Goyal et al. 2017, "Accurate, Large Minibatch SGD"; the timm/torchvision recipes do the same)."""
-    decay: List[nn.Parameter] = []
-    no_decay: List[nn.Parameter] = []
-    seen = set()  # a parameter shared between modules must be in exactly one group
-    for module in model.modules():
-        for name, p in module.named_parameters(recurse=False):
-            if not p.requires_grad or id(p) in seen:
-                continue
-            seen.add(id(p))
-            if isinstance(module, _NORM_TYPES) or name == "bias" or p.ndim <= 1:
-                no_decay.append(p)
-            else:
-                decay.append(p)
-    if not decay and not no_decay:
-        raise ConfigError("the model has no trainable parameters (all have requires_grad=False)")
-    groups = [{"params": decay, "weight_decay": config.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]  # optimizers reject empty groups
+    """The optimizer for `model`'s trainable parameters: config.weight_decay on conv/linear weights,
+    none on biases and normalisation affine parameters (fxprune.layers.weight_decay_groups says why)."""
+    groups = weight_decay_groups(model, config.weight_decay)
     if config.optimizer == "sgd":
         # Nesterov needs momentum > 0; with momentum 0 it is plain SGD.
         return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum,
