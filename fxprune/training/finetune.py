@@ -315,16 +315,7 @@ def finetune(model: nn.Module, train_loader: Iterable, config: Optional[Finetune
     seconds], "train_loss", "train_acc", "eval_top1" (per-epoch lists; accuracy None when the target
     is not class indices), "lr" (every step's lr), "lr_summary" ({"first", "max", "last"}), "steps",
     "total_steps", "stopped_early", "seconds", "images"}."""
-    config = FinetuneConfig() if config is None else config
-    config.validate()
-    if config.distill_alpha > 0 and teacher is None:
-        raise ConfigError(f"distill_alpha={config.distill_alpha} needs a teacher (pass teacher=the dense model), "
-                          "or set distill_alpha=0")
-    if teacher is not None and config.distill_alpha == 0:
-        log.warning("finetune: a teacher was given but distill_alpha=0; it is not used")
-        teacher = None
-    if teacher is model:
-        raise ConfigError("the teacher must be a different module from the model being trained")
+    config, teacher = _checked_setup(model, config, teacher)
     steps_per_epoch = _loader_len(train_loader, "train_loader")
     if eval_loader is not None:
         _loader_len(eval_loader, "eval_loader")
@@ -358,108 +349,29 @@ def finetune(model: nn.Module, train_loader: Iterable, config: Optional[Finetune
              config.lr, config.schedule, config.warmup_steps, config.weight_decay,
              f", distillation alpha {alpha} T {temperature}" if teacher is not None else "", device)
 
-    def train_step(inputs: Tuple[Any, ...], y: Any, lr: float) -> Tuple[torch.Tensor, Any]:
-        """One optimizer step; returns the detached loss and outputs. A function of its own so that
-        the step's autograd graph (outputs, losses) dies when it returns instead of being kept alive
-        by loop variables until the next step's forward has built a second one."""
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        outputs = model(*inputs)
-        task_loss = loss_fn(outputs, y)
-        if teacher is not None:
-            with torch.no_grad():  # the teacher is a fixed target: no graph, no gradients
-                teacher_outputs = teacher(*inputs)
-            kd = distillation_loss(outputs, teacher_outputs, temperature)
-            # alpha == 1: the task loss is left out entirely (0 * inf would be nan).
-            loss = task_loss * (1.0 - alpha) + kd * alpha if alpha < 1 else kd
-        else:
-            loss = task_loss
-        # set_to_none: frees the gradient memory between steps and skips a memset.
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-        optimizer.step()
-        return loss.detach(), (outputs.detach() if isinstance(outputs, torch.Tensor) else None)
-
-    params = [p for g in optimizer.param_groups for p in g["params"]]
+    runner = _StepRunner(model, optimizer, loss_fn, teacher, alpha, temperature, config.max_grad_norm)
     start = time.perf_counter()
-    step = 0
-    stop = False
+    step, stop = 0, False
     try:
         with torch.random.fork_rng(devices=_cuda_devices(device)):
             torch.manual_seed(config.seed)  # seeds CPU and every CUDA device
             for epoch in range(n_epochs):
                 if hasattr(train_loader, "set_epoch"):
                     train_loader.set_epoch(epoch)  # type: ignore[attr-defined]
-                model.train()  # (again after each evaluation) BN uses batch stats and updates its running ones
                 epoch_start = time.perf_counter()
-                # Running sums stay on the device as detached tensors: no autograd graph is kept
-                # alive across steps and there is no host sync per step (only at log lines).
-                loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-                correct = torch.zeros((), dtype=torch.long, device=device)
-                acc_known = True
-                seen = 0
-                epoch_steps = 0
-                window_start, window_images = time.perf_counter(), 0
-                for batch in train_loader:
-                    inputs, y = _split_batch(batch)
-                    inputs, y = tuple(_to(t, device) for t in inputs), _to(y, device)
-                    lr = lr_at(step, total_steps, config)
-                    detached, outputs = train_step(inputs, y, lr)
-                    step += 1
-                    epoch_steps += 1
-
-                    bs = _batch_size(inputs)
-                    loss_sum += detached.double() * bs
-                    hits = _correct(outputs, y)
-                    if hits is None:
-                        acc_known = False
-                    else:
-                        correct += hits
-                    seen += bs
-                    window_images += bs
-                    history["lr"].append(lr)
-
-                    loss_value: Optional[float] = None
-                    if callback is not None or (config.log_every > 0 and step % config.log_every == 0):
-                        loss_value = detached.item()
-                        if not math.isfinite(loss_value):
-                            raise FloatingPointError(f"finetune: loss is {loss_value} at step {step} "
-                                                     f"(epoch {epoch + 1}, lr {lr:.4g}); lower lr or set max_grad_norm")
-                    if config.log_every > 0 and step % config.log_every == 0:
-                        now = time.perf_counter()
-                        log.info("epoch %d/%d step %d/%d loss %.4f (avg %.4f) acc %s lr %.4g %.0f img/s",
-                                 epoch + 1, n_epochs, step, total_steps, loss_value, loss_sum.item() / seen,
-                                 f"{correct.item() / seen:.4f}" if acc_known else "n/a", lr,
-                                 window_images / max(now - window_start, 1e-9))
-                        window_start, window_images = now, 0
-                    if callback is not None and callback(step, model, loss_value) == "stop":
-                        log.info("finetune: callback asked to stop at step %d", step)
-                        stop = True
-                        break
-                    if step >= total_steps:
-                        break  # a fractional last epoch (checked here: fetching a batch we won't use costs I/O)
-
-                if epoch_steps == 0:  # the loader yielded nothing this epoch
+                totals, step, stop = _train_epoch(runner, train_loader, config, history, epoch, n_epochs, step,
+                                                  total_steps, device, callback)
+                if totals["steps"] == 0:  # the loader yielded nothing this epoch
                     raise ConfigError(f"train_loader yielded no batch in epoch {epoch + 1} though len() is {steps_per_epoch}")
-                train_loss = loss_sum.item() / seen
-                if not math.isfinite(train_loss):
-                    raise FloatingPointError(f"finetune: loss became {train_loss} in epoch {epoch + 1}; lower lr or set max_grad_norm")
-                train_acc = correct.item() / seen if acc_known else None
-                record: Dict[str, Any] = {"epoch": epoch + 1, "steps": epoch_steps, "train_loss": train_loss,
-                                          "train_acc": train_acc, "eval_top1": None, "eval_loss": None}
-                if eval_loader is not None:
-                    ev = evaluate(model, eval_loader, device)
-                    record["eval_top1"], record["eval_loss"] = ev["top1"], ev["loss"]
+                record = _epoch_record(model, totals, epoch, eval_loader, device)
                 record["seconds"] = time.perf_counter() - epoch_start
                 history["epochs"].append(record)
-                history["train_loss"].append(train_loss)
-                history["train_acc"].append(train_acc)
-                history["eval_top1"].append(record["eval_top1"])
-                history["images"] += seen
+                for key in ("train_loss", "train_acc", "eval_top1"):
+                    history[key].append(record[key])
+                history["images"] += totals["seen"]
                 log.info("epoch %d/%d done: %d steps, train loss %.4f acc %s%s, %.1f s", epoch + 1, n_epochs,
-                         epoch_steps, train_loss, "n/a" if train_acc is None else f"{train_acc:.4f}",
+                         totals["steps"], record["train_loss"],
+                         "n/a" if record["train_acc"] is None else f"{record['train_acc']:.4f}",
                          "" if eval_loader is None else f", eval top1 {record['eval_top1']:.4f} loss {record['eval_loss']:.4f}",
                          record["seconds"])
                 if stop:
@@ -480,3 +392,128 @@ def finetune(model: nn.Module, train_loader: Iterable, config: Optional[Finetune
     log.info("finetune: %d step(s) in %.1f s%s", step, history["seconds"],
              " (stopped early by the callback)" if stop else "")
     return history
+
+
+def _checked_setup(model: nn.Module, config: Optional[FinetuneConfig],
+                   teacher: Optional[nn.Module]) -> Tuple[FinetuneConfig, Optional[nn.Module]]:
+    """The config (defaults for None) and the teacher finetune will use, or a ConfigError."""
+    config = FinetuneConfig() if config is None else config
+    config.validate()
+    if config.distill_alpha > 0 and teacher is None:
+        raise ConfigError(f"distill_alpha={config.distill_alpha} needs a teacher (pass teacher=the dense model), "
+                          "or set distill_alpha=0")
+    if teacher is not None and config.distill_alpha == 0:
+        log.warning("finetune: a teacher was given but distill_alpha=0; it is not used")
+        teacher = None
+    if teacher is model:
+        raise ConfigError("the teacher must be a different module from the model being trained")
+    return config, teacher
+
+
+@dataclass
+class _StepRunner:
+    """One optimizer step of fine-tuning (task loss, optionally distilled from the teacher)."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    loss_fn: Callable[[Any, Any], torch.Tensor]
+    teacher: Optional[nn.Module]
+    alpha: float
+    temperature: float
+    max_grad_norm: Optional[float]
+
+    def step(self, inputs: Tuple[Any, ...], y: Any, lr: float) -> Tuple[torch.Tensor, Any]:
+        """Returns the detached loss and outputs. A function of its own so that the step's autograd
+        graph (outputs, losses) dies when it returns instead of being kept alive by loop variables
+        until the next step's forward has built a second one."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        outputs = self.model(*inputs)
+        task_loss = self.loss_fn(outputs, y)
+        if self.teacher is not None:
+            with torch.no_grad():  # the teacher is a fixed target: no graph, no gradients
+                teacher_outputs = self.teacher(*inputs)
+            kd = distillation_loss(outputs, teacher_outputs, self.temperature)
+            # alpha == 1: the task loss is left out entirely (0 * inf would be nan).
+            loss = task_loss * (1.0 - self.alpha) + kd * self.alpha if self.alpha < 1 else kd
+        else:
+            loss = task_loss
+        # set_to_none: frees the gradient memory between steps and skips a memset.
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.max_grad_norm is not None:
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+        self.optimizer.step()
+        return loss.detach(), (outputs.detach() if isinstance(outputs, torch.Tensor) else None)
+
+
+def _train_epoch(runner: _StepRunner, train_loader: Iterable, config: FinetuneConfig, history: Dict[str, Any],
+                 epoch: int, n_epochs: int, step: int, total_steps: int, device: torch.device,
+                 callback: Optional[Callback]) -> Tuple[Dict[str, Any], int, bool]:
+    """One pass over the loader (or up to total_steps): ({"steps", "seen", "loss_sum", "correct" or None},
+    the step count after it, whether the callback asked to stop)."""
+    runner.model.train()  # (again after each evaluation) BN uses batch stats and updates its running ones
+    # Running sums stay on the device as detached tensors: no autograd graph is kept alive across
+    # steps and there is no host sync per step (only at log lines).
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    acc_known, seen, epoch_steps, stop = True, 0, 0, False
+    window_start, window_images = time.perf_counter(), 0
+    for batch in train_loader:
+        inputs, y = _split_batch(batch)
+        inputs, y = tuple(_to(t, device) for t in inputs), _to(y, device)
+        lr = lr_at(step, total_steps, config)
+        detached, outputs = runner.step(inputs, y, lr)
+        step += 1
+        epoch_steps += 1
+        bs = _batch_size(inputs)
+        loss_sum += detached.double() * bs
+        hits = _correct(outputs, y)
+        if hits is None:
+            acc_known = False
+        else:
+            correct += hits
+        seen += bs
+        window_images += bs
+        history["lr"].append(lr)
+
+        loss_value: Optional[float] = None
+        if callback is not None or (config.log_every > 0 and step % config.log_every == 0):
+            loss_value = detached.item()
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(f"finetune: loss is {loss_value} at step {step} "
+                                         f"(epoch {epoch + 1}, lr {lr:.4g}); lower lr or set max_grad_norm")
+        if config.log_every > 0 and step % config.log_every == 0:
+            now = time.perf_counter()
+            log.info("epoch %d/%d step %d/%d loss %.4f (avg %.4f) acc %s lr %.4g %.0f img/s",
+                     epoch + 1, n_epochs, step, total_steps, loss_value, loss_sum.item() / seen,
+                     f"{correct.item() / seen:.4f}" if acc_known else "n/a", lr,
+                     window_images / max(now - window_start, 1e-9))
+            window_start, window_images = now, 0
+        if callback is not None and callback(step, runner.model, loss_value) == "stop":
+            log.info("finetune: callback asked to stop at step %d", step)
+            stop = True
+            break
+        if step >= total_steps:
+            break  # a fractional last epoch (checked here: fetching a batch we won't use costs I/O)
+    totals = {"steps": epoch_steps, "seen": seen, "loss_sum": loss_sum.item(),
+              "correct": correct.item() if acc_known else None}
+    return totals, step, stop
+
+
+def _epoch_record(model: nn.Module, totals: Dict[str, Any], epoch: int, eval_loader: Optional[Iterable],
+                  device: torch.device) -> Dict[str, Any]:
+    """The history entry of one epoch: train loss and accuracy, and the evaluation if a loader is given."""
+    if totals["seen"] == 0:
+        raise ConfigError(f"train_loader yielded only empty batches in epoch {epoch + 1}")
+    train_loss = totals["loss_sum"] / totals["seen"]
+    if not math.isfinite(train_loss):
+        raise FloatingPointError(f"finetune: loss became {train_loss} in epoch {epoch + 1}; lower lr or set max_grad_norm")
+    train_acc = totals["correct"] / totals["seen"] if totals["correct"] is not None else None
+    record: Dict[str, Any] = {"epoch": epoch + 1, "steps": totals["steps"], "train_loss": train_loss,
+                              "train_acc": train_acc, "eval_top1": None, "eval_loss": None}
+    if eval_loader is not None:
+        ev = evaluate(model, eval_loader, device)
+        record["eval_top1"], record["eval_loss"] = ev["top1"], ev["loss"]
+    return record
