@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.fx
@@ -18,19 +18,15 @@ def get_attr(module: torch.nn.Module, qualname: str) -> Any:
     return obj
 
 
-CONV_PARAMETERS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-# Builtins without a Python signature (and with overloaded schemas fx cannot pick between).
-_BUILTIN_PARAMETERS = {
-    torch.nn.functional.conv1d: (CONV_PARAMETERS, {"bias": None, "groups": 1}),
-    torch.nn.functional.conv2d: (CONV_PARAMETERS, {"bias": None, "groups": 1}),
-    torch.nn.functional.conv3d: (CONV_PARAMETERS, {"bias": None, "groups": 1}),
-    torch.nn.functional.linear: (("input", "weight", "bias"), {"bias": None}),
-    torch.roll: (("input", "shifts", "dims"), {"dims": None}),
-    torch.cat: (("tensors", "dim"), {"dim": 0}),
-    torch.concat: (("tensors", "dim"), {"dim": 0}),
-    torch.softmax: (("input", "dim", "dtype"), {"dtype": None}),
-    torch.log_softmax: (("input", "dim", "dtype"), {"dtype": None}),
-}
+# Parameter names of builtins without a Python signature (and with overloaded schemas fx cannot pick
+# between), declared by the op family files beside the op's entry (declare_signature).
+_BUILTIN_PARAMETERS: Dict[Any, Tuple[Tuple[str, ...], Dict[str, Any]]] = {}
+
+
+def declare_signature(functions, names: Tuple[str, ...], defaults: Dict[str, Any]) -> None:
+    """Let bind_arguments read calls of these builtins by parameter name."""
+    for fn in functions:
+        _BUILTIN_PARAMETERS[fn] = (tuple(names), dict(defaults))
 
 
 def bind_arguments(node: torch.fx.Node) -> Dict[str, Any]:

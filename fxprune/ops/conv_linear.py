@@ -17,10 +17,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxprune.errors import describe_node
-from fxprune.fxutil import CONV_PARAMETERS, bind_arguments, is_get_attr
+from fxprune.fxutil import bind_arguments, declare_signature, is_get_attr
 from fxprune.ir import ChannelMap
 from fxprune.tracing import TensorSpec, value_spec
 from .registry import OpEntry, op_fact, register
+
+
+CONV_PARAMETERS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+declare_signature([F.conv1d, F.conv2d, F.conv3d], CONV_PARAMETERS, {"bias": None, "groups": 1})
+declare_signature([F.linear], ("input", "weight", "bias"), {"bias": None})
 
 
 @dataclass(frozen=True)

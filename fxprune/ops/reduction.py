@@ -11,7 +11,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from fxprune.fxutil import argument, first_input
+from fxprune.fxutil import argument, declare_signature, first_input
 from fxprune.ir import ChannelMap
 from fxprune.tracing import TensorSpec, value_spec
 from .registry import OpEntry, register
@@ -30,6 +30,7 @@ def softmax(a, node: torch.fx.Node) -> Any:
     return m
 
 
+declare_signature([torch.softmax, torch.log_softmax], ("input", "dim", "dtype"), {"dtype": None})
 register(OpEntry("softmax", softmax), functions=[F.softmax, F.log_softmax, torch.softmax, torch.log_softmax],
          methods=["softmax", "log_softmax"], modules=[nn.Softmax, nn.LogSoftmax])
 

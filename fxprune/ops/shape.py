@@ -15,7 +15,7 @@ import torch.fx
 from torch import nn
 
 from fxprune.errors import describe_node
-from fxprune.fxutil import argument, first_input
+from fxprune.fxutil import argument, declare_signature, first_input
 from fxprune.ir import ChannelCount, ChannelMap
 from fxprune.tracing import TensorSpec, value_spec
 from .registry import OpEntry, register
@@ -269,6 +269,7 @@ def cat(a, node: torch.fx.Node) -> Any:
 
 
 register(OpEntry("cat", cat), functions=[torch.cat, torch.concat])
+declare_signature([torch.cat, torch.concat], ("tensors", "dim"), {"dim": 0})
 
 
 def _split_dim(node: torch.fx.Node, ndim: int) -> int:
@@ -337,3 +338,4 @@ def roll(a, node: torch.fx.Node) -> Any:
 
 
 register(OpEntry("roll", roll), functions=[torch.roll])
+declare_signature([torch.roll], ("input", "shifts", "dims"), {"dims": None})
