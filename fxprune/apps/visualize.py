@@ -694,14 +694,18 @@ def _human(n: Optional[float]) -> str:
     return "-" if n is None else human_count(n)
 
 
-def _summary_lines(report: Dict[str, Any]) -> List[str]:
-    lines = []
-    for key, name in (("flops", "FLOPs"), ("params", "params")):
+def _cost_rows(report: Dict[str, Any]) -> List[Tuple[str, str, str, str]]:
+    """(what, before, after, kept %) for the FLOPs and the parameters the report has."""
+    rows = []
+    for key, name in (("flops", "FLOPs"), ("params", "Params")):
         e = report.get(key) or {}
         if e:
-            lines.append(f"{name}: {_human(e.get('before'))} → {_human(e.get('after'))} "
-                         f"({100 * e.get('ratio', 1.0):.1f}%)")
-    return lines
+            rows.append((name, _human(e.get("before")), _human(e.get("after")), f"{100 * e.get('ratio', 1.0):.1f}%"))
+    return rows
+
+
+def _summary_lines(report: Dict[str, Any]) -> List[str]:
+    return [f"{name}: {before} → {after} ({kept})" for name, before, after, kept in _cost_rows(report)]
 
 
 def write_svg(report: Any, path: PathLike, view: str = "detail", title: Optional[str] = None) -> Path:
@@ -818,12 +822,8 @@ def write_html(report: Any, path: PathLike, title: Optional[str] = None, view: s
     n_groups = len(G.graph["groups"])
     n_frozen = sum(1 for g in G.graph["groups"].values() if g.get("frozen", 0) > 0 or g.get("blocked"))
     hidden = G.number_of_nodes() - len(_drawn_nodes(G))
-    summary = []
-    for key, name in (("flops", "FLOPs"), ("params", "Params")):
-        e = report.get(key) or {}
-        if e:
-            summary.append(f"<tr><td>{name}</td><td>{_human(e.get('before'))} → {_human(e.get('after'))}</td>"
-                           f"<td class='r'>{100 * e.get('ratio', 1.0):.1f}%</td></tr>")
+    summary = [f"<tr><td>{name}</td><td>{before} → {after}</td><td class='r'>{kept}</td></tr>"
+               for name, before, after, kept in _cost_rows(report)]
     budget = report.get("budget") or {}
     budget_s = ", ".join(f"{k} {v}" for k, v in budget.items() if v is not None) if isinstance(budget, dict) \
         else str(budget)
