@@ -825,8 +825,11 @@ def write_html(report: Any, path: PathLike, title: Optional[str] = None, view: s
     summary = [f"<tr><td>{name}</td><td>{before} → {after}</td><td class='r'>{kept}</td></tr>"
                for name, before, after, kept in _cost_rows(report)]
     budget = report.get("budget") or {}
-    budget_s = ", ".join(f"{k} {v}" for k, v in budget.items() if v is not None) if isinstance(budget, dict) \
-        else str(budget)
+    if isinstance(budget, dict):
+        budget_s = ", ".join(f"{k} {v}" for k, v in budget.items() if v is not None and k != "met")
+        budget_s += {True: " (met)", False: " (NOT met)"}.get(budget.get("met"), "")
+    else:
+        budget_s = str(budget)
     options = report.get("options") or {}
     opts = ", ".join(f"{k}={v}" for k, v in options.items() if v not in (None, [], ""))
     ver = report.get("verification")
