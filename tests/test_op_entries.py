@@ -77,3 +77,89 @@ def test_functional_instance_norm_prunes_with_its_conv():
     model = FunctionalInstanceNorm().eval()
     assert groups_by_layer(model)["conv1"] == (True, [])
     assert set(prune_and_check(model)[""]["params"]) == {"weight", "bias"}
+
+
+# ------------------------------------------------------------------ RMSNorm, stack/unbind, torch._assert
+class Tokens(nn.Module):
+    """Patch embedding to (batch, tokens, dim), the layout transformers' norms and MLPs see."""
+
+    def __init__(self, dim=16):
+        super().__init__()
+        self.embed = nn.Conv2d(3, dim, 4, stride=4)
+
+    def forward(self, x):
+        return self.embed(x).flatten(2).transpose(1, 2)
+
+
+class RMSNormMLP(nn.Module):
+    def __init__(self, functional: bool):
+        super().__init__()
+        self.tokens, self.functional = Tokens(), functional
+        self.norm = nn.RMSNorm(16)
+        self.weight = nn.Parameter(torch.rand(16) + 0.5)
+        self.fc1, self.fc2, self.head = nn.Linear(16, 32), nn.Linear(32, 16), nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = self.tokens(x)
+        h = F.rms_norm(x, (16,), self.weight) if self.functional else self.norm(x)
+        return self.head((x + self.fc2(F.silu(self.fc1(h)))).mean(1))
+
+
+def test_rms_norm_normalises_over_the_kept_hidden_channels():
+    for functional in (False, True):
+        model = RMSNormMLP(functional).eval()
+        assert groups_by_layer(model) == {"tokens_embed": (True, []), "fc1": (True, []), "head": (False, [
+            "graph output (the model's outputs keep their size)"])}
+        modules = prune_and_check(model)  # the masked original runs RMSNorm over the kept channels only
+        assert ("" if functional else "norm") in modules and "tokens.embed" in modules
+
+
+class StackUnbind(nn.Module):
+    """q, k, v projections stacked and unbound again (a common qkv layout): the three must keep the same
+    positions; unbinding along the stacked dim gives each back."""
+
+    def __init__(self):
+        super().__init__()
+        self.tokens = Tokens()
+        self.q, self.k, self.v = nn.Linear(16, 8), nn.Linear(16, 8), nn.Linear(16, 8)
+        self.out = nn.Linear(8, 16)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = self.tokens(x)
+        q, k, v = torch.stack([self.q(x), self.k(x), self.v(x)], dim=0).unbind(0)
+        return self.head(self.out(q * k + v).mean(1))
+
+
+def test_stack_couples_its_inputs_and_unbind_splits_them_again():
+    model = StackUnbind().eval()
+    groups = {g.name: g for g in fxprune.analyze(model, (X,)).groups}
+    assert set(groups["q"].spaces) == {"q", "k", "v"} and groups["q"].prunable
+    assert len(prune_and_check(model)["q"]["out"]) < 8
+
+
+class ShapeChecks(nn.Module):
+    """timm-style input checks: torch._assert on the spatial size passes through; one on the channel
+    count would fail after pruning, so the channels it reads are frozen."""
+
+    def __init__(self, check_channels: bool):
+        super().__init__()
+        self.check_channels = check_channels
+        self.conv1, self.conv2, self.conv3 = nn.Conv2d(3, 16, 3), nn.Conv2d(16, 16, 3), nn.Conv2d(16, 8, 3)
+
+    def forward(self, x):
+        torch._assert(x.shape[2] == 12, "input height must be 12")
+        h = F.relu(self.conv1(x))
+        if self.check_channels:
+            torch._assert(h.shape[1] == 16, "conv1 must give 16 channels")
+        return self.conv3(F.relu(self.conv2(h)))
+
+
+def test_torch_assert_on_shapes_traces_and_freezes_only_a_checked_channel_count():
+    free = groups_by_layer(ShapeChecks(False).eval())
+    assert free["conv1"] == (True, []) and free["conv2"] == (True, [])
+    assert not any("_assert" in b for b in fxprune.analyze(ShapeChecks(False).eval(), (X,)).blocked_ops)
+    checked = groups_by_layer(ShapeChecks(True).eval())
+    assert not checked["conv1"][0] and "channel count read by %_assert" in checked["conv1"][1][0]
+    assert checked["conv2"] == (True, [])
+    prune_and_check(ShapeChecks(True).eval())

@@ -214,3 +214,40 @@ register(OpEntry("F.group_norm", lambda a, node: group_norm(
 
 register(OpEntry("F.instance_norm", lambda a, node: functional_channelwise(
     a, node, ["running_mean", "running_var", "weight", "bias"])), functions=[F.instance_norm])
+
+
+# ----------------------------------------------------------------------------- RMS norm
+def _rms_norm_reference(interp, node, fact: NormOverKept, args, kwargs):
+    if node.op == "call_module":
+        module = interp.fetch_attr(node.target)
+        weight, eps, k = module.weight, module.eps, len(module.normalized_shape)
+    else:
+        bound = dict(zip(["input", "normalized_shape", "weight", "eps"], args))
+        bound.update(kwargs)
+        weight, eps, k = bound.get("weight"), bound.get("eps"), len(bound["normalized_shape"])
+    x, idx = args[0], interp.kept_index(node.args[0], fact.dim)
+    w = weight.index_select(fact.dim - fact.first, idx) if weight is not None else None
+    xs = x.index_select(fact.dim, idx)
+    return torch.zeros_like(x).index_copy(fact.dim, idx, F.rms_norm(xs, xs.shape[x.ndim - k:], w, eps))
+
+
+def rms_norm_module(a, node: torch.fx.Node) -> Any:
+    module = a.module(node)
+    return layer_norm(a, node, a.tensor_map(first_input(node)), len(module.normalized_shape),
+                      _module_params(node, module, ("weight",)))
+
+
+def functional_rms_norm(a, node: torch.fx.Node) -> Any:
+    bound = bind_arguments(node)
+    w = bound.get("weight")
+    if w is not None and not is_get_attr(w):
+        return a.opaque(node, "rms_norm with a computed weight")
+    return layer_norm(a, node, a.tensor_map(bound["input"]), len(bound["normalized_shape"]),
+                      [w.target] if w is not None else [])
+
+
+# like LayerNorm, RMSNorm normalises over its trailing dims: after pruning, over the kept channels
+register(OpEntry("RMSNorm", rms_norm_module, resize_module=_resize_layer_norm, reference=_rms_norm_reference,
+                 meta_shape=same_as_input), modules=[nn.RMSNorm])
+register(OpEntry("F.rms_norm", functional_rms_norm, rewrite_args=_rewrite_normalized_shape,
+                 reference=_rms_norm_reference), functions=[F.rms_norm])

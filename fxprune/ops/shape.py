@@ -339,3 +339,43 @@ def roll(a, node: torch.fx.Node) -> Any:
 
 register(OpEntry("roll", roll), functions=[torch.roll])
 declare_signature([torch.roll], ("input", "shifts", "dims"), {"dims": None})
+
+
+# ----------------------------------------------------------------------------- stack and unbind
+def stack(a, node: torch.fx.Node) -> Any:
+    """stack: the inputs meet position by position (like cat's other dims); the new dim has no channels."""
+    tensors, dim = list(first_input(node)), argument(node, "dim", 0, position=1)
+    spec = value_spec(node)
+    maps = [a.tensor_map(t) if isinstance(t, torch.fx.Node) else None for t in tensors]
+    if not isinstance(spec, TensorSpec) or any(m is None for m in maps):
+        return a.opaque(node, "stack of unknown values")
+    dim = dim % spec.ndim
+    ndim_in = spec.ndim - 1
+    dims: List[Optional[np.ndarray]] = []
+    for d in range(ndim_in):
+        entries = [(t, d, a.tensor_map(t).dims[d], value_spec(t).shape[d]) for t in tensors]
+        dims.append(a.couple(node, entries, value_spec(tensors[0]).shape[d], "stacks", broadcasting=False))
+    dims.insert(dim, None)
+    return ChannelMap(tuple(dims))
+
+
+register(OpEntry("stack", stack), functions=[torch.stack])
+declare_signature([torch.stack], ("tensors", "dim"), {"dim": 0})
+
+
+def unbind(a, node: torch.fx.Node) -> Any:
+    """unbind(dim): a tuple of slices without that dim, which must carry no channels."""
+    m = a.tensor_map(first_input(node))
+    spec = value_spec(node)
+    dim = argument(node, "dim", 0, position=1)
+    if m is None or not isinstance(spec, tuple):
+        return a.opaque(node, "unbind of an unknown value")
+    dim %= m.ndim
+    if m.dims[dim] is not None:
+        return a.opaque(node, "unbind along a channel dim")
+    rest = ChannelMap(tuple(e for d, e in enumerate(m.dims) if d != dim))
+    return tuple(rest for _ in spec)
+
+
+register(OpEntry("unbind", unbind), functions=[torch.unbind], methods=["unbind"])
+declare_signature([torch.unbind], ("input", "dim"), {"dim": 0})
