@@ -180,7 +180,7 @@ def _localise(masked, pruned64, groups, plan, inputs, err, tol) -> str:
         return (f"fxprune internal error: the pruned model fails at {describe_node(failing)}: {type(exc).__name__}: "
                 f"{exc}{_groups_of(groups, failing.name if failing else '')}")
     for node in masked.graph.nodes:
-        if node.op in ("placeholder", "output") or node.name not in recorder.values:
+        if node.op in ("placeholder", "output", "get_attr") or node.name not in recorder.values:
             continue
         ref, got = reference.values.get(node.name), recorder.values[node.name]
         if not isinstance(ref, torch.Tensor) or not isinstance(got, torch.Tensor):
