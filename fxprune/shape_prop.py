@@ -51,7 +51,8 @@ def _needs_no_weights(module: torch.nn.Module) -> bool:
 
 def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Tuple[Any, ...]) -> Any:
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    if len(example_inputs) != len(placeholders):
+    required = [p for p in placeholders if not p.args]  # a placeholder with args has a default value
+    if not len(required) <= len(example_inputs) <= len(placeholders):
         raise ExampleInputsError(
             f"the model takes {len(placeholders)} input(s) ({', '.join(p.name for p in placeholders)}) but "
             f"example_inputs has {len(example_inputs)}"

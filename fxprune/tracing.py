@@ -4,6 +4,7 @@ propagation, which fills in `node.meta["fxprune.value"]`, is in shape_prop.py.""
 from __future__ import annotations
 
 import functools
+import inspect
 import traceback
 import types
 import warnings
@@ -146,19 +147,39 @@ def _torch_layer_type(cls: type) -> Optional[type]:
     return base
 
 
-def trace_model(model: torch.nn.Module, leaf_modules: Sequence[Any] = ()) -> torch.fx.GraphModule:
-    """Symbolically trace `model` (already a private copy). Errors point at the user's line."""
+def trace_model(model: torch.nn.Module, leaf_modules: Sequence[Any] = (),
+                n_inputs: Optional[int] = None) -> torch.fx.GraphModule:
+    """Symbolically trace `model` (already a private copy). Errors point at the user's line.
+
+    n_inputs: how many example inputs the user gave. Parameters of forward after those that have a
+    default (timm's `attn_mask=None`, `is_causal=False`) are traced with that default as a constant, so
+    branches on them resolve; the pruned module still accepts them and checks they keep that value."""
     if isinstance(model, torch.fx.GraphModule):
         return model
     tracer = _Tracer(leaf_modules)
     try:
-        graph = tracer.trace(model)
+        graph = tracer.trace(model, concrete_args=_defaults_after(model, n_inputs))
     except Exception as exc:  # fx raises TraceError, TypeError, NotImplementedError, ...
         raise UnsupportedModelError(_trace_failure_message(model, exc)) from exc
     name = model.__class__.__name__
     # fxprune interprets this graph but never runs its generated code; the lazy GraphModule skips
     # the code generation (~8 ms on resnet50) until something does need it
     return _LazyGraphModule(tracer.root, graph, name)
+
+
+def _defaults_after(model: torch.nn.Module, n_inputs: Optional[int]) -> Optional[dict]:
+    """{name: default} of forward's positional parameters after the first n_inputs, if all have defaults."""
+    if n_inputs is None:
+        return None
+    try:
+        params = list(inspect.signature(type(model).forward).parameters.values())[1:]  # without self
+    except (TypeError, ValueError):
+        return None
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    rest = positional[n_inputs:]
+    if not rest or any(p.default is inspect.Parameter.empty for p in rest):
+        return None  # missing required inputs: shape propagation says which
+    return {p.name: p.default for p in rest}
 
 
 def _trace_failure_message(model: torch.nn.Module, exc: Exception) -> str:

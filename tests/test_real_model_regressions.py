@@ -242,3 +242,26 @@ def test_an_internal_rule_failure_is_an_fxprune_error_naming_the_node(monkeypatc
     monkeypatch.setitem(REGISTRY.functions, F.relu, dataclasses.replace(REGISTRY.functions[F.relu], channels=broken))
     with pytest.raises(fxprune.UnsupportedModelError, match=r"(?s)could not analyse %.*relu.*leaf_modules"):
         compile_small(ConvPair())
+
+
+# timm's ViT/DeiT: forward(x, attn_mask=None, is_causal=False) branches on its optional arguments
+class OptionalArguments(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 8, 3, padding=1)
+
+    def forward(self, x, mask=None, double=False):
+        h = F.relu(self.c1(x))
+        if mask is not None:
+            h = h * mask
+        if double:
+            h = h * 2
+        return self.c2(h)
+
+
+def test_forward_parameters_with_defaults_are_traced_at_their_defaults():
+    model = OptionalArguments()
+    pruned = compile_small(model)
+    assert_pruned_and_equal(model, pruned)
+    with pytest.raises(Exception, match="specialized"):  # the pruned model checks they keep that value
+        pruned(X, torch.ones(1))

@@ -102,4 +102,5 @@ register(OpEntry("Python operator", python_operator, accepts_channel_counts=True
 # torch._assert(condition, message): a check, no tensor result. A condition computed from a channel
 # count (x.shape[1] == 64) would fail after pruning: the dispatcher freezes such counts, as for any op
 # that does not accept them.
-register(OpEntry("torch._assert", lambda a, node: None), functions=[torch._assert])
+register(OpEntry("torch._assert", lambda a, node: None),
+         functions=[torch._assert, torch.fx._symbolic_trace._assert_is_none])
