@@ -122,7 +122,7 @@ def run_one(zoo: str, name: str, tool: str) -> dict:
 
 def _top_reasons(reasons, n: int = 5) -> list:
     # node names differ per model: count the reason with the node name taken out
-    counts = collections.Counter(re.sub(r"%\S+ \(", "%node (", r) for r in reasons)
+    counts = collections.Counter(re.sub(r"%[A-Za-z_]\w* \(", "%node (", r) for r in reasons)
     return [r for r, _ in counts.most_common(n) if "graph output" not in r]
 
 
@@ -213,7 +213,7 @@ def summarise(rows: list) -> None:
     statuses = collections.Counter(r["fx"] for r in rows)
     print("status counts: " + ", ".join(f"{k} {v}" for k, v in statuses.most_common()))
     reasons = collections.Counter(reason for r in rows for reason in r.get("reasons", []))
-    errors = collections.Counter(re.sub(r"%\S+", "%node", r.get("error", "").split("\n")[0])[:160]
+    errors = collections.Counter(re.sub(r"%[A-Za-z_]\w*", "%node", r.get("error", "").split("\n")[0])[:160]
                                  for r in rows if r["fx"] != "ok")
     print("most common frozen reasons (models):")
     for reason, count in reasons.most_common(12):
