@@ -163,3 +163,32 @@ def test_torch_assert_on_shapes_traces_and_freezes_only_a_checked_channel_count(
     assert not checked["conv1"][0] and "channel count read by %_assert" in checked["conv1"][1][0]
     assert checked["conv2"] == (True, [])
     prune_and_check(ShapeChecks(True).eval())
+
+
+class SDPAttention(nn.Module):
+    """timm/HF-style attention: qkv projection, heads split by reshape/permute, F.scaled_dot_product_attention
+    (default scale, read from the head width), heads merged, output projection on a residual stream."""
+
+    def __init__(self, dim=24, heads=3):
+        super().__init__()
+        self.heads = heads
+        self.tokens = Tokens(dim)
+        self.qkv, self.proj, self.head = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim), nn.Linear(dim, 5)
+
+    def forward(self, x):
+        x = self.tokens(x)
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c)
+        return self.head((x + self.proj(o)).mean(1))
+
+
+def test_scaled_dot_product_attention_prunes_head_width_and_keeps_its_scale():
+    model = SDPAttention().eval()
+    groups = fxprune.analyze(model, (X,))
+    (qkv,) = [g for g in groups.groups if g.name == "qkv"]
+    # one reshape packs q, k and v as (3, heads, 8): position p of each of the 9 slices is one unit
+    assert qkv.prunable and qkv.size == 8
+    assert not any("scaled_dot_product_attention" in b for b in groups.blocked_ops)
+    modules = prune_and_check(model)  # exact: the pruned call gets the original 1/sqrt(8) scale
+    assert len(modules["qkv"]["out"]) < 72

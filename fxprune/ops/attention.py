@@ -14,10 +14,12 @@ from typing import Any, Dict, Optional
 import numpy as np
 import torch
 import torch.fx
+import torch.nn.functional as F
 from torch import nn
 
 from fxprune.errors import describe_node
-from fxprune.fxutil import bind_arguments, is_get_attr
+from fxprune.fxutil import bind_arguments, declare_signature, is_get_attr
+from fxprune.ir import ChannelMap
 from fxprune.tracing import TensorSpec, value_spec
 from .registry import REGISTRY, OpEntry, op_fact, register
 
@@ -175,3 +177,77 @@ REGISTRY.register_from("torchvision.models.swin_transformer", {
                                         adjust_tensors=fold_attention_scale, flops=_shifted_window_attention_flops),
     "_patch_merging_pad": OpEntry("torchvision _patch_merging_pad", patch_merging_pad),
 })
+
+
+# ----------------------------------------------------------------------------- F.scaled_dot_product_attention
+_SDPA_PARAMETERS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+declare_signature([F.scaled_dot_product_attention], _SDPA_PARAMETERS,
+                  {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False})
+
+
+@dataclass(frozen=True)
+class SDPAScale:
+    """The scale this attention had before pruning (1/sqrt of its query width): the rewrite passes it
+    explicitly, since the default is read from the pruned width."""
+
+    scale: float
+
+
+def scaled_dot_product_attention(a, node: torch.fx.Node) -> Any:
+    """softmax(q·kᵀ · scale) · v over (batch, heads, tokens, width): q and k's widths meet position by
+    position, v's width is the output's; batch and head dims meet in all three. Softmax runs over k's
+    tokens, which must carry no channels."""
+    bound = bind_arguments(node)
+    q, k, v, mask = bound["query"], bound["key"], bound["value"], bound.get("attn_mask")
+    maps = [a.tensor_map(t) for t in (q, k, v)]
+    specs = [value_spec(t) for t in (q, k, v)]
+    if any(m is None for m in maps) or any(s.ndim != 4 for s in specs):
+        return a.opaque(node, "attention on inputs that are not (batch, heads, tokens, width)")
+    if maps[1].dims[2] is not None or maps[2].dims[2] is not None:
+        return a.opaque(node, "attention whose key/value tokens carry channels (softmax over channels)")
+    if isinstance(mask, torch.fx.Node) and _carries(a.map_of(mask)):
+        return a.opaque(node, "attention mask that carries channels")
+    if bound.get("enable_gqa") and any(m.dims[1] is not None for m in maps):
+        return a.opaque(node, "grouped-query attention with pruned heads")
+    if isinstance(bound.get("scale"), torch.fx.Node):
+        return a.opaque(node, "attention scale computed in the graph")
+    letters = {"b": [(q, 0), (k, 0), (v, 0)], "h": [(q, 1), (k, 1), (v, 1)], "e": [(q, 3), (k, 3)]}
+    out = {}
+    for letter, operands in letters.items():
+        if letter == "h" and bound.get("enable_gqa"):
+            continue
+        entries = [(t, d, a.tensor_map(t).dims[d], value_spec(t).shape[d]) for t, d in operands]
+        out[letter] = a.couple(node, entries, max(size for *_, size in entries), "attends")
+    if bound.get("scale") is None and out["e"] is not None:
+        a.set_fact(node, SDPAScale(float(specs[0].shape[-1]) ** -0.5))
+    return ChannelMap((out["b"], None if bound.get("enable_gqa") else out["h"], maps[0].dims[2], maps[2].dims[3]))
+
+
+def _carries(value: Any) -> bool:
+    return isinstance(value, ChannelMap) and value.is_tracked()
+
+
+def _keep_sdpa_scale(rw, node: torch.fx.Node, new: torch.fx.Node) -> None:
+    fact = op_fact(node)
+    if isinstance(fact, SDPAScale):
+        position = _SDPA_PARAMETERS.index("scale")
+        if len(node.args) > position:
+            new.args = (*new.args[:position], fact.scale, *new.args[position + 1:])
+        else:
+            new.kwargs = {**new.kwargs, "scale": fact.scale}
+
+
+def _sdpa_flops(cost, node: torch.fx.Node):
+    """q·kᵀ and attention·v: 2 x (batch x heads x L x S) x (query width + value width)."""
+    bound = bind_arguments(node)
+    q, v = bound["query"], bound["value"]
+    (b, h, length, _), source = value_spec(q).shape, value_spec(v).shape[2]
+    qm, vm = cost.groups.maps.get(q.name), cost.groups.maps.get(v.name)
+    e = cost.dim_factor(qm.dims[3] if isinstance(qm, ChannelMap) else None, value_spec(q).shape[3])
+    ev = cost.dim_factor(vm.dims[3] if isinstance(vm, ChannelMap) else None, value_spec(v).shape[3])
+    coef = 2.0 * b * h * length * source
+    return [(coef, [e]), (coef, [ev])]
+
+
+register(OpEntry("F.scaled_dot_product_attention", scaled_dot_product_attention, rewrite_args=_keep_sdpa_scale,
+                 flops=_sdpa_flops), functions=[F.scaled_dot_product_attention])
