@@ -101,20 +101,34 @@ def functional_layer_norm(a, node: torch.fx.Node) -> Any:
     return layer_norm(a, node, a.tensor_map(bound["input"]), len(bound["normalized_shape"]), names)
 
 
-def _layer_norm_reference(interp, node, fact: NormOverKept, args, kwargs):
+def _norm_over_kept(interp, node, fact: NormOverKept, args, kwargs, parameters, normalise):
+    """The norm applied to the kept channels of its input, zeros elsewhere (its reference semantics).
+    `parameters` name the call's arguments after the input, which are also the module's attribute names
+    (normalized_shape / num_groups, weight, bias, eps); weight and bias are sliced to the kept channels
+    before `normalise(kept_input, parameters)` runs."""
     if node.op == "call_module":
         module = interp.fetch_attr(node.target)
-        weight, bias, eps, k = module.weight, module.bias, module.eps, len(module.normalized_shape)
+        p = {name: getattr(module, name, None) for name in parameters}
     else:
-        bound = dict(zip(["input", "normalized_shape", "weight", "bias", "eps"], args))
-        bound.update(kwargs)
-        weight, bias, eps, k = bound.get("weight"), bound.get("bias"), bound.get("eps", 1e-5), len(bound["normalized_shape"])
+        p = dict(zip(parameters, args[1:]))
+        p.update(kwargs)
     x, idx = args[0], interp.kept_index(node.args[0], fact.dim)
-    pd = fact.dim - fact.first
-    w = weight.index_select(pd, idx) if weight is not None else None
-    b = bias.index_select(pd, idx) if bias is not None else None
+    affine_dim = 0 if fact.first is None else fact.dim - fact.first
+    for name in ("weight", "bias"):
+        if p.get(name) is not None:
+            p[name] = p[name].index_select(affine_dim, idx)
     xs = x.index_select(fact.dim, idx)
-    return torch.zeros_like(x).index_copy(fact.dim, idx, F.layer_norm(xs, xs.shape[x.ndim - k:], w, b, eps))
+    return torch.zeros_like(x).index_copy(fact.dim, idx, normalise(xs, p))
+
+
+def _eps(p) -> float:
+    return 1e-5 if p.get("eps") is None else p["eps"]  # layer_norm's and group_norm's default
+
+
+def _layer_norm_reference(interp, node, fact: NormOverKept, args, kwargs):
+    return _norm_over_kept(interp, node, fact, args, kwargs, ("normalized_shape", "weight", "bias", "eps"),
+                           lambda xs, p: F.layer_norm(xs, xs.shape[xs.ndim - len(p["normalized_shape"]):],
+                                                      p.get("weight"), p.get("bias"), _eps(p)))
 
 
 def _resize_layer_norm(module, rw, node) -> None:
@@ -163,18 +177,9 @@ def group_norm_module(a, node: torch.fx.Node) -> Any:
 
 
 def _group_norm_reference(interp, node, fact: NormOverKept, args, kwargs):
-    if node.op == "call_module":
-        module = interp.fetch_attr(node.target)
-        weight, bias, eps = module.weight, module.bias, module.eps
-    else:
-        bound = dict(zip(["input", "num_groups", "weight", "bias", "eps"], args))
-        bound.update(kwargs)
-        weight, bias, eps = bound.get("weight"), bound.get("bias"), bound.get("eps", 1e-5)
-    x, idx = args[0], interp.kept_index(node.args[0], fact.dim)
-    w = weight.index_select(0, idx) if weight is not None else None
-    b = bias.index_select(0, idx) if bias is not None else None
-    ys = F.group_norm(x.index_select(1, idx), fact.num_groups, w, b, eps)
-    return torch.zeros_like(x).index_copy(1, idx, ys)
+    return _norm_over_kept(interp, node, fact, args, kwargs, ("num_groups", "weight", "bias", "eps"),
+                           lambda xs, p: F.group_norm(xs, fact.num_groups, p.get("weight"), p.get("bias"),
+                                                      _eps(p)))
 
 
 def _resize_group_norm(module, rw, node) -> None:
@@ -218,17 +223,9 @@ register(OpEntry("F.instance_norm", lambda a, node: functional_channelwise(
 
 # ----------------------------------------------------------------------------- RMS norm
 def _rms_norm_reference(interp, node, fact: NormOverKept, args, kwargs):
-    if node.op == "call_module":
-        module = interp.fetch_attr(node.target)
-        weight, eps, k = module.weight, module.eps, len(module.normalized_shape)
-    else:
-        bound = dict(zip(["input", "normalized_shape", "weight", "eps"], args))
-        bound.update(kwargs)
-        weight, eps, k = bound.get("weight"), bound.get("eps"), len(bound["normalized_shape"])
-    x, idx = args[0], interp.kept_index(node.args[0], fact.dim)
-    w = weight.index_select(fact.dim - fact.first, idx) if weight is not None else None
-    xs = x.index_select(fact.dim, idx)
-    return torch.zeros_like(x).index_copy(fact.dim, idx, F.rms_norm(xs, xs.shape[x.ndim - k:], w, eps))
+    return _norm_over_kept(interp, node, fact, args, kwargs, ("normalized_shape", "weight", "eps"),
+                           lambda xs, p: F.rms_norm(xs, xs.shape[xs.ndim - len(p["normalized_shape"]):],
+                                                    p.get("weight"), p.get("eps")))
 
 
 def rms_norm_module(a, node: torch.fx.Node) -> Any:
