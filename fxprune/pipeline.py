@@ -133,7 +133,7 @@ class Trace(CompilerPass):
         self.leaf_modules = leaf_modules
 
     def run(self, state: CompileState) -> CompileState:
-        gm = trace_model(state.model, self.leaf_modules, n_inputs=len(state.inputs))
+        gm = trace_model(state.model, self.leaf_modules, example_inputs=state.inputs)
         propagate_shapes(gm, state.inputs)
         return dataclasses.replace(state, gm=gm)
 

@@ -15,6 +15,7 @@ import torch
 import torch.fx
 from torch.fx._lazy_graph_module import _LazyGraphModule
 
+from .concrete_tracer import DataDependentControlFlow, trace_with_values
 from .errors import ExampleInputsError, UnsupportedModelError, describe_node
 
 VALUE_KEY = "fxprune.value"
@@ -148,23 +149,82 @@ def _torch_layer_type(cls: type) -> Optional[type]:
 
 
 def trace_model(model: torch.nn.Module, leaf_modules: Sequence[Any] = (),
-                n_inputs: Optional[int] = None) -> torch.fx.GraphModule:
-    """Symbolically trace `model` (already a private copy). Errors point at the user's line.
+                example_inputs: Optional[Tuple[Any, ...]] = None) -> torch.fx.GraphModule:
+    """Trace `model` (already a private copy) with torch.fx. Errors point at the user's line.
 
-    n_inputs: how many example inputs the user gave. Parameters of forward after those that have a
-    default (timm's `attn_mask=None`, `is_causal=False`) are traced with that default as a constant, so
-    branches on them resolve; the pruned module still accepts them and checks they keep that value."""
+    Plain symbolic tracing comes first: it never runs the model. If it fails (Python control flow on
+    shapes, `len(x)`, `int(math.sqrt(N))`), the forward is traced again with values on the example
+    inputs (concrete_tracer.py), which resolves what depends on shapes only.
+
+    Parameters of forward after the example inputs that have a default (timm's `attn_mask=None`,
+    `is_causal=False`) are traced with that default as a constant, so branches on them resolve; the
+    pruned module still accepts them and checks they keep that value."""
     if isinstance(model, torch.fx.GraphModule):
         return model
+    n_inputs = None if example_inputs is None else len(example_inputs)
+    if isinstance(example_inputs, KeywordInputs) or _is_decorated(type(model).forward):
+        _trace_forward_as_called(model, example_inputs)
+        concrete_args = None
+    else:
+        concrete_args = _defaults_after(model, n_inputs)
     tracer = _Tracer(leaf_modules)
     try:
-        graph = tracer.trace(model, concrete_args=_defaults_after(model, n_inputs))
-    except Exception as exc:  # fx raises TraceError, TypeError, NotImplementedError, ...
-        raise UnsupportedModelError(_trace_failure_message(model, exc)) from exc
+        graph = tracer.trace(model, concrete_args=concrete_args)
+    except Exception as symbolic_failure:  # fx raises TraceError, TypeError, NotImplementedError, ...
+        if example_inputs is None:
+            raise UnsupportedModelError(_trace_failure_message(model, symbolic_failure)) from symbolic_failure
+        try:
+            tracer, graph = trace_with_values(model, _inputs_by_name(model, example_inputs), concrete_args,
+                                              is_leaf=_Tracer(leaf_modules).is_leaf_module)
+        except Exception as exc:
+            raise UnsupportedModelError(_trace_failure_message(model, exc)) from exc
     name = model.__class__.__name__
     # fxprune interprets this graph but never runs its generated code; the lazy GraphModule skips
     # the code generation (~8 ms on resnet50) until something does need it
     return _LazyGraphModule(tracer.root, graph, name)
+
+
+def _is_decorated(forward: Any) -> bool:
+    return hasattr(forward, "__wrapped__")
+
+
+def _trace_forward_as_called(model: torch.nn.Module, example_inputs: Optional[Tuple[Any, ...]]) -> None:
+    """Make the private copy's forward take exactly the example inputs and call the model's own forward
+    with them as the user would: by keyword for keyword inputs, by position otherwise.
+
+    fx makes a graph input of every parameter of the function it traces, and reads the names from the
+    undecorated function while it calls the decorated one. A forward with twenty optional parameters,
+    or one wrapped by decorators that take `*args, **kwargs` (Hugging Face's), traces as called only
+    through such an adapter; the graph's inputs then have the example inputs' names."""
+    if example_inputs is None:
+        raise UnsupportedModelError(f"{type(model).__name__}.forward is wrapped by a decorator; fxprune needs "
+                                    f"example_inputs to trace it")
+    if isinstance(example_inputs, KeywordInputs):
+        names, call = example_inputs.names, ", ".join(f"{n}={n}" for n in example_inputs.names)
+    else:
+        params = list(inspect.signature(type(model).forward).parameters.values())[1:]
+        names = tuple(p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))[:len(example_inputs)]
+        if len(names) < len(example_inputs):
+            names = tuple(f"input_{i}" for i in range(len(example_inputs)))
+        call = ", ".join(names)
+    # a function with these parameter names: fx reads the graph's input names from its code object
+    source = f"def forward(self, {', '.join(names)}):\n    return _model_forward(self, {call})\n"
+    namespace = {"_model_forward": type(model).forward}
+    exec(compile(source, f"<fxprune: {type(model).__name__}.forward as called>", "exec"), namespace)
+    cls = type(model)
+    model.__class__ = type(cls.__name__, (cls,), {"forward": namespace["forward"], "__module__": cls.__module__,
+                                                  "__qualname__": cls.__qualname__})
+
+
+def _inputs_by_name(model: torch.nn.Module, example_inputs: Tuple[Any, ...]) -> dict:
+    """{forward parameter name: example value} for the positional example inputs."""
+    if isinstance(example_inputs, KeywordInputs):
+        return dict(zip(example_inputs.names, example_inputs))
+    params = list(inspect.signature(type(model).forward).parameters.values())[1:]  # without self
+    names = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        names += [f"input_{i}" for i in range(len(example_inputs))]  # fx's names for *args
+    return dict(zip(names, example_inputs))
 
 
 def _defaults_after(model: torch.nn.Module, n_inputs: Optional[int]) -> Optional[dict]:
@@ -186,23 +246,47 @@ def _trace_failure_message(model: torch.nn.Module, exc: Exception) -> str:
     frames = traceback.extract_tb(exc.__traceback__)
     user = [f for f in frames if "/torch/" not in f.filename and "/fxprune/" not in f.filename]
     where = f"{user[-1].filename}:{user[-1].lineno}: `{(user[-1].line or '').strip()}`" if user else "unknown line"
-    hint = (
-        "fx traces the forward once with symbolic values, so Python control flow (if/for/while) may not "
-        "depend on tensor values or shapes. Fix: rewrite the branch with tensor ops (torch.where), move it "
-        "into a submodule and pass that module in `leaf_modules=` (its channels are then frozen), or trace "
-        "the model yourself with `concrete_args` and pass the GraphModule."
-    )
+    if isinstance(exc, DataDependentControlFlow):
+        hint = ("fxprune resolves Python control flow on shapes at trace time, but not on tensor values: the "
+                "traced graph would be wrong for other inputs. Fix: rewrite the branch with tensor ops "
+                "(torch.where, masking), or move it into a submodule and pass that module in `leaf_modules=` "
+                "(its channels are then frozen).")
+    else:
+        hint = ("fx records the forward as a graph of torch calls. Fix: move the failing code into a submodule "
+                "and pass that module in `leaf_modules=` (its channels are then frozen), or trace the model "
+                "yourself and pass the GraphModule.")
     return f"cannot trace {type(model).__name__} with torch.fx: {type(exc).__name__}: {exc}\n  at {where}\n  {hint}"
+
+
+class KeywordInputs(tuple):
+    """Example inputs given by name ({"input_ids": ..., "attention_mask": ...}): the values in the order
+    given, and their names. The traced graph takes exactly these inputs, under these names."""
+
+    names: Tuple[str, ...] = ()
+
+    def __new__(cls, inputs: dict) -> "KeywordInputs":
+        self = super().__new__(cls, inputs.values())
+        self.names = tuple(inputs)
+        return self
 
 
 def normalise_example_inputs(example_inputs) -> Tuple[Any, ...]:
     if example_inputs is None:
-        raise ExampleInputsError("example_inputs is required: a tuple of tensors the model accepts, e.g. (torch.randn(1, 3, 224, 224),)")
+        raise ExampleInputsError("example_inputs is required: a tuple of tensors the model accepts, e.g. (torch.randn(1, 3, 224, 224),), "
+                                 "or a dict of keyword inputs, e.g. {'input_ids': ids, 'attention_mask': mask}")
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,)
+    if isinstance(example_inputs, KeywordInputs):
+        return example_inputs
+    if isinstance(example_inputs, dict):  # a tokenizer's BatchEncoding is a dict too
+        bad = [k for k in example_inputs if not (isinstance(k, str) and k.isidentifier())]
+        if bad:
+            raise ExampleInputsError(f"keyword example_inputs need parameter names as keys, got {bad!r}")
+        return KeywordInputs(dict(example_inputs))
     if isinstance(example_inputs, (list, tuple)):
         return tuple(example_inputs)
-    raise ExampleInputsError(f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}")
+    raise ExampleInputsError(f"example_inputs must be a tensor, a tuple of tensors or a dict of keyword inputs, got "
+                             f"{type(example_inputs).__name__}")
 
 
 def spec_of(value: Any):

@@ -42,8 +42,8 @@ EXPECTED_GROUPS = {
     "FlattenLinear": [(("conv_0",), 12, None), (("fc1",), 32, None), (("fc2",), 5, OUTPUT)],
     # the residual stream (embedding and MLP output) in 4 heads of 8 positions; the MLP's hidden width
     "AttentionHeads": [(("embed", "mlp_2"), 8, None), (("mlp_0",), 64, None), (("head",), 5, OUTPUT)],
-    # q and k meet in q @ k^T, v in a @ v: 8 head-dim positions each, shared by the 3 heads
-    "HeadReshape": [(("embed", "proj"), 24, None), (("qkv",), 16, None), (("head",), 5, OUTPUT)],
+    # the split into (heads, head width) makes each head a unit: q, k and v of one head go together
+    "HeadReshape": [(("embed", "proj"), 24, None), (("qkv",), 3, None), (("head",), 5, OUTPUT)],
     "BlockingOp": [(("a_0",), 16, "blocked by %cumsum"), (("b_0",), 16, None), (("head_fc",), 5, OUTPUT)],
     # one conv called twice: its input and output are the same channels
     "SharedWeights": [(("stem_0", "shared", "shared_1"), 16, None), (("head_fc",), 5, OUTPUT)],

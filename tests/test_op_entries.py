@@ -167,28 +167,43 @@ def test_torch_assert_on_shapes_traces_and_freezes_only_a_checked_channel_count(
 
 class SDPAttention(nn.Module):
     """timm/HF-style attention: qkv projection, heads split by reshape/permute, F.scaled_dot_product_attention
-    (default scale, read from the head width), heads merged, output projection on a residual stream."""
+    (default scale, read from the head width), heads merged, output projection on a residual stream.
+    channels_first: the tokens are the last dim (conv attention), so the split is (3, heads, width, tokens)."""
 
-    def __init__(self, dim=24, heads=3):
+    def __init__(self, dim=24, heads=3, channels_first=False):
         super().__init__()
-        self.heads = heads
+        self.heads, self.channels_first = heads, channels_first
         self.tokens = Tokens(dim)
         self.qkv, self.proj, self.head = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim), nn.Linear(dim, 5)
 
     def forward(self, x):
         x = self.tokens(x)
         b, n, c = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        if self.channels_first:
+            qkv = self.qkv(x).transpose(1, 2).reshape(b, 3, self.heads, c // self.heads, n).permute(1, 0, 2, 4, 3)
+        else:
+            qkv = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
         o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c)
         return self.head((x + self.proj(o)).mean(1))
 
 
-def test_scaled_dot_product_attention_prunes_head_width_and_keeps_its_scale():
+def test_scaled_dot_product_attention_prunes_whole_heads():
     model = SDPAttention().eval()
     groups = fxprune.analyze(model, (X,))
     (qkv,) = [g for g in groups.groups if g.name == "qkv"]
-    # one reshape packs q, k and v as (3, heads, 8): position p of each of the 9 slices is one unit
-    assert qkv.prunable and qkv.size == 8
+    # the reshape packs q, k and v as (3, heads, 8): each head (its q, k and v) is one unit
+    assert qkv.prunable and qkv.size == 3
     assert not any("scaled_dot_product_attention" in b for b in groups.blocked_ops)
+    modules = prune_and_check(model)
+    assert len(modules["qkv"]["out"]) in (24, 48)  # whole heads of 8 channels, in q, k and v
+
+
+def test_scaled_dot_product_attention_prunes_head_width_and_keeps_its_scale():
+    model = SDPAttention(channels_first=True).eval()
+    groups = fxprune.analyze(model, (X,))
+    (qkv,) = [g for g in groups.groups if g.name == "qkv"]
+    # (3, heads, 8, tokens): position p of each of the 9 slices is one unit
+    assert qkv.prunable and qkv.size == 8
     modules = prune_and_check(model)  # exact: the pruned call gets the original 1/sqrt(8) scale
     assert len(modules["qkv"]["out"]) < 72

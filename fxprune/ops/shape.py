@@ -2,7 +2,8 @@
 pad, roll.
 
 Reshapes map channels through blocks of dims with equal products; splitting a channel dim into
-(heads, head_dim) makes position p of every head one unit, so every head keeps the same size.
+(heads, head width) makes each head one unit; other splits (channel shuffle) make position p of
+every group one unit, so every group keeps the same size.
 Shape literals that carry a channel dim (view sizes, split sizes) are recomputed by the rewrite."""
 from __future__ import annotations
 
@@ -125,9 +126,14 @@ def reshape(a, node: torch.fx.Node) -> Any:
         varying = [ax for ax in range(grid.ndim) if grid.shape[ax] > 1 and np.any(np.diff(grid, axis=ax) != 0)]
         if not varying:  # every position is the same element: the last non-trivial dim carries it
             varying = [max(ax for ax in range(grid.ndim) if grid.shape[ax] > 1)]
-        carrier = varying[-1]
-        # Outer split dims (heads, shuffle groups) keep all their positions: the same channel
-        # position in each of them is one unit, so the kept set stays a product set.
+        # One dim of the split carries the units; the dims outside it keep all their positions (the
+        # same position in each is one unit, so the kept set stays a product set) and the dims inside
+        # it move with it. A split whose innermost part is the last dim is (heads, head width), as in
+        # attention: the head is the unit, so whole heads go and every head keeps its width (rotary
+        # embeddings and the softmax scale see the original head width). Otherwise (channel shuffle's
+        # (groups, width), conv attention's (heads, width, pixels)) the innermost part carries the units
+        # and every group keeps the same size.
+        carrier = varying[-2] if len(varying) > 1 and out_dims[varying[-1]] == out_spec.ndim - 1 else varying[-1]
         base = grid[tuple(slice(None) if ax == carrier else 0 for ax in range(grid.ndim))]
         if len(varying) > 1:
             shape = [grid.shape[ax] if ax == carrier else 1 for ax in range(grid.ndim)]

@@ -1,0 +1,198 @@
+"""Capture for models whose Python code branches on shapes: torch.fx tracing where every proxy also
+carries its value on the example inputs.
+
+Plain symbolic tracing cannot answer `if x.shape[-1] % 2:`, `assert H == self.img_size`, `for blk in
+range(len(x))` or `int(math.sqrt(N))`: a proxy has no value. This tracer runs the forward on the example
+inputs while it records the graph, so such questions have answers. What it answers is limited to what
+fxprune already specialises to: shapes, ranks, dtypes and devices, and numbers computed from them only
+(the batch size included: a branch on it is taken for the example's batch). A branch on tensor *data*
+(`if mask.any():`, `x.item()`) is still refused, naming the line, because the traced graph would be
+wrong for other inputs.
+
+Shape arithmetic stays in the graph where the code keeps it symbolic (`x.reshape(B, -1)` with B from
+`x.shape`), so the batch dimension stays free; only values the code turns into Python numbers or
+branches on are fixed. The graph is an ordinary torch.fx GraphModule with module-qualified names: the
+same rules, rewrite and verifier apply.
+"""
+from __future__ import annotations
+
+import functools
+import operator
+from typing import Any, Dict, Iterator
+
+import torch
+import torch.fx
+from torch.fx.proxy import Attribute, TraceError
+
+# Tensor attributes and methods whose answer is fixed by the model's code (ranks, layouts), not by the
+# inputs: they are answered with the example's value instead of becoming a node.
+_CONSTANT_ATTRIBUTES = frozenset({"ndim", "is_sparse", "is_quantized", "layout", "is_complex"})
+_CONSTANT_METHODS = frozenset({"dim", "ndimension", "is_complex", "is_contiguous"})
+# Metadata that stays a node (a pruned model run in float64, or on another device, must follow its
+# input) but may steer Python code: shapes, dtypes, devices.
+_METADATA_ATTRIBUTES = frozenset({"shape", "dtype", "device", "is_cuda", "is_meta"})
+_METADATA_METHODS = frozenset({"size", "numel", "nelement", "stride", "is_floating_point", "get_device",
+                               "element_size"})
+
+
+class DataDependentControlFlow(TraceError):
+    """The forward branched on (or converted to a Python number) a value computed from tensor data."""
+
+
+class _ValueProxy(torch.fx.Proxy):
+    """A proxy that knows its value on the example inputs (kept by the tracer, per node)."""
+
+    @property
+    def value(self) -> Any:
+        return self.tracer.value_of(self.node)
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
+
+    def __getattr__(self, name: str) -> Any:
+        value = self.value
+        if name in _CONSTANT_ATTRIBUTES and isinstance(value, torch.Tensor):
+            return getattr(value, name)
+        if isinstance(value, (torch.device, torch.dtype)):  # `x.device.type` for torch.autocast(...)
+            return getattr(value, name)
+        return _ValueAttribute(self, name)
+
+    def __len__(self) -> int:
+        return len(self.value)  # a tensor's length is its first dimension: a shape
+
+    def __int__(self) -> int:
+        return int(self.tracer.shape_value(self, "int()"))
+
+    def __index__(self) -> int:
+        return operator.index(self.tracer.shape_value(self, "an index"))
+
+    def __float__(self) -> float:
+        return float(self.tracer.shape_value(self, "float()"))
+
+
+class _ValueAttribute(Attribute, _ValueProxy):
+    """`x.shape`, `x.view`, ...: fx's lazy attribute proxy, with a value."""
+
+
+class ConcreteShapeTracer(torch.fx.Tracer):
+    """torch.fx.Tracer whose proxies carry their value on the example inputs (see the module doc).
+
+    inputs: {forward parameter name: example value}."""
+
+    def __init__(self, inputs: Dict[str, Any], is_leaf=None):
+        # buffers as graph nodes: a real tensor mixed with proxies (`self.ids[:, :n].expand(b, n)`)
+        # would reach torch's argument parser, which does not dispatch every overload to proxies
+        super().__init__()
+        self.proxy_buffer_attributes = True
+        self._inputs = inputs
+        self._is_leaf = is_leaf
+        self._values: Dict[torch.fx.Node, Any] = {}
+        self._from_shapes: Dict[torch.fx.Node, bool] = {}
+        self._evaluating = False  # while a node's value is computed, modules run as plain Python
+
+    # -- values ---------------------------------------------------------------------------------
+
+    def value_of(self, node: torch.fx.Node) -> Any:
+        if node not in self._values:
+            # get_attr nodes for constants and parameters are made by create_node directly
+            if node.op != "get_attr":
+                raise TraceError(f"no value for {node.format_node()}")
+            self._values[node] = functools.reduce(getattr, node.target.split("."), self.root)
+            self._from_shapes[node] = False
+        return self._values[node]
+
+    def shape_value(self, proxy: torch.fx.Proxy, use: str) -> Any:
+        """The value of a proxy computed from shapes only; data-dependent values are refused."""
+        node = proxy.node
+        value = self.value_of(node)
+        if not self._from_shapes.get(node, False):
+            raise DataDependentControlFlow(
+                f"the forward uses the value of `{node.format_node()}` in {use}, and that value depends on "
+                f"tensor data, not only on shapes: a traced graph cannot branch on it. Rewrite it with tensor "
+                f"ops (torch.where, masking), or move it into a submodule passed in `leaf_modules=`.")
+        return value
+
+    def to_bool(self, obj: torch.fx.Proxy) -> bool:
+        return bool(self.shape_value(obj, "a condition (if/while/assert/and/or)"))
+
+    def iter(self, obj: torch.fx.Proxy) -> Iterator:
+        return (obj[i] for i in range(len(self.value_of(obj.node))))
+
+    def keys(self, obj: torch.fx.Proxy) -> Any:
+        return self.value_of(obj.node).keys()
+
+    def proxy(self, node: torch.fx.Node) -> torch.fx.Proxy:
+        return _ValueProxy(node, self)
+
+    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        node = proxy.node
+        value = self._evaluate(node)
+        if kind == "call_method" and target in _CONSTANT_METHODS:
+            self.graph.erase_node(node)  # answered with the example's value
+            return value
+        self._values[node] = value
+        self._from_shapes[node] = self._computed_from_shapes(node, value)
+        return proxy
+
+    def _evaluate(self, node: torch.fx.Node) -> Any:
+        evaluating, self._evaluating = self._evaluating, True
+        try:
+            return self._run(node)
+        finally:
+            self._evaluating = evaluating
+
+    def _run(self, node: torch.fx.Node) -> Any:
+        args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), self.value_of)
+        if node.op == "placeholder":
+            name = node.target.lstrip("*")
+            if name in self._inputs:
+                return self._inputs[name]
+            if args:  # a parameter traced at its default value
+                return args[0]
+            return () if node.target.startswith("*") and not node.target.startswith("**") else {}
+        if node.op == "call_function":
+            return node.target(*args, **kwargs)
+        if node.op == "call_method":
+            return getattr(args[0], node.target)(*args[1:], **kwargs)
+        if node.op == "call_module":
+            return self.root.get_submodule(node.target)(*args, **kwargs)
+        return self.value_of(node)
+
+    def _computed_from_shapes(self, node: torch.fx.Node, value: Any) -> bool:
+        if isinstance(value, torch.Tensor) or node.op in ("placeholder", "get_attr", "call_module"):
+            return False
+        if node.op == "call_method" and node.target in _METADATA_METHODS:
+            return True
+        if node.op == "call_function" and node.target is getattr and node.args[1] in _METADATA_ATTRIBUTES:
+            return True
+        return all(self._from_shapes.get(n, False) for n in node.all_input_nodes)
+
+    # -- modules --------------------------------------------------------------------------------
+
+    def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
+        return self._is_leaf(m, qualname) if self._is_leaf is not None else super().is_leaf_module(m, qualname)
+
+    def call_module(self, m: torch.nn.Module, forward, args, kwargs):
+        if self._evaluating:  # a module run on real tensors while a value is computed: nothing to record
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: Dict[str, Any]) -> Any:
+        if self._evaluating:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+
+def trace_with_values(root: torch.nn.Module, inputs: Dict[str, Any], concrete_args: Dict[str, Any],
+                      is_leaf=None) -> "tuple[ConcreteShapeTracer, torch.fx.Graph]":
+    tracer = ConcreteShapeTracer(inputs, is_leaf)
+    with torch.no_grad():
+        graph = tracer.trace(root, concrete_args=concrete_args or None)
+    tracer._values.clear()  # the example's activations: not needed once the graph is recorded
+    for node in reversed(graph.nodes):  # shape queries whose answer only steered Python code
+        if tracer._from_shapes.get(node) and not node.users:
+            graph.erase_node(node)
+    return tracer, graph
+
+
