@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import concurrent.futures
 import json
 import os
 import re
@@ -82,7 +83,77 @@ def build_timm(name: str):
     return model, (torch.randn(1, *size),)
 
 
-BUILDERS = {"timm": build_timm}
+# ---- Hugging Face transformers: small random configs (never downloaded), keyword inputs
+_LAYERS = dict(num_hidden_layers=2, num_attention_heads=4, intermediate_size=256, hidden_size=64, vocab_size=1000)
+_GQA = dict(_LAYERS, num_key_value_heads=2)
+_TEXT = {  # name: (model class, config class, config)
+    "bert": ("BertModel", "BertConfig", _LAYERS),
+    "roberta": ("RobertaModel", "RobertaConfig", _LAYERS),
+    "distilbert": ("DistilBertModel", "DistilBertConfig",
+                   dict(n_layers=2, n_heads=4, dim=64, hidden_dim=256, vocab_size=1000)),
+    "gpt2": ("GPT2Model", "GPT2Config", dict(n_layer=2, n_head=4, n_embd=64, vocab_size=1000)),
+    "opt": ("OPTModel", "OPTConfig", dict(num_hidden_layers=2, num_attention_heads=4, hidden_size=64, ffn_dim=256,
+                                          word_embed_proj_dim=64, vocab_size=1000)),
+    "llama": ("LlamaModel", "LlamaConfig", _GQA),
+    "qwen2": ("Qwen2Model", "Qwen2Config", _GQA),
+    "mistral": ("MistralModel", "MistralConfig", _GQA),
+    "gemma": ("GemmaModel", "GemmaConfig", dict(_GQA, head_dim=16)),
+    "phi": ("PhiModel", "PhiConfig", _LAYERS),
+    "phi3": ("Phi3Model", "Phi3Config", dict(_GQA, pad_token_id=0)),
+    "t5": ("T5Model", "T5Config", dict(num_layers=2, num_heads=4, d_model=64, d_kv=16, d_ff=256, vocab_size=1000)),
+    "bart": ("BartModel", "BartConfig", dict(encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                                             decoder_attention_heads=4, d_model=64, encoder_ffn_dim=256,
+                                             decoder_ffn_dim=256, vocab_size=1000)),
+}
+_VISION = {
+    "vit": ("ViTModel", "ViTConfig", dict(_LAYERS, image_size=32, patch_size=8)),
+    "swin": ("SwinModel", "SwinConfig", dict(image_size=32, patch_size=2, embed_dim=16, depths=[1, 1], num_heads=[2, 4],
+                                             window_size=4)),
+    "convnext": ("ConvNextModel", "ConvNextConfig", dict(hidden_sizes=[16, 32], depths=[1, 1], num_stages=2)),
+}
+
+
+def build_transformers(name: str):
+    import torch
+    import transformers
+    if name in _TEXT or name in _VISION:
+        model_class, config_class, config = {**_TEXT, **_VISION}[name]
+        model = getattr(transformers, model_class)(getattr(transformers, config_class)(**config)).eval()
+        if name in _VISION:
+            return model, {"pixel_values": torch.randn(1, 3, 32, 32)}
+        inputs = {"input_ids": torch.randint(0, 1000, (2, 16)), "attention_mask": torch.ones(2, 16, dtype=torch.long)}
+        if model.config.is_encoder_decoder:
+            inputs["decoder_input_ids"] = torch.randint(0, 1000, (2, 8))
+        if "use_cache" in model.config:
+            inputs["use_cache"] = False  # the forward without a KV cache is what is pruned
+        return model, inputs
+    if name == "clip":
+        model = transformers.CLIPModel(transformers.CLIPConfig(
+            text_config=dict(_LAYERS, max_position_embeddings=32),
+            vision_config=dict(_LAYERS, image_size=32, patch_size=8))).eval()
+        return model, {"input_ids": torch.randint(0, 1000, (2, 16)), "pixel_values": torch.randn(2, 3, 32, 32),
+                       "attention_mask": torch.ones(2, 16, dtype=torch.long)}
+    if name == "whisper_encoder":
+        config = transformers.WhisperConfig(d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                                            decoder_attention_heads=4, encoder_ffn_dim=256, decoder_ffn_dim=256,
+                                            num_mel_bins=16, max_source_positions=32, vocab_size=1000, pad_token_id=0,
+                                            bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)
+        return transformers.WhisperModel(config).encoder.eval(), {"input_features": torch.randn(1, 16, 64)}
+    if name == "wav2vec2":
+        config = transformers.Wav2Vec2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                             intermediate_size=256, conv_dim=(16, 16), conv_stride=(5, 2),
+                                             conv_kernel=(10, 3), num_conv_pos_embeddings=16,
+                                             num_conv_pos_embedding_groups=4)
+        return transformers.Wav2Vec2Model(config).eval(), {"input_values": torch.randn(1, 1600)}
+    raise KeyError(name)
+
+
+TRANSFORMERS_ZOO = [*_TEXT, *_VISION, "clip", "whisper_encoder", "wav2vec2"]
+
+BUILDERS = {"timm": build_timm, "transformers": build_transformers}
+# The residual stream of a transformer is its output (kept whole), so half the FLOPs of these small
+# configs is out of reach by heads and MLP widths alone; 0.75 asks for a real cut of both.
+BUDGETS = {"timm": 0.5, "transformers": 0.75}
 
 
 # ---------------------------------------------------------------------------------------------- child
@@ -102,7 +173,7 @@ def run_one(zoo: str, name: str, tool: str) -> dict:
         return row
     start = time.perf_counter()
     try:
-        pruned = fxprune.compile(model, 0.5, example_inputs=inputs, verify=True)
+        pruned = fxprune.compile(model, BUDGETS[zoo], example_inputs=inputs, verify=True)
         report = pruned.meta["fxprune"]
         units = sum(g["size"] for g in report["groups"])
         frozen = sum(g["frozen"] for g in report["groups"])
@@ -140,7 +211,7 @@ def run_tp(model, inputs) -> str:
                                            pruning_ratio=0.3, ignored_layers=outputs)
         pruner.step()
         with torch.no_grad():
-            model(*inputs)
+            model(**inputs) if isinstance(inputs, dict) else model(*inputs)
         return "ok"
     except Exception as exc:
         return f"{type(exc).__name__}"
@@ -156,7 +227,8 @@ def main() -> int:
     parser.add_argument("--per-family", type=int, default=2, help="models per timm family")
     parser.add_argument("--timeout", type=float, default=150, help="seconds per model and tool")
     parser.add_argument("--tool", choices=["fx", "tp"], default="fx", help=argparse.SUPPRESS)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per child")
+    parser.add_argument("--jobs", type=int, default=1, help="models run at once (each child uses --threads)")
     parser.add_argument("--out", default=None, help="JSON output (default benchmarks/results/coverage_<zoo>.json)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # child mode: run one model, print its row
     args = parser.parse_args()
@@ -166,25 +238,39 @@ def main() -> int:
         print("ROW " + json.dumps(run_one(args.zoo, args.one, args.tool)))
         return 0
 
-    names = args.models.split(",") if args.models else timm_zoo(args.limit, args.max_params, args.per_family)
+    if args.models:
+        names = args.models.split(",")
+    elif args.zoo == "transformers":
+        names = TRANSFORMERS_ZOO
+    else:
+        names = timm_zoo(args.limit, args.max_params, args.per_family)
     out = args.out or os.path.join(HERE, "results", f"coverage_{args.zoo}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    print(f"{len(names)} {args.zoo} models, budget 0.5, {args.threads} thread(s), {args.timeout:.0f} s each\n")
+    print(f"{len(names)} {args.zoo} models, budget {BUDGETS[args.zoo]} (FLOPs), {args.threads} thread(s), {args.timeout:.0f} s each\n")
     print(f"{'model':44s} {'fxprune':28s} {'flops':>6s} {'prun.':>6s} {'s':>6s}  torch-pruning")
     rows = []
-    for name in names:
+
+    def both_tools(name: str) -> dict:
         row = child(args, name, "fx")
         row["tp"] = child(args, name, "tp").get("tp", "-")
-        rows.append(row)
-        flops = f"{row['flops_ratio']:.3f}" if "flops_ratio" in row else "-"
-        share = f"{row['prunable_share']:.2f}" if "prunable_share" in row else "-"
-        print(f"{name[:44]:44s} {row['fx'][:28]:28s} {flops:>6s} {share:>6s} {row.get('fx_seconds', 0):6.1f}  "
-              f"{row.get('tp', '-')}", flush=True)
-        with open(out, "w") as f:
-            json.dump({"zoo": args.zoo, "rows": rows}, f, indent=1)
+        return row
+
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+        for name, row in zip(names, pool.map(both_tools, names)):
+            rows.append(row)
+            _print_row(name, row)
+            with open(out, "w") as f:
+                json.dump({"zoo": args.zoo, "budget": BUDGETS[args.zoo], "rows": rows}, f, indent=1)
     summarise(rows)
     print(f"\nwrote {out}")
     return 0
+
+
+def _print_row(name: str, row: dict) -> None:
+    flops = f"{row['flops_ratio']:.3f}" if "flops_ratio" in row else "-"
+    share = f"{row['prunable_share']:.2f}" if "prunable_share" in row else "-"
+    print(f"{name[:44]:44s} {row['fx'][:28]:28s} {flops:>6s} {share:>6s} {row.get('fx_seconds', 0):6.1f}  "
+          f"{row.get('tp', '-')}", flush=True)
 
 
 def child(args, name: str, tool: str) -> dict:

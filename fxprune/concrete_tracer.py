@@ -16,6 +16,7 @@ same rules, rewrite and verifier apply.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import operator
 from typing import Any, Dict, Iterator
@@ -62,9 +63,6 @@ class _ValueProxy(torch.fx.Proxy):
 
     def __int__(self) -> int:
         return int(self.tracer.shape_value(self, "int()"))
-
-    def __index__(self) -> int:
-        return operator.index(self.tracer.shape_value(self, "an index"))
 
     def __float__(self) -> float:
         return float(self.tracer.shape_value(self, "float()"))
@@ -184,10 +182,53 @@ class ConcreteShapeTracer(torch.fx.Tracer):
         return super().getattr(attr, attr_val, parameter_proxy_cache)
 
 
+# Factories whose sizes are varargs: torch's argument parser does not hand `torch.ones(b, n)` to the
+# proxies' __torch_function__ when b and n are proxies, so they are recorded by a wrapper.
+_FACTORIES = ("ones", "zeros", "empty", "full", "rand", "randn", "randint", "eye", "tensor", "as_tensor")
+
+
+@contextlib.contextmanager
+def _torch_functions_for_proxies(tracer: ConcreteShapeTracer):
+    """While tracing: factories with proxy sizes become nodes, and `torch.finfo(x.dtype).min` (attention
+    masks) gets the example's dtype. x.dtype stays a node so that the pruned model follows its input's
+    dtype, but finfo and iinfo need a real one."""
+    originals = {name: getattr(torch, name) for name in _FACTORIES + ("finfo", "iinfo")}
+
+    def recording(function):
+        @functools.wraps(function)
+        def call(*args, **kwargs):
+            if _holds_proxy((args, kwargs)):
+                return tracer.create_proxy("call_function", function, args, kwargs)
+            return function(*args, **kwargs)
+        return call
+
+    def resolving(info):
+        def call(dtype=None, *args):
+            if isinstance(dtype, torch.fx.Proxy):
+                dtype = tracer.value_of(dtype.node)
+            return info(dtype, *args) if dtype is not None else info(*args)
+        return call
+
+    for name in _FACTORIES:
+        setattr(torch, name, recording(originals[name]))
+    torch.finfo, torch.iinfo = resolving(originals["finfo"]), resolving(originals["iinfo"])
+    try:
+        yield
+    finally:
+        for name, function in originals.items():
+            setattr(torch, name, function)
+
+
+def _holds_proxy(tree: Any) -> bool:
+    found = []
+    torch.fx.node.map_aggregate(tree, lambda x: found.append(x) if isinstance(x, torch.fx.Proxy) else None)
+    return bool(found)
+
+
 def trace_with_values(root: torch.nn.Module, inputs: Dict[str, Any], concrete_args: Dict[str, Any],
                       is_leaf=None) -> "tuple[ConcreteShapeTracer, torch.fx.Graph]":
     tracer = ConcreteShapeTracer(inputs, is_leaf)
-    with torch.no_grad():
+    with torch.no_grad(), _torch_functions_for_proxies(tracer):
         graph = tracer.trace(root, concrete_args=concrete_args or None)
     tracer._values.clear()  # the example's activations: not needed once the graph is recorded
     for node in reversed(graph.nodes):  # shape queries whose answer only steered Python code

@@ -9,7 +9,7 @@ import traceback
 import types
 import warnings
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.fx
@@ -199,8 +199,10 @@ def _trace_forward_as_called(model: torch.nn.Module, example_inputs: Optional[Tu
     if example_inputs is None:
         raise UnsupportedModelError(f"{type(model).__name__}.forward is wrapped by a decorator; fxprune needs "
                                     f"example_inputs to trace it")
+    options: Dict[str, Any] = {}
     if isinstance(example_inputs, KeywordInputs):
-        names, call = example_inputs.names, ", ".join(f"{n}={n}" for n in example_inputs.names)
+        names, options = example_inputs.names, example_inputs.options
+        call = ", ".join([f"{n}={n}" for n in names] + [f"{n}=_options[{n!r}]" for n in options])
     else:
         params = list(inspect.signature(type(model).forward).parameters.values())[1:]
         names = tuple(p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))[:len(example_inputs)]
@@ -209,7 +211,7 @@ def _trace_forward_as_called(model: torch.nn.Module, example_inputs: Optional[Tu
         call = ", ".join(names)
     # a function with these parameter names: fx reads the graph's input names from its code object
     source = f"def forward(self, {', '.join(names)}):\n    return _model_forward(self, {call})\n"
-    namespace = {"_model_forward": type(model).forward}
+    namespace = {"_model_forward": type(model).forward, "_options": options}
     exec(compile(source, f"<fxprune: {type(model).__name__}.forward as called>", "exec"), namespace)
     cls = type(model)
     model.__class__ = type(cls.__name__, (cls,), {"forward": namespace["forward"], "__module__": cls.__module__,
@@ -251,6 +253,10 @@ def _trace_failure_message(model: torch.nn.Module, exc: Exception) -> str:
                 "traced graph would be wrong for other inputs. Fix: rewrite the branch with tensor ops "
                 "(torch.where, masking), or move it into a submodule and pass that module in `leaf_modules=` "
                 "(its channels are then frozen).")
+    elif isinstance(exc, NotImplementedError) and "argument of type" in str(exc):
+        hint = ("an object that is not a tensor is passed to a module or an op in the graph. If it is a cache "
+                "(Hugging Face's DynamicCache), turn it off: pass `use_cache=False` in the keyword example_inputs "
+                "or set `model.config.use_cache = False`; fxprune prunes the forward without a cache.")
     else:
         hint = ("fx records the forward as a graph of torch calls. Fix: move the failing code into a submodule "
                 "and pass that module in `leaf_modules=` (its channels are then frozen), or trace the model "
@@ -259,14 +265,19 @@ def _trace_failure_message(model: torch.nn.Module, exc: Exception) -> str:
 
 
 class KeywordInputs(tuple):
-    """Example inputs given by name ({"input_ids": ..., "attention_mask": ...}): the values in the order
-    given, and their names. The traced graph takes exactly these inputs, under these names."""
+    """Example inputs given by name ({"input_ids": ..., "attention_mask": ...}): the tensors in the order
+    given, and their names. The traced graph takes exactly these inputs, under these names. Values that
+    are not tensors (`use_cache=False`, `return_dict=True`) are options: the forward is traced with them
+    fixed, and the graph does not take them."""
 
     names: Tuple[str, ...] = ()
+    options: Dict[str, Any] = {}
 
     def __new__(cls, inputs: dict) -> "KeywordInputs":
-        self = super().__new__(cls, inputs.values())
-        self.names = tuple(inputs)
+        tensors = {k: v for k, v in inputs.items() if isinstance(v, torch.Tensor)}
+        self = super().__new__(cls, tensors.values())
+        self.names = tuple(tensors)
+        self.options = {k: v for k, v in inputs.items() if k not in tensors}
         return self
 
 

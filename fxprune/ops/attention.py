@@ -205,13 +205,20 @@ def scaled_dot_product_attention(a, node: torch.fx.Node) -> Any:
         return a.opaque(node, "attention on inputs that are not (batch, heads, tokens, width)")
     if maps[1].dims[2] is not None or maps[2].dims[2] is not None:
         return a.opaque(node, "attention whose key/value tokens carry channels (softmax over channels)")
-    if isinstance(mask, torch.fx.Node) and _carries(a.map_of(mask)):
-        return a.opaque(node, "attention mask that carries channels")
+    mask_spec = value_spec(mask) if isinstance(mask, torch.fx.Node) else None
+    mask_map = a.map_of(mask) if isinstance(mask_spec, TensorSpec) else None
+    mask_heads = mask_spec.ndim - 3 if isinstance(mask_spec, TensorSpec) and mask_spec.ndim >= 3 else None
+    if isinstance(mask_map, ChannelMap) and any(e is not None for d, e in enumerate(mask_map.dims) if d != mask_heads):
+        return a.opaque(node, "attention mask that carries channels on its token dims")
     if bound.get("enable_gqa") and any(m.dims[1] is not None for m in maps):
         return a.opaque(node, "grouped-query attention with pruned heads")
     if isinstance(bound.get("scale"), torch.fx.Node):
         return a.opaque(node, "attention scale computed in the graph")
     letters = {"b": [(q, 0), (k, 0), (v, 0)], "h": [(q, 1), (k, 1), (v, 1)], "e": [(q, 3), (k, 3)]}
+    if mask_heads is not None:
+        # a mask broadcast against (batch, heads, L, S) with a bias per head (Swin's and T5's relative
+        # position bias): its head dim meets the heads, and freezes them unless it is sliced with them
+        letters["h"].append((mask, mask_heads))
     out = {}
     for letter, operands in letters.items():
         if letter == "h" and bound.get("enable_gqa"):

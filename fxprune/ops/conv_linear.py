@@ -173,3 +173,37 @@ def _transposed_conv(a, node: torch.fx.Node) -> Any:
 register(OpEntry("ConvTranspose (frozen; FLOPs counted)", _transposed_conv,
                  flops=lambda cost, node: _conv_flops(cost, node, node.target + ".weight")),
          modules=[nn.modules.conv._ConvTransposeNd])
+
+
+# ----------------------------------------------------------------------------- embeddings
+def embedding(a, node: torch.fx.Node, weight: str, embedding_dim: int) -> Any:
+    """A lookup of rows of the weight: the output's last dim is a new channel space, the weight's
+    columns (a transformer's hidden size starts here)."""
+    spec = value_spec(node)
+    if not isinstance(spec, TensorSpec):
+        return a.opaque(node, "embedding of an unknown value")
+    out = a.new_elements(node, embedding_dim, "embedding")
+    a.record_param(weight, 1, out)
+    return ChannelMap((None,) * (spec.ndim - 1) + (out,))
+
+
+def embedding_module(a, node: torch.fx.Node) -> Any:
+    return embedding(a, node, node.target + ".weight", a.module(node).embedding_dim)
+
+
+def functional_embedding(a, node: torch.fx.Node) -> Any:
+    w = bind_arguments(node).get("weight")
+    if not is_get_attr(w):
+        return a.opaque(node, "F.embedding with a computed weight")
+    return embedding(a, node, w.target, value_spec(w).shape[1])
+
+
+def _resize_embedding(module, rw, node) -> None:
+    module.embedding_dim = module.weight.shape[1]
+
+
+declare_signature([F.embedding], ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq",
+                                  "sparse"), {"padding_idx": None, "max_norm": None, "norm_type": 2.0,
+                                              "scale_grad_by_freq": False, "sparse": False})
+register(OpEntry("Embedding", embedding_module, resize_module=_resize_embedding), modules=[nn.Embedding])
+register(OpEntry("F.embedding", functional_embedding), functions=[F.embedding])

@@ -37,12 +37,20 @@ UNARY = register(
         F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.softplus,
         # an L2 norm over a dim: zeros do not contribute, so it is zero-exact
         F.normalize,
+        torch.sqrt, torch.rsqrt, torch.log, torch.log1p, torch.sin, torch.cos, torch.erf, torch.square,
+        torch.reciprocal, torch.sign, torch.floor, torch.ceil, torch.round, torch.clamp_min, torch.clamp_max,
+        torch.nan_to_num, torch.logical_not, F.selu, F.celu, F.logsigmoid, F.softsign, F.tanhshrink, F.hardshrink,
+        F.relu_, F.threshold,
     ],
-    methods=["relu", "relu_", "sigmoid", "sigmoid_", "tanh", "exp", "abs", "neg", "clamp", "contiguous", "clone",
-             "float", "double", "half", "to", "type_as", "detach", "hardswish", "sqrt", "rsqrt", "pow", "square"],
+    methods=["relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "exp", "abs", "neg", "clamp", "clamp_",
+             "clamp_min", "clamp_max", "contiguous", "clone", "float", "double", "half", "bfloat16", "bool", "long",
+             "int", "to", "type", "type_as", "detach", "hardswish", "sqrt", "rsqrt", "square", "log", "log1p", "sin",
+             "cos", "erf", "reciprocal", "sign", "floor", "ceil", "round", "logical_not", "exp_", "nan_to_num",
+             "sqrt_"],
     modules=[nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh,
              nn.LeakyReLU, nn.ELU, nn.Mish, nn.Softplus, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
-             nn.Dropout3d, nn.AlphaDropout],
+             nn.Dropout3d, nn.AlphaDropout, nn.SELU, nn.CELU, nn.LogSigmoid, nn.Softsign, nn.Tanhshrink,
+             nn.Hardshrink, nn.Threshold],
 )
 REGISTRY.register_from("torchvision.ops.stochastic_depth", {"stochastic_depth": UNARY})
 
@@ -69,34 +77,46 @@ def elementwise(a, node: torch.fx.Node) -> Any:
 
 
 register(OpEntry("binary elementwise", elementwise),
-         functions=[torch.add, torch.sub, torch.mul, torch.div, torch.maximum, torch.minimum, torch.where],
-         methods=["add", "add_", "sub", "mul", "mul_", "div", "maximum", "minimum"])
+         functions=[torch.add, torch.sub, torch.mul, torch.div, torch.maximum, torch.minimum, torch.where, torch.pow,
+                    torch.true_divide, torch.rsub, torch.fmod, torch.remainder, torch.floor_divide, torch.eq, torch.ne,
+                    torch.lt, torch.le, torch.gt, torch.ge, torch.logical_and, torch.logical_or, torch.lerp,
+                    torch.addcmul, torch.addcdiv, torch.masked_fill],
+         methods=["add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "maximum", "minimum", "pow", "eq",
+                  "ne", "lt", "le", "gt", "ge", "logical_and", "logical_or", "masked_fill", "masked_fill_", "lerp",
+                  "addcmul", "where", "fmod", "remainder"])
 
 
 # ----------------------------------------------------------------------------- Python operators
-_TENSOR_BINARY = {operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.imul,
-                  operator.isub}
 
 
 def python_operator(a, node: torch.fx.Node) -> Any:
     """`x + y` on tensors is elementwise; on ints (sizes read with x.size(d)) it is shape arithmetic,
     and a channel count stays a channel count through it."""
+    if node.target is operator.add and all(isinstance(x, (tuple, list, torch.fx.Node)) for x in node.args) \
+            and not isinstance(value_spec(node), TensorSpec):
+        # size tuples joined (`x.size()[:-1] + (n,)`): each position keeps what it was
+        return sum((_positions(a, x) for x in node.args), ())
     if not isinstance(value_spec(node), (TensorSpec, tuple)):
         counts = [a.map_of(arg) for arg in node.all_input_nodes]
         counts = [c for c in counts if isinstance(c, ChannelCount)]
         return ChannelCount(np.concatenate([c.elements for c in counts])) if counts else None
     a.freeze_channel_counts(node)  # a count that becomes a tensor value changes it when pruned
-    if node.target is operator.neg:
-        return unary(a, node)
-    if node.target in _TENSOR_BINARY:
-        return elementwise(a, node)
-    return a.opaque(node, f"no channel rule for operator.{node.target.__name__} on tensors")
+    return elementwise(a, node)  # every operator here acts position by position on tensors
+
+
+def _positions(a, x: Any) -> tuple:
+    value = a.map_of(x) if isinstance(x, torch.fx.Node) else None
+    if isinstance(value, tuple):
+        return value
+    return tuple(a.map_of(v) if isinstance(v, torch.fx.Node) else None for v in x) if isinstance(x, (tuple, list)) \
+        else (None,) * len(value_spec(x) or ())
 
 
 register(OpEntry("Python operator", python_operator, accepts_channel_counts=True),
          functions=[operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv, operator.mod,
-                    operator.pow, operator.neg, operator.eq, operator.ne, operator.lt, operator.le, operator.gt,
-                    operator.ge, operator.iadd, operator.imul, operator.isub])
+                    operator.pow, operator.neg, operator.pos, operator.invert, operator.eq, operator.ne, operator.lt,
+                    operator.le, operator.gt, operator.ge, operator.and_, operator.or_, operator.xor, operator.iadd,
+                    operator.imul, operator.isub, operator.itruediv])
 
 
 # torch._assert(condition, message): a check, no tensor result. A condition computed from a channel

@@ -48,6 +48,26 @@ def attribute(a, node: torch.fx.Node) -> Any:
 
 
 register(OpEntry("getattr", attribute), functions=[getattr])
+register(OpEntry("numel/element_size/is_floating_point", lambda a, node: None),
+         methods=["numel", "nelement", "element_size", "is_floating_point", "get_device", "stride"])
+
+
+def factory(a, node: torch.fx.Node) -> Any:
+    """torch.arange(n), torch.ones(b, n), x.new_zeros(...): a new tensor with no channels. A size given
+    by a channel count is frozen by the dispatcher (this entry does not accept counts). `ones_like(x)`
+    has x's channels: the same value in every position, so it is sliced with x."""
+    if node.target in _LIKE:
+        return a.tensor_map(first_input(node))
+    return a.untracked_like(value_spec(node))
+
+
+_LIKE = (torch.ones_like, torch.zeros_like, torch.empty_like, torch.full_like, torch.rand_like, torch.randn_like)
+
+
+register(OpEntry("tensor factories", factory),
+         functions=[torch.arange, torch.ones, torch.zeros, torch.empty, torch.full, torch.eye, torch.rand, torch.randn,
+                    torch.randint, torch.tensor, torch.as_tensor, *_LIKE],
+         methods=["new_ones", "new_zeros", "new_empty", "new_full", "new_tensor"])
 
 
 # ----------------------------------------------------------------------------- indexing
@@ -175,13 +195,22 @@ def _reshape_blocks(in_shape: Sequence[int], out_shape: Sequence[int]) -> List[T
 def rewrite_size_arguments(rw, node: torch.fx.Node, new: torch.fx.Node) -> None:
     """view/reshape/expand sizes: every channel dim (a literal, or computed from a channel count)
     becomes its new literal size; batch and spatial sizes stay as traced."""
+    spec, created = value_spec(node), []
     if node.op == "call_function":  # torch.reshape(x, shape)
-        sizes, new_sizes, packed = list(node.args[1]), list(new.args[1]), True
+        sizes, new_sizes, packed = node.args[1], new.args[1], True
     else:
         sizes, new_sizes = node.args[1:], new.args[1:]
-        packed = len(sizes) == 1 and isinstance(sizes[0], (tuple, list))
-        sizes, new_sizes = (list(sizes[0]), list(new_sizes[0])) if packed else (list(sizes), list(new_sizes))
-    spec = value_spec(node)
+        packed = len(sizes) == 1 and isinstance(sizes[0], (tuple, list, torch.fx.Node))
+        sizes, new_sizes = (sizes[0], new_sizes[0]) if packed else (sizes, new_sizes)
+    if isinstance(sizes, torch.fx.Node):
+        # sizes computed as one tuple (`x.size()[:-1] + (nf,)`): read each size from it, so that the
+        # channel dims can be replaced
+        if not isinstance(value_spec(sizes), tuple) or len(value_spec(sizes)) != spec.ndim:
+            return
+        with new.graph.inserting_before(new):
+            new_sizes = created = [new.graph.call_function(operator.getitem, (new_sizes, i)) for i in range(spec.ndim)]
+        sizes = [sizes] * spec.ndim  # never a ChannelCount node itself: only tracked dims change
+    sizes, new_sizes = list(sizes), list(new_sizes)
     if len(sizes) != spec.ndim:
         return
     m = rw.groups.maps.get(node.name)
@@ -197,6 +226,9 @@ def rewrite_size_arguments(rw, node: torch.fx.Node, new: torch.fx.Node) -> None:
             out.append(new_s)
     if changed:
         new.args = (new.args[0], tuple(out)) if packed else (new.args[0], *out)
+    for n in created:  # reads of the size tuple that were not needed
+        if not n.users:
+            new.graph.erase_node(n)
 
 
 register(OpEntry("view/reshape", reshape, rewrite_args=rewrite_size_arguments, accepts_channel_counts=True),
