@@ -162,7 +162,7 @@ def trace_model(model: torch.nn.Module, leaf_modules: Sequence[Any] = (),
     if isinstance(model, torch.fx.GraphModule):
         return model
     n_inputs = None if example_inputs is None else len(example_inputs)
-    if isinstance(example_inputs, KeywordInputs) or _is_decorated(type(model).forward):
+    if isinstance(example_inputs, KeywordInputs) or _takes_more_than_inputs(type(model).forward):
         _trace_forward_as_called(model, example_inputs)
         concrete_args = None
     else:
@@ -184,8 +184,16 @@ def trace_model(model: torch.nn.Module, leaf_modules: Sequence[Any] = (),
     return _LazyGraphModule(tracer.root, graph, name)
 
 
-def _is_decorated(forward: Any) -> bool:
-    return hasattr(forward, "__wrapped__")
+def _takes_more_than_inputs(forward: Any) -> bool:
+    """A decorated forward (fx would read one signature and call another) or one with *args/**kwargs
+    (fx would make them graph inputs)."""
+    if hasattr(forward, "__wrapped__"):
+        return True
+    try:
+        params = inspect.signature(forward).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params)
 
 
 def _trace_forward_as_called(model: torch.nn.Module, example_inputs: Optional[Tuple[Any, ...]]) -> None:

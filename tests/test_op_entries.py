@@ -207,3 +207,131 @@ def test_scaled_dot_product_attention_prunes_head_width_and_keeps_its_scale():
     assert qkv.prunable and qkv.size == 8
     modules = prune_and_check(model)  # exact: the pruned call gets the original 1/sqrt(8) scale
     assert len(modules["qkv"]["out"]) < 72
+
+
+class GroupedQueryAttention(nn.Module):
+    """Llama-style GQA: 4 query heads share 2 key/value heads, either repeated by expand/reshape (Hugging
+    Face's repeat_kv) or through F.scaled_dot_product_attention(enable_gqa=True)."""
+
+    def __init__(self, native: bool, dim=32, heads=4, kv_heads=2):
+        super().__init__()
+        self.native, self.heads, self.kv_heads, self.hd = native, heads, kv_heads, dim // heads
+        self.tokens = Tokens(dim)
+        self.q = nn.Linear(dim, dim)
+        self.k, self.v = nn.Linear(dim, kv_heads * self.hd), nn.Linear(dim, kv_heads * self.hd)
+        self.o, self.head = nn.Linear(dim, dim), nn.Linear(dim, 5)
+
+    def forward(self, x):
+        x = self.tokens(x)
+        b, n, _ = x.shape
+        q = self.q(x).view(b, n, -1, self.hd).transpose(1, 2)
+        k = self.k(x).view(b, n, -1, self.hd).transpose(1, 2)
+        v = self.v(x).view(b, n, -1, self.hd).transpose(1, 2)
+        if self.native:
+            o = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        else:
+            rep = self.heads // self.kv_heads
+            k = k[:, :, None].expand(b, self.kv_heads, rep, n, self.hd).reshape(b, self.heads, n, self.hd)
+            v = v[:, :, None].expand(b, self.kv_heads, rep, n, self.hd).reshape(b, self.heads, n, self.hd)
+            o = F.scaled_dot_product_attention(q, k, v)
+        return self.head((x + self.o(o.transpose(1, 2).reshape(b, n, -1))).mean(1))
+
+
+def test_grouped_query_attention_moves_a_key_value_head_with_its_query_heads():
+    for native in (False, True):
+        model = GroupedQueryAttention(native).eval()
+        groups = {g.name: g for g in fxprune.analyze(model, (X,)).groups}
+        attention = groups["q"]
+        # 2 units: a key/value head and the 2 query heads reading it
+        assert set(attention.spaces) == {"q", "k", "v"} and attention.size == 2 and attention.prunable, native
+        modules = prune_and_check(model)
+        assert len(modules["q"]["out"]) == 2 * len(modules["k"]["out"]), native
+
+
+class SqueezeExcite(nn.Module):
+    """timm's SE and BatchNormAct2d: a BatchNorm2d subclass whose forward adds the activation (traced
+    into, F.batch_norm), and a gate x * sigmoid(fc(mean(x))) over the same channels."""
+
+    class BatchNormAct(nn.BatchNorm2d):
+        def forward(self, x):
+            x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.1, self.eps)
+            return F.silu(x)
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 16, 3), self.BatchNormAct(16)
+        self.reduce, self.expand = nn.Conv2d(16, 4, 1), nn.Conv2d(4, 16, 1)
+        self.conv2, self.head = nn.Conv2d(16, 8, 3), nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = self.bn1(self.conv1(x))
+        gate = torch.sigmoid(self.expand(F.relu(self.reduce(x.mean((2, 3), keepdim=True)))))
+        return self.head(self.conv2(x * gate).mean((2, 3)))
+
+
+def test_squeeze_excite_gate_and_norm_act_layer_prune_with_their_conv():
+    model = SqueezeExcite().eval()
+    groups = {g.name: g for g in fxprune.analyze(model, (X,)).groups}
+    # the gate multiplies conv1's channels: conv1, its norm and the expand conv are one group
+    assert set(groups["conv1"].spaces) == {"conv1", "expand"} and groups["conv1"].prunable
+    assert groups["reduce"].prunable and groups["conv2"].prunable
+    prune_and_check(model)
+
+
+class TokenEmbedding(nn.Module):
+    """A language model's front: token and position embeddings summed, an MLP written with HF's Conv1D
+    (torch.addmm(bias, x, weight) with the weight stored (in, out)), sizes computed as one tuple."""
+
+    def __init__(self):
+        super().__init__()
+        self.wte, self.wpe = nn.Embedding(50, 16), nn.Embedding(8, 16)
+        self.fc_weight, self.fc_bias = nn.Parameter(torch.randn(16, 32)), nn.Parameter(torch.randn(32))
+        self.proj, self.head = nn.Linear(32, 16), nn.Linear(16, 5)
+
+    def forward(self, ids):
+        x = self.wte(ids) + self.wpe(torch.arange(ids.shape[1]))
+        size_out = x.size()[:-1] + (32,)
+        h = torch.addmm(self.fc_bias, x.view(-1, x.size(-1)), self.fc_weight).view(size_out)
+        return self.head((x + self.proj(F.gelu(h))).mean(1))
+
+
+def test_embeddings_and_addmm_weights_are_channel_spaces():
+    ids = torch.randint(0, 50, (2, 8))
+    model = TokenEmbedding().eval()
+    groups = {g.name: g for g in fxprune.analyze(model, (ids,)).groups}
+    assert set(groups["wte"].spaces) == {"wte", "wpe", "proj"} and groups["wte"].prunable
+    assert groups["addmm"].prunable and groups["addmm"].size == 32
+    pruned = fxprune.compile(model, 0.5, example_inputs=(ids,), round_to=1)
+    modules = pruned.meta["fxprune"]["modules"]
+    assert pruned.meta["fxprune"]["verification"]["passed"] and len(modules["wte"]["params"]["weight"]["1"]) < 16
+
+
+class RelativePositionBias(nn.Module):
+    """Swin/T5-style attention mask: a bias per head, looked up from an embedding of relative positions
+    and added through attn_mask. Pruning a head must drop its bias too."""
+
+    def __init__(self, dim=24, heads=3):
+        super().__init__()
+        self.heads = heads
+        self.tokens = Tokens(dim)
+        self.qkv, self.proj, self.head = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim), nn.Linear(dim, 5)
+        self.bias = nn.Embedding(32, heads)
+
+    def forward(self, x):
+        x = self.tokens(x)
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        positions = torch.arange(n)
+        bias = self.bias((positions[:, None] - positions[None, :]).abs()).permute(2, 0, 1).unsqueeze(0)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias).transpose(1, 2).reshape(b, n, c)
+        return self.head((x + self.proj(o)).mean(1))
+
+
+def test_attention_mask_with_a_bias_per_head_is_pruned_with_the_heads():
+    model = RelativePositionBias().eval()
+    groups = {g.name: g for g in fxprune.analyze(model, (X,)).groups}
+    assert set(groups["qkv"].spaces) == {"qkv", "bias"} and groups["qkv"].size == 3 and groups["qkv"].prunable
+    modules = prune_and_check(model)
+    kept_heads = len(modules["qkv"]["out"]) // 24 if "qkv" in modules else 3
+    kept_biases = len(modules["bias"]["params"]["weight"]["1"]) if "bias" in modules else 3
+    assert kept_biases == kept_heads

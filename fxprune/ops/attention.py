@@ -210,8 +210,6 @@ def scaled_dot_product_attention(a, node: torch.fx.Node) -> Any:
     mask_heads = mask_spec.ndim - 3 if isinstance(mask_spec, TensorSpec) and mask_spec.ndim >= 3 else None
     if isinstance(mask_map, ChannelMap) and any(e is not None for d, e in enumerate(mask_map.dims) if d != mask_heads):
         return a.opaque(node, "attention mask that carries channels on its token dims")
-    if bound.get("enable_gqa") and any(m.dims[1] is not None for m in maps):
-        return a.opaque(node, "grouped-query attention with pruned heads")
     if isinstance(bound.get("scale"), torch.fx.Node):
         return a.opaque(node, "attention scale computed in the graph")
     letters = {"b": [(q, 0), (k, 0), (v, 0)], "h": [(q, 1), (k, 1), (v, 1)], "e": [(q, 3), (k, 3)]}
@@ -219,19 +217,33 @@ def scaled_dot_product_attention(a, node: torch.fx.Node) -> Any:
         # a mask broadcast against (batch, heads, L, S) with a bias per head (Swin's and T5's relative
         # position bias): its head dim meets the heads, and freezes them unless it is sliced with them
         letters["h"].append((mask, mask_heads))
+    grouped = bool(bound.get("enable_gqa")) and specs[0].shape[1] != specs[1].shape[1]
+    if grouped:  # q's heads meet the mask's here; k and v's heads below, by group
+        letters["h"] = [(q, 1)] + letters["h"][3:]
     out = {}
     for letter, operands in letters.items():
-        if letter == "h" and bound.get("enable_gqa"):
-            continue
         entries = [(t, d, a.tensor_map(t).dims[d], value_spec(t).shape[d]) for t, d in operands]
         out[letter] = a.couple(node, entries, max(size for *_, size in entries), "attends")
+    if grouped:
+        out["h"] = _couple_query_groups(a, node, q, k, v)
     if bound.get("scale") is None and out["e"] is not None:
         a.set_fact(node, SDPAScale(float(specs[0].shape[-1]) ** -0.5))
-    return ChannelMap((out["b"], None if bound.get("enable_gqa") else out["h"], maps[0].dims[2], maps[2].dims[3]))
+    return ChannelMap((out["b"], out["h"], maps[0].dims[2], maps[2].dims[3]))
 
 
-def _carries(value: Any) -> bool:
-    return isinstance(value, ChannelMap) and value.is_tracked()
+def _couple_query_groups(a, node: torch.fx.Node, q, k, v) -> Optional[np.ndarray]:
+    """Grouped-query attention (enable_gqa): query head h reads key/value head h // G. A key/value head
+    and the G query heads that share it are one unit; the output has the query heads."""
+    heads, kv_heads = value_spec(q).shape[1], value_spec(k).shape[1]
+    if heads % kv_heads:
+        a.opaque(node, "grouped-query attention whose query heads are not a multiple of its key/value heads")
+        return None
+    eq, ek, ev = (a.tensor_map(t).dims[1] for t in (q, k, v))
+    by_group = eq.reshape(kv_heads, heads // kv_heads) if eq is not None else None
+    for g in range(heads // kv_heads):
+        a.couple(node, [(q, 1, by_group[:, g] if by_group is not None else None, kv_heads),
+                        (k, 1, ek, kv_heads), (v, 1, ev, kv_heads)], kv_heads, "attends")
+    return eq
 
 
 def _keep_sdpa_scale(rw, node: torch.fx.Node, new: torch.fx.Node) -> None:

@@ -1,0 +1,110 @@
+"""Capture of forwards plain torch.fx cannot trace: Python control flow on shapes resolved on the
+example inputs (concrete_tracer.py), keyword example inputs, decorated forwards, options that are
+not tensors. Each pruned model must still equal the masked original, and the batch size stays free."""
+import functools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxprune
+
+X = torch.randn(2, 3, 13, 13)
+
+
+class ShapeControlFlow(nn.Module):
+    """timm's "same" padding, input checks, len() and int(sqrt(N)) on token counts, a loop over dims,
+    torch.ones with sizes read from the input, finfo of the input's dtype."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2, self.fc = nn.Conv2d(3, 16, 3), nn.Conv2d(16, 32, 3, padding=1), nn.Linear(32, 10)
+
+    def forward(self, x):
+        height, width = x.shape[-2:]
+        if height % 2 == 1:  # pad odd inputs to even
+            x = F.pad(x, (0, 1, 0, 1))
+        assert x.shape[1] == 3, "expects RGB"
+        x = self.conv1(x)
+        side = int(math.sqrt(x.shape[-1] * x.shape[-2]))
+        for _ in range(len(x.shape) - 4):
+            x = x * 2
+        x = self.conv2(x).relu()
+        b = x.shape[0]
+        mask = torch.ones(b, 1, side, side, dtype=x.dtype) * torch.finfo(x.dtype).eps
+        x = (x + mask).reshape(b, x.shape[1], side * side).mean(-1)
+        return self.fc(x)
+
+
+def test_shape_control_flow_resolves_on_the_example_and_keeps_the_batch_free():
+    with pytest.raises(Exception):
+        torch.fx.symbolic_trace(ShapeControlFlow())  # what plain fx says
+    model = ShapeControlFlow().eval()
+    groups = {g.name: g for g in fxprune.analyze(model, (X,)).groups}
+    assert groups["conv1"].prunable and groups["conv2"].prunable
+    pruned = fxprune.compile(model, 0.5, example_inputs=(X,), round_to=1)
+    assert pruned.meta["fxprune"]["verification"]["passed"]
+    assert pruned(torch.randn(5, 3, 13, 13)).shape == (5, 10)  # the batch size was not fixed
+
+
+class BranchOnData(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        if y.shape[1] == 8 and y.mean() > 0:  # the second test reads tensor data
+            y = y * 2
+        return y
+
+
+def test_branch_on_tensor_data_is_refused_at_the_users_line():
+    with pytest.raises(fxprune.UnsupportedModelError) as info:
+        fxprune.compile(BranchOnData().eval(), 0.5, example_inputs=(X,))
+    message = str(info.value)
+    assert "test_capture.py" in message and "y.mean() > 0" in message and "tensor values" in message
+
+
+def _decorated(forward):
+    """A decorator that takes *args, **kwargs, as Hugging Face wraps its forwards."""
+    @functools.wraps(forward)
+    def wrapper(self, *args, **kwargs):
+        kwargs.setdefault("scale", 1.0)
+        return forward(self, *args, **kwargs)
+    return wrapper
+
+
+class KeywordModel(nn.Module):
+    """A forward with many optional keyword parameters, an option that is not a tensor, and a
+    decorator: the graph takes exactly the example's tensors, under their names."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.mix, self.head = nn.Embedding(20, 16), nn.Linear(16, 32), nn.Linear(32, 4)
+
+    @_decorated
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, use_cache=True, scale=None,
+                return_dict=None):
+        if use_cache:
+            raise RuntimeError("a cache cannot be traced")
+        x = self.embed(input_ids) * scale
+        if attention_mask is not None:
+            x = x * attention_mask[..., None]
+        out = self.head(F.gelu(self.mix(x))).mean(1)
+        return {"logits": out} if return_dict is not False else (out,)
+
+
+def test_keyword_example_inputs_and_decorated_forward():
+    ids, mask = torch.randint(0, 20, (2, 6)), torch.ones(2, 6)
+    model = KeywordModel().eval()
+    inputs = {"input_ids": ids, "attention_mask": mask, "use_cache": False}
+    pruned = fxprune.compile(model, 0.7, example_inputs=inputs, round_to=1)
+    assert pruned.meta["fxprune"]["verification"]["passed"]
+    assert [n.target for n in pruned.graph.nodes if n.op == "placeholder"] == ["input_ids", "attention_mask"]
+    expected = model(input_ids=ids, attention_mask=mask, use_cache=False)["logits"]
+    assert pruned(input_ids=ids, attention_mask=mask)["logits"].shape == expected.shape
+    with pytest.raises(fxprune.ExampleInputsError, match="names"):
+        fxprune.compile(model, 0.7, example_inputs={0: ids})
