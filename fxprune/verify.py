@@ -219,8 +219,8 @@ def graph_fingerprint(gm: torch.fx.GraphModule) -> str:
 
 def check_groups(gm: torch.fx.GraphModule, groups: ChannelGroups) -> None:
     """Group sizes agree with weight and tensor shapes."""
-    named = dict(gm.named_parameters())
-    named.update(dict(gm.named_buffers()))
+    named = dict(gm.named_parameters(remove_duplicate=False))
+    named.update(dict(gm.named_buffers(remove_duplicate=False)))
     for name, dims in groups.param_slices.items():
         for d, elements in dims.items():
             if named[name].shape[d] != len(elements):

@@ -15,7 +15,7 @@ never assumed to be elementwise. See fxprune/ir.py for the vocabulary.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -46,6 +46,14 @@ class ChannelGroupAnalysis:
         return state.finish()
 
 
+def _tied_names(gm: torch.fx.GraphModule) -> Dict[str, Tuple[str, ...]]:
+    """{name: every name of the same tensor} for parameters and buffers reachable under several names."""
+    by_tensor: Dict[int, List[str]] = {}
+    for name, tensor in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]:
+        by_tensor.setdefault(id(tensor), []).append(name)
+    return {name: tuple(names) for names in by_tensor.values() if len(names) > 1 for name in names}
+
+
 class ChannelAnalysis:
     """The state the channel rules read and write while the analysis walks the graph once."""
 
@@ -57,6 +65,7 @@ class ChannelAnalysis:
         self.maps: Dict[str, Any] = {}
         self.param_slices: Dict[str, Dict[int, np.ndarray]] = {}
         self.blocked_ops: List[str] = []
+        self._tied = _tied_names(gm)
 
     # ----------------------------------------------------------------- what rules use
     def module(self, node: torch.fx.Node) -> torch.nn.Module:
@@ -76,11 +85,12 @@ class ChannelAnalysis:
     def record_param(self, name: str, dim: int, elements: np.ndarray) -> None:
         """Parameter `name` is sliced along `dim` by `elements`; a second use (shared weights,
         a module called twice) couples the channels position by position."""
-        dims = self.param_slices.setdefault(name, {})
-        if dim in dims:
-            self.es.union(dims[dim], elements)
-        else:
-            dims[dim] = np.asarray(elements, dtype=np.int64)
+        for alias in self._tied.get(name, (name,)):  # a tied weight (T5's shared embedding) is sliced alike everywhere
+            dims = self.param_slices.setdefault(alias, {})
+            if dim in dims:
+                self.es.union(dims[dim], elements)
+            else:
+                dims[dim] = np.asarray(elements, dtype=np.int64)
 
     def new_elements(self, node: torch.fx.Node, size: int, what: str) -> np.ndarray:
         elements = self.es.new_space(node, size, what)
