@@ -36,6 +36,12 @@ _METADATA_METHODS = frozenset({"size", "numel", "nelement", "stride", "is_floati
                                "element_size"})
 
 
+# Ops whose output shape depends on the input's values.
+_DATA_SHAPED = frozenset({"nonzero", "argwhere", "masked_select", "unique", "unique_consecutive", "nms",
+                          "batched_nms", "_batched_nms_vanilla", "_batched_nms_coordinate_trick", "remove_small_boxes",
+                          "repeat_interleave"})
+
+
 class DataDependentControlFlow(TraceError):
     """The forward branched on (or converted to a Python number) a value computed from tensor data."""
 
@@ -64,6 +70,16 @@ class _ValueProxy(torch.fx.Proxy):
     def __int__(self) -> int:
         return int(self.tracer.shape_value(self, "int()"))
 
+    def __contains__(self, key: Any) -> bool:  # `"masks" in outputs`: the keys a dict was built with
+        value = self.value
+        if isinstance(value, dict):
+            return key in value
+        raise DataDependentControlFlow(f"the forward tests `in` on `{self.node.format_node()}`, a value that "
+                                       f"depends on tensor data")
+
+    def __index__(self) -> int:  # range(x.shape[0]): Python needs the number itself
+        return operator.index(self.tracer.shape_value(self, "an index"))
+
     def __float__(self) -> float:
         return float(self.tracer.shape_value(self, "float()"))
 
@@ -86,16 +102,20 @@ class ConcreteShapeTracer(torch.fx.Tracer):
         self._is_leaf = is_leaf
         self._values: Dict[torch.fx.Node, Any] = {}
         self._from_shapes: Dict[torch.fx.Node, bool] = {}
+        self._data_shaped: Dict[torch.fx.Node, bool] = {}
         self._evaluating = False  # while a node's value is computed, modules run as plain Python
 
     # -- values ---------------------------------------------------------------------------------
 
     def value_of(self, node: torch.fx.Node) -> Any:
         if node not in self._values:
-            # get_attr nodes for constants and parameters are made by create_node directly
-            if node.op != "get_attr":
+            # get_attr nodes for constants and parameters, and rebuilt objects, are made by create_node
+            if node.op == "get_attr":
+                self._values[node] = functools.reduce(getattr, node.target.split("."), self.root)
+            elif node.op == "call_function":
+                self._values[node] = self._evaluate(node)
+            else:
                 raise TraceError(f"no value for {node.format_node()}")
-            self._values[node] = functools.reduce(getattr, node.target.split("."), self.root)
             self._from_shapes[node] = False
         return self._values[node]
 
@@ -114,10 +134,23 @@ class ConcreteShapeTracer(torch.fx.Tracer):
         return bool(self.shape_value(obj, "a condition (if/while/assert/and/or)"))
 
     def iter(self, obj: torch.fx.Proxy) -> Iterator:
-        return (obj[i] for i in range(len(self.value_of(obj.node))))
+        value = self.value_of(obj.node)
+        if isinstance(value, dict):
+            return iter(value.keys())
+        return (obj[i] for i in range(len(value)))
 
     def keys(self, obj: torch.fx.Proxy) -> Any:
         return self.value_of(obj.node).keys()
+
+    def create_arg(self, a: Any) -> Any:
+        try:
+            return super().create_arg(a)
+        except NotImplementedError:
+            # a plain Python object passed between modules (torchvision's ImageList): rebuilt in the
+            # graph from its attributes, so that proxies inside it stay inputs of the call
+            if not hasattr(a, "__dict__") or isinstance(a, (torch.nn.Module, torch.Tensor, type)):
+                raise
+            return self.create_node("call_function", _rebuilder(type(a)), (super().create_arg(dict(vars(a))),), {})
 
     def proxy(self, node: torch.fx.Node) -> torch.fx.Proxy:
         return _ValueProxy(node, self)
@@ -130,8 +163,23 @@ class ConcreteShapeTracer(torch.fx.Tracer):
             self.graph.erase_node(node)  # answered with the example's value
             return value
         self._values[node] = value
+        self._data_shaped[node] = self._has_data_dependent_shape(node, args, kwargs)
         self._from_shapes[node] = self._computed_from_shapes(node, value)
         return proxy
+
+    def _has_data_dependent_shape(self, node: torch.fx.Node, args, kwargs) -> bool:
+        """Whether the value's shape depends on tensor data (nonzero, a boolean mask, NMS, or anything
+        computed from such a tensor): its sizes are data, not shapes, and may not steer Python code."""
+        if any(self._data_shaped.get(n, False) for n in node.all_input_nodes):
+            return True
+        name = getattr(node.target, "__name__", str(node.target))
+        if name in _DATA_SHAPED or (node.op == "call_function" and node.target is torch.where and len(node.args) == 1):
+            return True
+        if node.target is operator.getitem:  # x[mask] with a boolean mask
+            indices = self.value_of(node.args[1]) if isinstance(node.args[1], torch.fx.Node) else node.args[1]
+            indices = indices if isinstance(indices, tuple) else (indices,)
+            return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices)
+        return False
 
     def _evaluate(self, node: torch.fx.Node) -> Any:
         evaluating, self._evaluating = self._evaluating, True
@@ -141,7 +189,7 @@ class ConcreteShapeTracer(torch.fx.Tracer):
             self._evaluating = evaluating
 
     def _run(self, node: torch.fx.Node) -> Any:
-        args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), self.value_of)
+        args, kwargs = _mutable(torch.fx.node.map_arg((node.args, node.kwargs), self.value_of))
         if node.op == "placeholder":
             name = node.target.lstrip("*")
             if name in self._inputs:
@@ -160,6 +208,8 @@ class ConcreteShapeTracer(torch.fx.Tracer):
     def _computed_from_shapes(self, node: torch.fx.Node, value: Any) -> bool:
         if isinstance(value, torch.Tensor) or node.op in ("placeholder", "get_attr", "call_module"):
             return False
+        if self._data_shaped.get(node.args[0] if node.args else None, False):
+            return False  # the size of a tensor whose shape depends on data
         if node.op == "call_method" and node.target in _METADATA_METHODS:
             return True
         if node.op == "call_function" and node.target is getattr and node.args[1] in _METADATA_ATTRIBUTES:
@@ -169,7 +219,7 @@ class ConcreteShapeTracer(torch.fx.Tracer):
     # -- modules --------------------------------------------------------------------------------
 
     def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
-        return self._is_leaf(m, qualname) if self._is_leaf is not None else super().is_leaf_module(m, qualname)
+        return self._is_leaf(m, qualname)
 
     def call_module(self, m: torch.nn.Module, forward, args, kwargs):
         if self._evaluating:  # a module run on real tensors while a value is computed: nothing to record
@@ -220,16 +270,44 @@ def _torch_functions_for_proxies(tracer: ConcreteShapeTracer):
 
 
 def _holds_proxy(tree: Any) -> bool:
-    found = []
-    torch.fx.node.map_aggregate(tree, lambda x: found.append(x) if isinstance(x, torch.fx.Proxy) else None)
-    return bool(found)
+    return bool(_proxies(tree))
 
 
 def trace_with_values(root: torch.nn.Module, inputs: Dict[str, Any], concrete_args: Dict[str, Any],
-                      is_leaf=None) -> "tuple[ConcreteShapeTracer, torch.fx.Graph]":
-    tracer = ConcreteShapeTracer(inputs, is_leaf)
-    with torch.no_grad(), _torch_functions_for_proxies(tracer):
-        graph = tracer.trace(root, concrete_args=concrete_args or None)
+                      is_leaf=None, max_outlined: int = 8) -> "tuple[ConcreteShapeTracer, torch.fx.Graph]":
+    """Trace with values. Code that cannot be traced (it branches on tensor data, or checks that its
+    input is a real tensor) inside a submodule's forward, or inside another method of a module (detection
+    post-processing: top-k of the scores above a threshold, NMS), is kept out of the graph's channel
+    analysis: the submodule becomes a leaf, the method one opaque call (its inputs' channels are frozen,
+    and it runs unchanged in the pruned model). The forward of the model itself must be traceable."""
+    leaves: set = set()
+
+    def leaf(m: torch.nn.Module, qualname: str) -> bool:
+        return id(m) in leaves or (is_leaf or torch.fx.Tracer().is_leaf_module)(m, qualname)
+
+    outlined = []
+    state = {id(m): (m, dict(m.__dict__)) for m in root.modules()}
+    try:
+        while True:
+            _restore(state)  # a trace may store proxies in modules (AnchorGenerator caches its anchors)
+            for owner, method in outlined:
+                _outline_method(owner, method)
+            tracer = ConcreteShapeTracer(inputs, leaf)
+            try:
+                with torch.no_grad(), _torch_functions_for_proxies(tracer):
+                    graph = tracer.trace(root, concrete_args=concrete_args or None)
+                break
+            except (TraceError, AssertionError, TypeError, NotImplementedError) as exc:
+                # data-dependent branches, and checks that a proxy is not a tensor (BoxCoder's asserts)
+                owner, method = _data_dependent_method(exc, root)
+                if owner is None or len(outlined) >= max_outlined:
+                    raise
+                if method == "forward":
+                    leaves.add(id(owner))
+                else:
+                    outlined.append((owner, method))
+    finally:
+        _restore(state)  # the outlined methods too: the graph's call targets keep the originals
     tracer._values.clear()  # the example's activations: not needed once the graph is recorded
     for node in reversed(graph.nodes):  # shape queries whose answer only steered Python code
         if tracer._from_shapes.get(node) and not node.users:
@@ -237,3 +315,74 @@ def trace_with_values(root: torch.nn.Module, inputs: Dict[str, Any], concrete_ar
     return tracer, graph
 
 
+def _mutable(value: Any) -> Any:
+    """fx's immutable lists and dicts as plain ones: the code called with them may update them."""
+    if isinstance(value, tuple):
+        return tuple(_mutable(v) for v in value)
+    if isinstance(value, list):
+        return [_mutable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _mutable(v) for k, v in value.items()}
+    return value
+
+
+@functools.lru_cache(maxsize=None)
+def _rebuilder(cls: type):
+    def rebuild(attributes: dict) -> Any:
+        obj = object.__new__(cls)
+        obj.__dict__.update(attributes)
+        return obj
+    rebuild.__name__ = rebuild.__qualname__ = f"rebuild_{cls.__name__}"
+    return rebuild
+
+
+def _restore(state: Dict[int, Any]) -> None:
+    """Put back the attributes each module had before tracing (new ones, such as fx's tensor constants
+    on the root, stay)."""
+    for module, attributes in state.values():
+        for name in [k for k in module.__dict__ if k not in attributes and not k.startswith("_tensor_constant")]:
+            del module.__dict__[name]
+        module.__dict__.update(attributes)
+
+
+def _data_dependent_method(exc: BaseException, root: torch.nn.Module):
+    """(module, method name) of the innermost method of a module of `root` running when `exc` was
+    raised, outside torch and fxprune; (None, None) if it is the root's own forward."""
+    frames = []
+    tb = exc.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    for frame in reversed(frames):
+        owner = frame.f_locals.get("self")
+        path = frame.f_code.co_filename
+        if not isinstance(owner, torch.nn.Module) or "/torch/" in path or "/fxprune/" in path:
+            continue
+        if owner is root and frame.f_code.co_name == "forward":
+            return None, None
+        return owner, frame.f_code.co_name
+    return None, None
+
+
+def _outline_method(owner: torch.nn.Module, method: str) -> None:
+    """Make `owner.method(...)` one call node while tracing (an instance attribute over the class's)."""
+    original = getattr(owner, method)
+
+    @functools.wraps(original)
+    def outlined(*args, **kwargs):  # the graph's target; interpreters pass fx's immutable containers
+        return original(*_mutable(args), **_mutable(kwargs))
+
+    @functools.wraps(original)
+    def call(*args, **kwargs):
+        tracer = next((x.tracer for x in _proxies((args, kwargs))), None)
+        if tracer is None or tracer._evaluating:
+            return original(*args, **kwargs)
+        return tracer.create_proxy("call_function", outlined, args, kwargs)
+
+    owner.__dict__[method] = call
+
+
+def _proxies(tree: Any) -> list:
+    found: list = []
+    torch.fx.node.map_aggregate(tree, lambda x: found.append(x) if isinstance(x, torch.fx.Proxy) else None)
+    return found
