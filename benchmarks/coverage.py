@@ -1,8 +1,11 @@
 """Coverage on the models users bring: fxprune and Torch-Pruning, model by model, side by side.
 
 Zoos (random weights, nothing downloaded):
-    timm    the smallest variants of every timm model family (the module a model is defined in), two per
-            family by parameter count (three where a family has many), `--limit` models at most;
+    timm            the smallest variants of every timm model family (the module a model is defined in),
+                    two per family by parameter count (three where a family has many), `--limit` at most;
+    transformers    Hugging Face encoders, decoders (GQA), encoder-decoders, vision and audio models from
+                    small configs, with keyword inputs (budget 0.75: their residual stream is the output);
+    detection       torchvision detection and segmentation, Ultralytics YOLOv8n and YOLO11n from yaml;
 
 Each model runs in its own child process with a time limit (`--timeout`), so a hang or a crash is one row,
 not the end of the run. In the child, for the model at budget 0.5 (FLOPs):
@@ -150,10 +153,27 @@ def build_transformers(name: str):
 
 TRANSFORMERS_ZOO = [*_TEXT, *_VISION, "clip", "whisper_encoder", "wav2vec2"]
 
-BUILDERS = {"timm": build_timm, "transformers": build_transformers}
+# ---- detection and segmentation: torchvision (random weights, no backbone weights) and Ultralytics YOLO
+DETECTION_ZOO = ["fasterrcnn_mobilenet_v3_large_fpn", "retinanet_resnet50_fpn", "fcos_resnet50_fpn",
+                 "ssdlite320_mobilenet_v3_large", "maskrcnn_resnet50_fpn", "deeplabv3_mobilenet_v3_large",
+                 "fcn_resnet50", "lraspp_mobilenet_v3_large", "yolov8n", "yolo11n"]
+
+
+def build_detection(name: str):
+    import torch
+    if name.startswith("yolo"):
+        os.environ.setdefault("YOLO_OFFLINE", "1")
+        from ultralytics.nn.tasks import DetectionModel
+        return DetectionModel(f"{name}.yaml", verbose=False).eval(), (torch.randn(1, 3, 160, 160),)
+    from torchvision.models import detection, segmentation
+    module = segmentation if hasattr(segmentation, name) else detection
+    model = getattr(module, name)(weights=None, weights_backbone=None).eval()
+    return model, (torch.randn(1, 3, 160, 160),)
+
+BUILDERS = {"timm": build_timm, "transformers": build_transformers, "detection": build_detection}
 # The residual stream of a transformer is its output (kept whole), so half the FLOPs of these small
 # configs is out of reach by heads and MLP widths alone; 0.75 asks for a real cut of both.
-BUDGETS = {"timm": 0.5, "transformers": 0.75}
+BUDGETS = {"timm": 0.5, "transformers": 0.75, "detection": 0.5}
 
 
 # ---------------------------------------------------------------------------------------------- child
@@ -242,6 +262,8 @@ def main() -> int:
         names = args.models.split(",")
     elif args.zoo == "transformers":
         names = TRANSFORMERS_ZOO
+    elif args.zoo == "detection":
+        names = DETECTION_ZOO
     else:
         names = timm_zoo(args.limit, args.max_params, args.per_family)
     out = args.out or os.path.join(HERE, "results", f"coverage_{args.zoo}.json")

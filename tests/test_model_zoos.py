@@ -68,3 +68,13 @@ def test_ultralytics_yolo_from_yaml():
     torch.manual_seed(0)
     model = DetectionModel("yolov8n.yaml", verbose=False).eval()  # built from its yaml: no weights
     compile_and_check(model, (torch.randn(1, 3, 96, 96),))
+
+
+def test_detection_model_prunes_backbone_and_neck_keeps_post_processing():
+    from torchvision.models.detection import ssdlite320_mobilenet_v3_large
+    torch.manual_seed(0)
+    model = ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None).eval()
+    report = compile_and_check(model, (torch.randn(1, 3, 96, 96),))
+    # post-processing (score thresholds, top-k, NMS) branches on data: it runs as one opaque call
+    assert any("postprocess" in r for g in report["groups"] for r in g["reasons"])
+    assert "backbone.features.0.0.0" in report["modules"]
