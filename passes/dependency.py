@@ -46,6 +46,30 @@ class ChannelGroupAnalysis:
         return state.finish()
 
 
+# Ops between a parameter and the op it broadcasts into that keep each of its positions: the
+# parameter is sliced where its value meets channels.
+_ONLY_ADD_LEADING_DIMS = frozenset({"expand", "expand_as", "contiguous", "clone", "to", "type_as", "float", "double",
+                                    "half"})
+_PASS_TO_PARAMETER = _ONLY_ADD_LEADING_DIMS | {"view", "reshape", "unsqueeze", "squeeze"}
+
+
+def _target_name(node: torch.fx.Node) -> str:
+    return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+
+
+def _dim_before(before, after, d: int, leading_only: bool) -> Optional[int]:
+    """The dim of `before` that dim d of `after` came from, when the op only adds leading dims (expand)
+    or only adds/removes size-1 dims (a view that broadcasts); None otherwise."""
+    if leading_only:
+        d_before = d - (after.ndim - before.ndim)
+        return d_before if d_before >= 0 else None
+    kept_before = [i for i, n in enumerate(before.shape) if n != 1]
+    kept_after = [i for i, n in enumerate(after.shape) if n != 1]
+    if [before.shape[i] for i in kept_before] != [after.shape[i] for i in kept_after] or d not in kept_after:
+        return None
+    return kept_before[kept_after.index(d)]
+
+
 def _tied_names(gm: torch.fx.GraphModule) -> Dict[str, Tuple[str, ...]]:
     """{name: every name of the same tensor} for parameters and buffers reachable under several names."""
     by_tensor: Dict[int, List[str]] = {}
@@ -193,23 +217,25 @@ class ChannelAnalysis:
         return kept
 
     def make_sliceable(self, arg: torch.fx.Node, dim: int, elements: np.ndarray) -> bool:
-        """A constant operand (a parameter, possibly expanded) met a channel dim: slice the parameter."""
-        path, node = [], arg
-        while node.op == "call_method" and node.target in ("expand", "expand_as", "contiguous", "clone", "to", "type_as"):
-            if len(node.users) != 1:
+        """A constant operand (a parameter, possibly expanded or reshaped to broadcast, as a layer scale
+        `gamma.view(1, -1, 1, 1)`) met a channel dim: slice the parameter."""
+        path, node, d = [(arg, dim)], arg, dim
+        while node.op in ("call_method", "call_function") and _target_name(node) in _PASS_TO_PARAMETER:
+            if len(node.users) != 1 or not isinstance(node.args[0], torch.fx.Node):
                 return False
-            path.append(node)
-            node = node.args[0]
-        if node.op != "get_attr" or len(node.users) != 1:
+            source = node.args[0]
+            d = _dim_before(value_spec(source), value_spec(node), d, _target_name(node) in _ONLY_ADD_LEADING_DIMS)
+            if d is None:
+                return False
+            node = source
+            path.append((node, d))
+        if node.op != "get_attr" or len(node.users) != 1 or value_spec(node).shape[d] != len(elements):
             return False
-        spec = value_spec(node)
-        pdim = dim - (value_spec(arg).ndim - spec.ndim)
-        if pdim < 0 or spec.shape[pdim] != len(elements):
-            return False
-        self.record_param(node.target, pdim, elements)
-        for n in [node] + path:
-            m = self.maps[n.name]
-            self.maps[n.name] = m.replace(dim - (value_spec(arg).ndim - value_spec(n).ndim), elements)
+        self.record_param(node.target, d, elements)
+        for n, nd in path:  # the rewrite recomputes the size literals of these views from their maps
+            m = self.maps.get(n.name)
+            if isinstance(m, ChannelMap):
+                self.maps[n.name] = m.replace(nd, elements)
         return True
 
     # ----------------------------------------------------------------- result

@@ -260,11 +260,11 @@ def _sdpa_flops(cost, node: torch.fx.Node):
     """q·kᵀ and attention·v: 2 x (batch x heads x L x S) x (query width + value width)."""
     bound = bind_arguments(node)
     q, v = bound["query"], bound["value"]
-    (b, h, length, _), source = value_spec(q).shape, value_spec(v).shape[2]
+    q_shape, v_shape = value_spec(q).shape, value_spec(v).shape  # (*batch, L, E) and (*batch, S, Ev)
     qm, vm = cost.groups.maps.get(q.name), cost.groups.maps.get(v.name)
-    e = cost.dim_factor(qm.dims[3] if isinstance(qm, ChannelMap) else None, value_spec(q).shape[3])
-    ev = cost.dim_factor(vm.dims[3] if isinstance(vm, ChannelMap) else None, value_spec(v).shape[3])
-    coef = 2.0 * b * h * length * source
+    e = cost.dim_factor(qm.dims[-1] if isinstance(qm, ChannelMap) else None, q_shape[-1])
+    ev = cost.dim_factor(vm.dims[-1] if isinstance(vm, ChannelMap) else None, v_shape[-1])
+    coef = 2.0 * math.prod(q_shape[:-1]) * v_shape[-2]
     return [(coef, [e]), (coef, [ev])]
 
 
