@@ -65,7 +65,7 @@ class _ValueProxy(torch.fx.Proxy):
         return _ValueAttribute(self, name)
 
     def __len__(self) -> int:
-        return len(self.value)  # a tensor's length is its first dimension: a shape
+        return self.tracer.length(self)
 
     def __int__(self) -> int:
         return int(self.tracer.shape_value(self, "int()"))
@@ -133,11 +133,20 @@ class ConcreteShapeTracer(torch.fx.Tracer):
     def to_bool(self, obj: torch.fx.Proxy) -> bool:
         return bool(self.shape_value(obj, "a condition (if/while/assert/and/or)"))
 
+    def length(self, obj: torch.fx.Proxy) -> int:
+        """len(x): a tensor's first dimension (a shape, unless the tensor's shape depends on data), or
+        the number of items of a tuple or dict a leaf returned."""
+        value = self.value_of(obj.node)
+        if isinstance(value, torch.Tensor) and self._data_shaped.get(obj.node, False):
+            raise DataDependentControlFlow(f"the forward takes len() of `{obj.node.format_node()}`, whose shape "
+                                           f"depends on tensor data")
+        return len(value)
+
     def iter(self, obj: torch.fx.Proxy) -> Iterator:
         value = self.value_of(obj.node)
         if isinstance(value, dict):
             return iter(value.keys())
-        return (obj[i] for i in range(len(value)))
+        return (obj[i] for i in range(self.length(obj)))
 
     def keys(self, obj: torch.fx.Proxy) -> Any:
         return self.value_of(obj.node).keys()
@@ -281,9 +290,10 @@ def trace_with_values(root: torch.nn.Module, inputs: Dict[str, Any], concrete_ar
     analysis: the submodule becomes a leaf, the method one opaque call (its inputs' channels are frozen,
     and it runs unchanged in the pruned model). The forward of the model itself must be traceable."""
     leaves: set = set()
+    is_leaf = is_leaf or torch.fx.Tracer().is_leaf_module
 
     def leaf(m: torch.nn.Module, qualname: str) -> bool:
-        return id(m) in leaves or (is_leaf or torch.fx.Tracer().is_leaf_module)(m, qualname)
+        return id(m) in leaves or is_leaf(m, qualname)
 
     outlined = []
     state = {id(m): (m, dict(m.__dict__)) for m in root.modules()}
