@@ -256,7 +256,7 @@ def _torch_functions_for_proxies(tracer: ConcreteShapeTracer):
     def recording(function):
         @functools.wraps(function)
         def call(*args, **kwargs):
-            if _holds_proxy((args, kwargs)):
+            if _proxies((args, kwargs)):
                 return tracer.create_proxy("call_function", function, args, kwargs)
             return function(*args, **kwargs)
         return call
@@ -276,10 +276,6 @@ def _torch_functions_for_proxies(tracer: ConcreteShapeTracer):
     finally:
         for name, function in originals.items():
             setattr(torch, name, function)
-
-
-def _holds_proxy(tree: Any) -> bool:
-    return bool(_proxies(tree))
 
 
 def trace_with_values(root: torch.nn.Module, inputs: Dict[str, Any], concrete_args: Dict[str, Any],

@@ -73,7 +73,7 @@ def argument(node: torch.fx.Node, name: str, default: Any = None, position: Opti
 
 
 # bias + mat1 @ mat2 (Hugging Face's Conv1D is torch.addmm(bias, x, weight))
-_ADD_PRODUCT = (torch.addmm, torch.baddbmm, "addmm", "baddbmm")
+ADD_PRODUCT = (torch.addmm, torch.baddbmm, "addmm", "baddbmm")
 
 
 def einsum_subscripts(node: torch.fx.Node):
@@ -86,7 +86,7 @@ def einsum_subscripts(node: torch.fx.Node):
         operands = list(node.args[1]) if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else list(node.args[1:])
         lhs, rhs = equation.split("->")
         return operands, lhs.split(",") + [rhs]
-    a, b = (node.args[1], node.args[2]) if fn in _ADD_PRODUCT else (node.args[0], node.args[1])
+    a, b = (node.args[1], node.args[2]) if fn in ADD_PRODUCT else (node.args[0], node.args[1])
     sa, sb = value_spec(a), value_spec(b)
     if not (isinstance(sa, TensorSpec) and isinstance(sb, TensorSpec)) or sa.ndim < 2 or sb.ndim < 2:
         return None

@@ -212,8 +212,7 @@ def _trace_forward_as_called(model: torch.nn.Module, example_inputs: Optional[Tu
         names, options = example_inputs.names, example_inputs.options
         call = ", ".join([f"{n}={n}" for n in names] + [f"{n}=_options[{n!r}]" for n in options])
     else:
-        params = list(inspect.signature(type(model).forward).parameters.values())[1:]
-        names = tuple(p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))[:len(example_inputs)]
+        names = tuple(p.name for p in _positional_parameters(model))[:len(example_inputs)]
         if len(names) < len(example_inputs):
             names = tuple(f"input_{i}" for i in range(len(example_inputs)))
         call = ", ".join(names)
@@ -227,14 +226,15 @@ def _trace_forward_as_called(model: torch.nn.Module, example_inputs: Optional[Tu
 
 
 def _inputs_by_name(model: torch.nn.Module, example_inputs: Tuple[Any, ...]) -> dict:
-    """{forward parameter name: example value} for the positional example inputs."""
-    if isinstance(example_inputs, KeywordInputs):
-        return dict(zip(example_inputs.names, example_inputs))
-    params = list(inspect.signature(type(model).forward).parameters.values())[1:]  # without self
-    names = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    if any(p.kind is p.VAR_POSITIONAL for p in params):
-        names += [f"input_{i}" for i in range(len(example_inputs))]  # fx's names for *args
-    return dict(zip(names, example_inputs))
+    """{forward parameter name: example value}. A forward taking keyword inputs, *args or **kwargs has
+    been given the adapter by now, whose parameters are exactly the example inputs."""
+    return dict(zip((p.name for p in _positional_parameters(model)), example_inputs))
+
+
+def _positional_parameters(model: torch.nn.Module) -> list:
+    """forward's parameters that can be passed by position, without self."""
+    params = list(inspect.signature(type(model).forward).parameters.values())[1:]
+    return [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
 
 
 def _defaults_after(model: torch.nn.Module, n_inputs: Optional[int]) -> Optional[dict]:
@@ -242,11 +242,9 @@ def _defaults_after(model: torch.nn.Module, n_inputs: Optional[int]) -> Optional
     if n_inputs is None:
         return None
     try:
-        params = list(inspect.signature(type(model).forward).parameters.values())[1:]  # without self
+        rest = _positional_parameters(model)[n_inputs:]
     except (TypeError, ValueError):
         return None
-    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    rest = positional[n_inputs:]
     if not rest or any(p.default is inspect.Parameter.empty for p in rest):
         return None  # missing required inputs: shape propagation says which
     return {p.name: p.default for p in rest}

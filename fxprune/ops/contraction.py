@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.fx
 
-from fxprune.fxutil import einsum_subscripts
+from fxprune.fxutil import ADD_PRODUCT, einsum_subscripts
 from fxprune.ir import ChannelMap
 from fxprune.tracing import value_spec
 from .registry import OpEntry, register
@@ -41,7 +41,7 @@ def contraction(a, node: torch.fx.Node) -> Any:
         else:
             letter_elements[letter] = a.couple(node, entries, max(size for _, _, _, size in entries), "contracts")
     out = ChannelMap(tuple(letter_elements.get(letter) for letter in subscripts[-1]))
-    bias = node.args[0] if node.target in _ADD_PRODUCT else None
+    bias = node.args[0] if node.target in ADD_PRODUCT else None
     if isinstance(bias, torch.fx.Node):  # addmm's bias is added to the product, broadcasting
         spec, bias_spec, bias_map = value_spec(node), value_spec(bias), a.tensor_map(bias)
         dims = list(out.dims)
@@ -60,9 +60,6 @@ def _only_in_weights(node: torch.fx.Node, entries) -> bool:
         return (op.op == "get_attr" and len(op.users) == 1
                 and sum(1 for n in node.graph.nodes if n.op == "get_attr" and n.target == op.target) == 1)
     return all(e is None and read_once(op) for op, _, e, _ in entries)
-
-
-_ADD_PRODUCT = (torch.addmm, torch.baddbmm, "addmm", "baddbmm")
 
 
 def contraction_flops(cost, node: torch.fx.Node):
