@@ -4,7 +4,8 @@ For every model (randomly initialised, batch 1, 224x224 input, 299x299 for incep
 FLOPs budget (the fraction of FLOPs to keep), this measures:
 
 fxprune
-    - whether `fxprune.compile(model, budget, verify=False)` succeeds, and its wall time end to end;
+    - whether `fxprune.compile(model, budget, verify=False)` succeeds, and its wall time end to end
+      (after one untimed compile);
     - the FLOPs and params ratios it kept (from its report, `pruned.meta["fxprune"]`);
     - whether a second `compile(..., verify=True)` passes, and the verification time alone
       (`report["seconds"]["verify"]`).
@@ -13,13 +14,14 @@ Torch-Pruning (same architecture and weights, on its own deep copy)
     - L1 magnitude pruning (`BasePruner` + `MagnitudeImportance(p=1)`, per-layer ratio, final
       classifier ignored), its `pruning_ratio` chosen by a bracketed search so that the FLOPs it
       keeps, by its own counter `tp.utils.count_ops_and_params`, match the ratio fxprune kept;
-    - the time of one final run at that ratio: pruner construction (which builds the dependency
-      graph) and `pruner.step()`, separately and together. The search probes are not timed;
+    - the time of a run at that ratio: pruner construction (which builds the dependency graph) and
+      `pruner.step()`, separately and together. The search probes are not timed;
     - the FLOPs ratio it reached by its own counter and by fxprune's convention
       (`torch.utils.flop_counter.FlopCounterMode`, which fxprune's cost model matches exactly).
 
-speed ratio = Torch-Pruning seconds / fxprune compile seconds (verify=False): above 1 means fxprune
-is faster.
+speed ratio = Torch-Pruning seconds / fxprune compile seconds (verify=False), each the median of
+--repeat timed runs taken alternately (fxprune, Torch-Pruning, fxprune, ...) so that machine noise
+falls on both alike: above 1 means fxprune is faster.
 
 Run from the repository root:
 
@@ -150,24 +152,21 @@ def run_model(name: str, budget: float, max_params: Optional[float], repeat: int
         return row
 
     tp_model = copy.deepcopy(model)    # Torch-Pruning prunes in place; keep it apart from fxprune
-    row["fxprune"] = run_fxprune(model, x, budget, repeat)
+    row["fxprune"] = run_fxprune(model, x, budget)
     target = row["fxprune"].get("flops_ratio", budget)     # match what fxprune kept, else the budget
-    row["torch_pruning"] = run_torch_pruning(tp_model, x, target, repeat) if peer else {"error": "skipped (--no-peer)"}
+    row["torch_pruning"] = run_torch_pruning(tp_model, x, target) if peer else {"error": "skipped (--no-peer)"}
+    time_side_by_side(row, model, tp_model, x, budget, repeat)
     fx_s, tp_s = row["fxprune"].get("seconds"), row["torch_pruning"].get("seconds")
     row["speed_ratio"] = tp_s / fx_s if fx_s and tp_s else None
     return row
 
 
-def run_fxprune(model: torch.nn.Module, x: torch.Tensor, budget: float, repeat: int = 3) -> Dict[str, Any]:
+def run_fxprune(model: torch.nn.Module, x: torch.Tensor, budget: float) -> Dict[str, Any]:
+    """One compile for the result (also the warm-up of the timed runs), one with verification."""
     result: Dict[str, Any] = {}
     try:
         with torch.no_grad():
-            runs = []
-            for _ in range(repeat):    # the median of several runs: these machines are noisy
-                start = time.perf_counter()
-                pruned = fxprune.compile(model, budget, example_inputs=(x,), verify=False)
-                runs.append(time.perf_counter() - start)
-            result["seconds"], result["seconds_runs"] = statistics.median(runs), runs
+            pruned = fxprune.compile(model, budget, example_inputs=(x,), verify=False)
     except Exception as exc:           # a failure on one model must not stop the zoo
         result["error"] = describe(exc)
         return result
@@ -176,7 +175,7 @@ def run_fxprune(model: torch.nn.Module, x: torch.Tensor, budget: float, repeat: 
                   flops_before=report["flops"]["before"], seconds_by_pass=report["seconds"])
     del pruned
 
-    # Verification runs as a separate compile so that its cost stays out of the timing above.
+    # Verification runs as a separate compile so that its cost stays out of the timing.
     try:
         with torch.no_grad():
             verified = fxprune.compile(model, budget, example_inputs=(x,), verify=True)
@@ -188,17 +187,14 @@ def run_fxprune(model: torch.nn.Module, x: torch.Tensor, budget: float, repeat: 
     return result
 
 
-def run_torch_pruning(model: torch.nn.Module, x: torch.Tensor, target: float, repeat: int = 3) -> Dict[str, Any]:
+def run_torch_pruning(model: torch.nn.Module, x: torch.Tensor, target: float) -> Dict[str, Any]:
+    """The pruning ratio that keeps `target` of the FLOPs (the search is the warm-up of the timed
+    runs), and one pruned model at it, checked and counted."""
     result: Dict[str, Any] = {"target_flops_ratio": target}
     try:
         ratio, probes = search_tp_ratio(model, x, target)
         result.update(pruning_ratio=ratio, probes=probes)
-        timed = [tp_prune(copy.deepcopy(model), x, ratio) for _ in range(repeat)]  # the timed runs
-        pruned = timed[-1][0]
-        runs = [t for _, t in timed]
-        median_run = sorted(runs, key=lambda t: t["seconds"])[len(runs) // 2]
-        result.update(median_run)
-        result["seconds_runs"] = [t["seconds"] for t in runs]
+        pruned, _ = tp_prune(copy.deepcopy(model), x, ratio)
         with torch.no_grad():
             out = pruned(x)            # a pruned model that cannot run is a failure, not a result
         if out.shape != (1, 1000):
@@ -209,6 +205,27 @@ def run_torch_pruning(model: torch.nn.Module, x: torch.Tensor, target: float, re
     except Exception as exc:
         result["error"] = describe(exc)
     return result
+
+
+def time_side_by_side(row: Dict[str, Any], model: torch.nn.Module, tp_model: torch.nn.Module, x: torch.Tensor,
+                      budget: float, repeat: int) -> None:
+    """Timed runs of both tools, alternating (fxprune, Torch-Pruning, fxprune, ...) so that machine
+    noise falls on both alike; each tool's median goes into its result."""
+    fx, tpr = row["fxprune"], row["torch_pruning"]
+    fx_runs, tp_runs = [], []
+    for _ in range(repeat):
+        if fx.get("ok"):
+            with torch.no_grad():
+                start = time.perf_counter()
+                fxprune.compile(model, budget, example_inputs=(x,), verify=False)
+                fx_runs.append(time.perf_counter() - start)
+        if tpr.get("ok"):
+            tp_runs.append(tp_prune(copy.deepcopy(tp_model), x, tpr["pruning_ratio"])[1])
+    if fx_runs:
+        fx.update(seconds=statistics.median(fx_runs), seconds_runs=fx_runs)
+    if tp_runs:
+        tpr.update(sorted(tp_runs, key=lambda t: t["seconds"])[len(tp_runs) // 2])   # the median run
+        tpr["seconds_runs"] = [t["seconds"] for t in tp_runs]
 
 
 # ---------------------------------------------------------------------------------------------

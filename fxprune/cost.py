@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Union
+from typing import List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -55,6 +55,11 @@ class CostModel:
                 self._dense_params = self._params(keep_unit)
             return self._dense_params
         return self._params(keep_unit)
+
+    def tracker(self, keep_unit: np.ndarray) -> "CostTracker":
+        """FLOPs and params of `keep_unit` kept up to date as units leave or return, each change costing
+        time in proportion to the positions it touches (greedy allocation tries thousands of changes)."""
+        return CostTracker(self, keep_unit)
 
     def unit_cost(self, which: str = "flops") -> np.ndarray:
         """d cost / d unit at full width: what removing one unit alone would save."""
@@ -107,6 +112,72 @@ class _VectorisedTerms:
             counts[self.empty] = 0.0  # reduceat returns the element at a start for empty segments
             sizes[self.channel_slots] = counts
         return float(np.dot(self.coef, np.multiply.reduceat(sizes, self.term_starts)))
+
+
+class _TermsState:
+    """One _VectorisedTerms evaluated at a keep vector, with the channel counts it was built from, so a
+    change of a few units updates the counts and recomputes only the per-term products."""
+
+    def __init__(self, terms: _VectorisedTerms, keep_unit: np.ndarray):
+        self.terms = terms
+        self.sizes = terms.sizes.copy()
+        if len(terms.channel_slots) and len(terms.indices):
+            counts = np.add.reduceat(keep_unit[terms.indices].astype(np.float64), terms.starts)
+            counts[terms.empty] = 0.0
+            self.sizes[terms.channel_slots] = counts
+        # which channel slot each position belongs to, and the positions of each unit (CSR by unit)
+        lengths = np.diff(np.append(terms.starts, len(terms.indices)))
+        self.slot_of_position = np.repeat(np.arange(len(terms.channel_slots)), lengths)
+        self.positions_by_unit = np.argsort(terms.indices, kind="stable")
+        self.unit_ptr = np.searchsorted(terms.indices[self.positions_by_unit], np.arange(len(keep_unit) + 1))
+
+    def total(self, sizes: np.ndarray) -> float:
+        if not len(self.terms.coef):
+            return 0.0
+        return float(np.dot(self.terms.coef, np.multiply.reduceat(sizes, self.terms.term_starts)))
+
+    def sizes_after(self, units: np.ndarray, sign: float) -> np.ndarray:
+        """Sizes once `units` (each changing state) are added (sign +1) or removed (-1)."""
+        begin, end = self.unit_ptr[units], self.unit_ptr[units + 1]
+        lengths = end - begin
+        if not lengths.sum():
+            return self.sizes
+        ends = np.cumsum(lengths)
+        index = np.arange(int(ends[-1])) - np.repeat(ends - lengths - begin, lengths)
+        slots = self.slot_of_position[self.positions_by_unit[index]]
+        delta = np.bincount(slots, minlength=len(self.terms.channel_slots)).astype(np.float64)
+        sizes = self.sizes.copy()
+        sizes[self.terms.channel_slots] += sign * delta
+        return sizes
+
+
+class CostTracker:
+    """FLOPs and params of a keep vector that changes a few units at a time (CostModel.tracker).
+    `if_changed` prices a change without making it; `change` makes it."""
+
+    def __init__(self, cost: CostModel, keep_unit: np.ndarray):
+        self.keep = keep_unit.copy()
+        self._states = (_TermsState(cost._flops, self.keep), _TermsState(cost._params, self.keep))
+        self.flops, self.params = (state.total(state.sizes) for state in self._states)
+
+    def _changing(self, units: np.ndarray, kept: bool) -> np.ndarray:
+        units = np.unique(np.asarray(units, dtype=np.int64))
+        return units[self.keep[units] != kept]
+
+    def if_changed(self, units: np.ndarray, kept: bool) -> Tuple[float, float]:
+        """(FLOPs, params) were `units` set to kept/removed."""
+        units = self._changing(units, kept)
+        sign = 1.0 if kept else -1.0
+        flops, params = (state.total(state.sizes_after(units, sign)) for state in self._states)
+        return flops, params
+
+    def change(self, units: np.ndarray, kept: bool) -> None:
+        units = self._changing(units, kept)
+        sign = 1.0 if kept else -1.0
+        for state in self._states:
+            state.sizes = state.sizes_after(units, sign)
+        self.keep[units] = kept
+        self.flops, self.params = (state.total(state.sizes) for state in self._states)
 
 
 class CostContext:

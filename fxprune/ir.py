@@ -14,7 +14,7 @@ Vocabulary (used everywhere in fxprune):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch.fx
@@ -194,6 +194,20 @@ class ChannelGroups:
         if elements is None:
             return None
         return np.nonzero(keep_unit[self.units_of(elements)])[0]
+
+    def kept_lookup(self, keep_unit: np.ndarray) -> Callable[[Optional[np.ndarray]], Optional[np.ndarray]]:
+        """`kept_positions` for one keep vector (which must not change while the lookup is used),
+        computed once per elements array: the analysis shares one array among every value and
+        parameter dim that carries the same channels."""
+        cache: Dict[int, Tuple[np.ndarray, np.ndarray]] = {}
+
+        def kept(elements: Optional[np.ndarray]) -> Optional[np.ndarray]:
+            if elements is None:
+                return None
+            if id(elements) not in cache:  # the array is held in the entry, so its id is not reused
+                cache[id(elements)] = (elements, self.kept_positions(elements, keep_unit))
+            return cache[id(elements)][1]
+        return kept
 
     def table(self) -> str:
         """A readable table of the groups."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch.fx
@@ -47,10 +47,11 @@ def module_slices(groups: ChannelGroups, keep: np.ndarray) -> Dict[str, Any]:
     """Per module whose parameters were sliced: kept indices of each sliced param dim, plus
     `out`/`in` (dims 0 and 1 of its weight) for the common case."""
     modules: Dict[str, Any] = {}
+    kept_positions = groups.kept_lookup(keep)
     for name, dims in sorted(groups.param_slices.items()):
         module, _, local = name.rpartition(".")
         entry = modules.setdefault(module, {"params": {}})
-        kept = {int(d): groups.kept_positions(e, keep).tolist() for d, e in dims.items()}
+        kept = {int(d): kept_positions(e).tolist() for d, e in dims.items()}
         if all(len(v) == len(dims[d]) for d, v in kept.items()):
             continue
         entry["params"][local] = {str(d): v for d, v in kept.items()}
@@ -66,7 +67,7 @@ def _graph_nodes(gm: torch.fx.GraphModule, groups: ChannelGroups, keep: np.ndarr
     """The traced graph as plain data (what tools/viz draws without the model): per node its op, a
     readable kind, inputs, shape, and for every channel dim it carries the width before and after
     pruning and the groups those channels belong to."""
-    nodes = []
+    nodes, widths = [], _channel_widths(groups, keep)
     for node in gm.graph.nodes:
         if node.op == "call_module":
             kind = type(gm.get_submodule(node.target)).__name__
@@ -82,11 +83,24 @@ def _graph_nodes(gm: torch.fx.GraphModule, groups: ChannelGroups, keep: np.ndarr
         channel_map = groups.maps.get(node.name)
         if isinstance(channel_map, ChannelMap):
             for dim in channel_map.tracked():
-                units = groups.units_of(channel_map.dims[dim])
-                entry["channels"].append({"dim": dim, "before": int(len(units)), "after": int(keep[units].sum()),
-                                          "groups": sorted({int(g) for g in np.unique(groups.unit_group[units])})})
+                entry["channels"].append({"dim": dim, **widths(channel_map.dims[dim])})
         nodes.append(entry)
     return nodes
+
+
+def _channel_widths(groups: ChannelGroups, keep: np.ndarray):
+    """elements -> {"before", "after", "groups"}, computed once per elements array (the analysis shares
+    one array among every value that carries the same channels)."""
+    cache: Dict[int, Tuple[np.ndarray, Dict[str, Any]]] = {}
+
+    def widths(elements: np.ndarray) -> Dict[str, Any]:
+        if id(elements) not in cache:
+            units = groups.units_of(elements)
+            cache[id(elements)] = (elements, {"before": int(len(units)), "after": int(keep[units].sum()),
+                                              "groups": sorted(int(g) for g in np.unique(groups.unit_group[units]))})
+        shared = cache[id(elements)][1]
+        return {**shared, "groups": list(shared["groups"])}
+    return widths
 
 
 def human_count(n: float) -> str:

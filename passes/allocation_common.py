@@ -67,11 +67,19 @@ def removal_order(group: ChannelGroup, protected: np.ndarray, norm_scores: np.nd
 
 def meets_budget(cost: CostModel, keep: np.ndarray, budget: Budget, flops0: float, params0: float) -> bool:
     """Every constraint of the budget holds for this keep vector."""
-    if budget.flops is not None and cost.flops(keep) > budget.flops * flops0 * (1 + 1e-9):
-        return False
-    if budget.params is not None and cost.params(keep) > budget.params * params0 * (1 + 1e-9):
-        return False
-    return True
+    flops = cost.flops(keep) if budget.flops is not None else 0.0
+    params = cost.params(keep) if budget.params is not None else 0.0
+    return budget_slack(budget, flops, params, flops0, params0) >= -1e-9
+
+
+def budget_slack(budget: Budget, flops: float, params: float, flops0: float, params0: float) -> float:
+    """How far below the budget (relative) the tightest constraint is; negative when one is exceeded."""
+    slacks = [1.0]
+    if budget.flops is not None:
+        slacks.append(1 - flops / (budget.flops * flops0))
+    if budget.params is not None:
+        slacks.append(1 - params / (budget.params * params0))
+    return min(slacks)
 
 
 def within_budget_unpruned(groups: ChannelGroups, cost: CostModel, budget: Budget) -> bool:

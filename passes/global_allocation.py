@@ -10,6 +10,8 @@ sorted into one order (each group's own order preserved) and the shortest prefix
 budget is found by bisection on the exact cost model. Requires: ChannelGroups, CostModel, scores. Produces: PrunePlan."""
 from __future__ import annotations
 
+import heapq
+from typing import Dict, List
 
 import numpy as np
 
@@ -17,8 +19,8 @@ from fxprune.budget import Budget
 from fxprune.cost import CostModel
 from fxprune.errors import BudgetError, NoPrunableChannelsError
 from fxprune.ir import ChannelGroups, PrunePlan
-from .allocation_common import (allowed_kept_counts, meets_budget, normalised_importance, protected_units,
-                                removal_order, within_budget_unpruned)
+from .allocation_common import (allowed_kept_counts, budget_slack, normalised_importance,
+                                protected_units, removal_order, within_budget_unpruned)
 
 
 class GlobalAllocation:
@@ -71,7 +73,7 @@ class GlobalAllocation:
 
 
 class _Chunks:
-    """Chunks in removal order; `removed(k)` = the units of the first k, as one index array."""
+    """Chunks in removal order; `removed(k, stop)` = the units of the first k, as one index array."""
 
     def __init__(self, units: np.ndarray, begin: np.ndarray, end: np.ndarray, group: np.ndarray):
         lengths = end - begin
@@ -79,74 +81,85 @@ class _Chunks:
         ends_in_order = np.cumsum(lengths)
         index = np.arange(int(ends_in_order[-1])) - np.repeat(ends_in_order - lengths - begin, lengths)
         self.flat, self.ends, self.group = units[index], ends_in_order, group
+        self.chunk_of_flat = np.repeat(np.arange(len(lengths)), lengths)
 
     def __len__(self) -> int:
         return len(self.ends)
 
-    def removed(self, k: int) -> np.ndarray:
-        return self.flat[: self.ends[k - 1]] if k else self.flat[:0]
-
     def units(self, i: int) -> np.ndarray:
         return self.flat[(self.ends[i - 1] if i else 0): self.ends[i]]
 
+    def removed(self, k: int, stop: np.ndarray) -> np.ndarray:
+        """Units of the first k chunks, less those of a group from the chunk `stop[group]` on."""
+        chunk = self.chunk_of_flat[: self.ends[k - 1]] if k else self.chunk_of_flat[:0]
+        return self.flat[: len(chunk)][chunk < stop[self.group[chunk]]]
+
 
 def _shortest_prefix(chunks: _Chunks, n_units: int, cost: CostModel, budget: Budget) -> np.ndarray:
+    """The first chunks (in removal order) whose removal meets the budget. The last one may be large (a
+    ViT residual channel spans every block) and overshoot it by more than 0.5%: then its group stops
+    there (its later chunks depend on it) and the prefix grows with the other groups' chunks instead.
+    The result closest to the budget then gets back whichever removed chunks still fit (_add_back)."""
     full = np.ones(n_units, dtype=bool)
     flops0, params0 = cost.flops(full), cost.params(full)
+    stop = np.full(int(chunks.group.max()) + 1, len(chunks))  # no group stopped
 
     def keep_after(k: int) -> np.ndarray:
         keep = full.copy()
-        keep[chunks.removed(k)] = False
+        keep[chunks.removed(k, stop)] = False
         return keep
 
-    if not meets_budget(cost, keep_after(len(chunks)), budget, flops0, params0):
+    def slack(keep: np.ndarray) -> float:
+        return budget_slack(budget, cost.flops(keep) if budget.flops is not None else 0.0,
+                            cost.params(keep) if budget.params is not None else 0.0, flops0, params0)
+
+    if slack(keep_after(len(chunks))) < -1e-9:
         raise BudgetError(unreachable_message(cost, keep_after(len(chunks)), budget, flops0, params0))
-    lo, hi = 0, len(chunks)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if meets_budget(cost, keep_after(mid), budget, flops0, params0):
-            hi = mid
-        else:
-            lo = mid + 1
-    return _tighten(chunks, lo, keep_after, cost, budget, flops0, params0)
+    best, best_slack, lo = None, np.inf, 0
+    while True:
+        hi = len(chunks)
+        if slack(keep_after(hi)) < -1e-9:   # with the stopped groups the budget is out of reach
+            break
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if slack(keep_after(mid)) >= -1e-9:
+                hi = mid
+            else:
+                lo = mid + 1
+        keep = keep_after(lo)
+        keep_slack = slack(keep)
+        if keep_slack < best_slack:
+            best, best_slack, best_cut = keep, keep_slack, (lo, stop.copy())
+        if lo == 0 or best_slack < 0.005:
+            break
+        stop[chunks.group[lo - 1]] = lo - 1
+    return _add_back(chunks, best, *best_cut, cost, budget, flops0, params0)
 
 
-def _tighten(chunks: _Chunks, k: int, keep_after, cost: CostModel, budget: Budget, flops0: float,
-             params0: float) -> np.ndarray:
-    """The k-th chunk may be large (a ViT residual channel spans every block) and overshoot the
-    budget. Retry from the state before it, skipping chunks that would overshoot by more than 0.5%
-    (a skipped group stops there, its later chunks depend on it); keep whichever result is closer."""
-    best = keep_after(k)
-    if k == 0 or _slack(cost, best, budget, flops0, params0) < 0.005:
-        return best
-    keep, stopped = keep_after(k - 1), set()
-    for i in range(k - 1, len(chunks)):
-        gid = int(chunks.group[i])
-        if gid in stopped:
-            continue
-        trial = keep.copy()
-        trial[chunks.units(i)] = False
-        if meets_budget(cost, trial, budget, flops0, params0):
-            if _slack(cost, trial, budget, flops0, params0) < 0.005:
-                keep = trial
-                break
-            stopped.add(gid)
-        else:
-            keep = trial
-    if meets_budget(cost, keep, budget, flops0, params0) and \
-            _slack(cost, keep, budget, flops0, params0) < _slack(cost, best, budget, flops0, params0):
-        return keep
-    return best
-
-
-def _slack(cost: CostModel, keep: np.ndarray, budget: Budget, flops0: float, params0: float) -> float:
-    """How far below the budget (relative) the tightest constraint is."""
-    slacks = []
-    if budget.flops is not None:
-        slacks.append(1 - cost.flops(keep) / (budget.flops * flops0))
-    if budget.params is not None:
-        slacks.append(1 - cost.params(keep) / (budget.params * params0))
-    return min(slacks)
+def _add_back(chunks: _Chunks, keep: np.ndarray, k: int, stop: np.ndarray, cost: CostModel, budget: Budget,
+              flops0: float, params0: float) -> np.ndarray:
+    """Chunks come off whole, so the cut can leave up to a chunk of the budget unused. Return removed
+    chunks while they fit, most valuable first; only a group's last removed chunk may return (its
+    order is kept), after which the one before it may."""
+    index = np.arange(k)
+    removed = index[index < stop[chunks.group[index]]]
+    by_group: Dict[int, List[int]] = {}
+    for i in removed.tolist():
+        by_group.setdefault(int(chunks.group[i]), []).append(i)
+    candidates = [-chunks_of[-1] for chunks_of in by_group.values()]  # a max-heap on removal order = value
+    heapq.heapify(candidates)
+    state = cost.tracker(keep)
+    while candidates:
+        i = -heapq.heappop(candidates)
+        units = chunks.units(i)
+        if budget_slack(budget, *state.if_changed(units, kept=True), flops0, params0) < -1e-9:
+            continue                     # the group's earlier chunks stay out with it
+        state.change(units, kept=True)
+        chunks_of = by_group[int(chunks.group[i])]
+        chunks_of.pop()
+        if chunks_of:
+            heapq.heappush(candidates, -chunks_of[-1])
+    return state.keep
 
 
 def unreachable_message(cost: CostModel, keep: np.ndarray, budget: Budget, flops0: float, params0: float) -> str:

@@ -35,10 +35,11 @@ class PruneRewrite(PassBase):
     def __init__(self, groups: ChannelGroups, plan: PrunePlan):
         super().__init__()
         self.groups, self.plan = groups, plan
+        self._kept = groups.kept_lookup(plan.keep_unit)
 
     # ----------------------------------------------------------------- channel arithmetic
     def kept(self, elements: Optional[np.ndarray]) -> Optional[np.ndarray]:
-        return self.groups.kept_positions(elements, self.plan.keep_unit)
+        return self._kept(elements)
 
     def new_shape(self, shape, m: Any) -> List[int]:
         if not isinstance(m, ChannelMap):

@@ -273,3 +273,29 @@ def test_result_is_independent_of_the_input_model(name):
         for t in list(pruned.parameters()) + [b for b in pruned.buffers() if b.is_floating_point()]:
             t.add_(1.0)
     assert_same_state(before, model)
+
+
+@pytest.mark.parametrize("name", sorted(FIXTURES))
+def test_cost_tracker_equals_full_evaluation(name):
+    """The incremental cost the greedy allocation uses prices every change as the full cost model does."""
+    import numpy as np
+    from fxprune.compiler import _analyse
+    from fxprune.cost import build_cost_model
+
+    gm, groups = _analyse(FIXTURES[name]().eval(), (example_input(),), set(), ())
+    cost = build_cost_model(gm, groups)
+    rng = np.random.default_rng(0)
+    keep = rng.random(groups.n_units) < 0.7
+    tracker = cost.tracker(keep)
+    for _ in range(20):
+        units = rng.choice(groups.n_units, size=rng.integers(1, 4), replace=True)
+        kept = bool(rng.integers(2))
+        trial = keep.copy()
+        trial[units] = kept
+        expected = (cost.flops(trial), cost.params(trial))
+        assert tracker.if_changed(units, kept) == pytest.approx(expected, rel=1e-12)
+        assert (tracker.flops, tracker.params) == pytest.approx((cost.flops(keep), cost.params(keep)), rel=1e-12)
+        tracker.change(units, kept)
+        keep = trial
+        assert np.array_equal(tracker.keep, keep)
+        assert (tracker.flops, tracker.params) == pytest.approx(expected, rel=1e-12)
