@@ -26,7 +26,7 @@ log = logging.getLogger("fxprune")
 
 def compile(model: torch.nn.Module, budget: Union[float, Budget], *, example_inputs,
             importance: Union[str, Importance] = "l1", ignore: Iterable[Any] = (), round_to: int = 8,
-            min_channels: int = 1, verify: bool = True, allocation: Any = "global",
+            min_channels: int = 1, verify: bool = True, allocation: Any = "global", keep_outputs: bool = True,
             leaf_modules: Sequence[Any] = (), data: Optional[Iterable[Any]] = None,
             loss_fn: Optional[Callable] = None) -> torch.fx.GraphModule:
     """Prune `model` structurally to `budget` and return a new, smaller torch.fx.GraphModule.
@@ -42,6 +42,11 @@ def compile(model: torch.nn.Module, budget: Union[float, Budget], *, example_inp
         stay. round_to / min_channels: kept widths are multiples of round_to and at least min_channels
         (the default 8 keeps CPU/GPU kernels on their fast paths: odd widths made a pruned MobileNetV2
         slower than the dense one in onnxruntime; use 1 for the finest granularity).
+    keep_outputs: the model's outputs keep their size (default). False lets their channels go too: the
+        hidden size of a transformer whose output is its hidden state (BertModel, LlamaModel); the result's
+        outputs are then narrower and the report's "outputs" entry says which positions they keep. (In a
+        model whose output is logits, the hidden size is an inner width and prunes anyway; to keep it,
+        ignore the embedding, e.g. ignore=["*embed_tokens"].)
     verify: check in float64 that the result equals the original with the removed channels zeroed.
     leaf_modules: module types or names fx should not trace into (their channels are frozen).
     data, loss_fn: calibration batches (`x` or `(x, y)`) and loss(output, target) for importances that
@@ -63,7 +68,7 @@ def compile(model: torch.nn.Module, budget: Union[float, Budget], *, example_inp
     source = copy.deepcopy(model) if scorer.trains_model else model          # training never touches the user's
     passes = [
         Trace(leaf_modules),                                                 # fx graph of a private copy, with shapes
-        AnalyseChannels(ignore_names),                                       # which channels must go together
+        AnalyseChannels(ignore_names, keep_outputs),                         # which channels must go together
         CountCost(),                                                         # FLOPs/params per kept unit
         *([PlanWhileTraining(scorer, calibration, budget)] if scorer.decides_widths else [  # AOFP: masks learnt
             Score(scorer, calibration),                                      # importance of every unit
@@ -74,7 +79,8 @@ def compile(model: torch.nn.Module, budget: Union[float, Budget], *, example_inp
     state = run_passes(passes, CompileState(inputs=inputs, model=private_eval_copy(source)))
     importance_label = scorer.name if isinstance(importance, str) else repr(scorer)  # with its settings
     options = {"importance": importance_label, "allocation": getattr(allocation, "name", allocation),
-               "round_to": round_to, "min_channels": min_channels, "ignore": sorted(ignore_names)}
+               "round_to": round_to, "min_channels": min_channels, "ignore": sorted(ignore_names),
+               "keep_outputs": keep_outputs}
     return _with_report(state, budget, options)
 
 
@@ -89,7 +95,8 @@ def apply_plan(model: torch.nn.Module, report: Dict[str, Any], *, example_inputs
     if not isinstance(report, dict) or report.get("format") != "fxprune.report/1":
         raise ConfigError("apply_plan needs an fxprune report (pruned.meta['fxprune'] or its report.json)")
     inputs = normalise_example_inputs(example_inputs)
-    passes = [Trace(leaf_modules), AnalyseChannels(set(report["options"].get("ignore", ()))), CountCost(),
+    analysis = AnalyseChannels(set(report["options"].get("ignore", ())), report["options"].get("keep_outputs", True))
+    passes = [Trace(leaf_modules), analysis, CountCost(),
               PlanFromReport(report), Rewrite(), *([Verify()] if verify else [])]
     state = run_passes(passes, CompileState(inputs=inputs, model=private_eval_copy(model)))
     budget = Budget(**{k: report["budget"].get(k) for k in ("flops", "params") if report["budget"].get(k) is not None})
@@ -143,11 +150,11 @@ def _with_report(state: CompileState, budget: Budget, options: Dict[str, Any]) -
 
 
 def analyze(model: torch.nn.Module, example_inputs, *, ignore: Iterable[Any] = (),
-            leaf_modules: Sequence[Any] = ()) -> ChannelGroups:
+            leaf_modules: Sequence[Any] = (), keep_outputs: bool = True) -> ChannelGroups:
     """The channel groups of `model` (print it for a table). The model is not modified."""
     _check_model(model)
     inputs = normalise_example_inputs(example_inputs)
-    _, groups = _analyse(model, inputs, resolve_ignore(model, ignore), leaf_modules)
+    _, groups = _analyse(model, inputs, resolve_ignore(model, ignore), leaf_modules, keep_outputs)
     return groups
 
 
@@ -161,9 +168,10 @@ def cost_of(model: torch.nn.Module, example_inputs, *, leaf_modules: Sequence[An
     return {"flops": float(state.cost.flops(full)), "params": float(state.cost.params(full))}
 
 
-def _analyse(model, inputs: Tuple[Any, ...], ignore_names, leaf_modules) -> Tuple[torch.fx.GraphModule, ChannelGroups]:
+def _analyse(model, inputs: Tuple[Any, ...], ignore_names, leaf_modules,
+             keep_outputs: bool = True) -> Tuple[torch.fx.GraphModule, ChannelGroups]:
     """The traced graph and its channel groups (the first two passes of compile)."""
-    state = run_passes([Trace(leaf_modules), AnalyseChannels(ignore_names)],
+    state = run_passes([Trace(leaf_modules), AnalyseChannels(ignore_names, keep_outputs)],
                        CompileState(inputs=inputs, model=private_eval_copy(model)))
     return state.gm, state.groups
 

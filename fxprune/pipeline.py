@@ -143,12 +143,13 @@ class AnalyseChannels(CompilerPass):
 
     name, requires, produces = "analyse_channels", ("gm",), ("groups",)
 
-    def __init__(self, ignore_names: Sequence[str] = ()):
-        self.ignore_names = ignore_names
+    def __init__(self, ignore_names: Sequence[str] = (), keep_outputs: bool = True):
+        self.ignore_names, self.keep_outputs = ignore_names, keep_outputs
 
     def run(self, state: CompileState) -> CompileState:
         from fxprune.passes.dependency import ChannelGroupAnalysis
-        return dataclasses.replace(state, groups=ChannelGroupAnalysis(self.ignore_names).run(state.gm))
+        analysis = ChannelGroupAnalysis(self.ignore_names, self.keep_outputs)
+        return dataclasses.replace(state, groups=analysis.run(state.gm))
 
 
 class CountCost(CompilerPass):

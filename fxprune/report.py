@@ -36,6 +36,7 @@ def build_report(gm: torch.fx.GraphModule, groups: ChannelGroups, plan: PrunePla
             for g in groups.groups
         ],
         "modules": module_slices(groups, keep),
+        "outputs": output_slices(gm, groups, keep),
         "graph": _graph_nodes(gm, groups, keep),
         "verification": verification,
         "seconds": seconds,
@@ -61,6 +62,34 @@ def module_slices(groups: ChannelGroups, keep: np.ndarray) -> Dict[str, Any]:
             if 1 in kept:
                 entry["in"] = kept[1]
     return {m: e for m, e in modules.items() if e["params"]}
+
+
+def output_slices(gm: torch.fx.GraphModule, groups: ChannelGroups, keep: np.ndarray) -> Dict[str, Any]:
+    """Per model output that lost channels (compile(keep_outputs=False)): its path in the output
+    structure ("logits", "0", "" for a lone tensor) -> {dim: kept positions of the original}."""
+    kept_positions, slices = groups.kept_lookup(keep), {}
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    for path, node in _output_leaves(output.args[0], ""):
+        m = groups.maps.get(node.name)
+        if not isinstance(m, ChannelMap):
+            continue
+        dims = {str(d): kept_positions(m.dims[d]).tolist() for d in m.tracked()
+                if len(kept_positions(m.dims[d])) < len(m.dims[d])}
+        if dims:
+            slices[path] = dims
+    return slices
+
+
+def _output_leaves(arg: Any, path: str):
+    """(path, node) of every node in an output structure (nested tuples, lists and dicts)."""
+    if isinstance(arg, torch.fx.Node):
+        yield path, arg
+    elif isinstance(arg, (tuple, list)):
+        for i, a in enumerate(arg):
+            yield from _output_leaves(a, f"{path}.{i}" if path else str(i))
+    elif isinstance(arg, dict):
+        for k, a in arg.items():
+            yield from _output_leaves(a, f"{path}.{k}" if path else str(k))
 
 
 def _graph_nodes(gm: torch.fx.GraphModule, groups: ChannelGroups, keep: np.ndarray) -> List[Dict[str, Any]]:

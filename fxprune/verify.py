@@ -73,6 +73,21 @@ class MaskedOriginal(torch.fx.Interpreter):
         """Positions of node x's dim `dim` that survive pruning."""
         return torch.as_tensor(self.groups.kept_positions(self.groups.maps[x.name].dims[dim], self.keep_unit))
 
+    def kept_only(self, value: Any, arg: Any) -> Any:
+        """value (of the output structure `arg`) at the kept positions of its channel dims."""
+        if isinstance(arg, torch.fx.Node):
+            m = self.groups.maps.get(arg.name)
+            if isinstance(value, torch.Tensor) and isinstance(m, ChannelMap):
+                for d in m.tracked():
+                    value = value.index_select(d, self.kept_index(arg, d))
+            return value
+        if isinstance(arg, (tuple, list)) and isinstance(value, (tuple, list)):
+            items = [self.kept_only(v, a) for v, a in zip(value, arg)]
+            return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
+        if isinstance(arg, dict) and isinstance(value, dict):
+            return type(value)({k: self.kept_only(v, arg[k]) for k, v in value.items()})
+        return value
+
     def run_node(self, n: torch.fx.Node) -> Any:
         fact = op_fact(n)
         entry = REGISTRY.lookup(n, self.submodules) if fact is not None else None
@@ -82,6 +97,8 @@ class MaskedOriginal(torch.fx.Interpreter):
                 result = entry.reference(self, n, fact, args, kwargs)
         else:
             result = super().run_node(n)
+        if n.op == "output":  # outputs that lost channels (keep_outputs=False) are compared where they keep them
+            return self.kept_only(result, n.args[0])
         result = self.mask(result, self.groups.maps.get(n.name))
         if self.record:
             self.values[n.name] = result

@@ -34,13 +34,14 @@ class ChannelGroupAnalysis:
 
     mutates_input = False
 
-    def __init__(self, ignore: Sequence[str] = ()):
+    def __init__(self, ignore: Sequence[str] = (), keep_outputs: bool = True):
         self.ignore = set(ignore)
+        self.keep_outputs = keep_outputs
 
     def run(self, gm: torch.fx.GraphModule) -> ChannelGroups:
         for node in gm.graph.nodes:  # facts of an earlier analysis of the same graph must not linger
             node.meta.pop(FACT_KEY, None)
-        state = ChannelAnalysis(gm, self.ignore)
+        state = ChannelAnalysis(gm, self.ignore, self.keep_outputs)
         for node in gm.graph.nodes:
             state.visit(node)
         return state.finish()
@@ -81,10 +82,10 @@ def _tied_names(gm: torch.fx.GraphModule) -> Dict[str, Tuple[str, ...]]:
 class ChannelAnalysis:
     """The state the channel rules read and write while the analysis walks the graph once."""
 
-    def __init__(self, gm: torch.fx.GraphModule, ignore: set):
+    def __init__(self, gm: torch.fx.GraphModule, ignore: set, keep_outputs: bool = True):
         self.gm = gm
         self.modules = dict(gm.named_modules())
-        self.ignore = ignore
+        self.ignore, self.keep_outputs = ignore, keep_outputs
         self.es = ElementSets()
         self.maps: Dict[str, Any] = {}
         self.param_slices: Dict[str, Dict[int, np.ndarray]] = {}
@@ -172,7 +173,8 @@ class ChannelAnalysis:
         if node.op in ("placeholder", "get_attr"):
             return self.untracked_like(value_spec(node))
         if node.op == "output":
-            self.freeze_inputs(node, "graph output (the model's outputs keep their size)")
+            if self.keep_outputs:
+                self.freeze_inputs(node, "graph output (the model's outputs keep their size)")
             return None
         entry = REGISTRY.lookup(node, self.modules)
         if entry is None or not entry.accepts_channel_counts:

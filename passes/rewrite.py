@@ -55,6 +55,8 @@ class PruneRewrite(PassBase):
         modules = dict(gm.named_modules())
         entries = {node: REGISTRY.lookup(node, modules) for node in gm.graph.nodes}
         new_tensors = self.sliced_tensors(gm, entries)
+        # one copy per original tensor, so tied parameters (an LM's input and output embedding) stay tied
+        copies: Dict[int, Any] = {id(get_attr(gm, name)): t for name, t in new_tensors.items()}
         resized_prefixes = {name.rsplit(".", 1)[0] for name in new_tensors}
         resized_prefixes |= {p.rsplit(".", i)[0] for p in list(resized_prefixes) for i in range(1, p.count(".") + 1)}
         root: Dict[str, Any] = {}
@@ -72,15 +74,15 @@ class PruneRewrite(PassBase):
                 # a module whose size attributes follow its input without sliced tensors of its own
                 # (LayerNorm without affine parameters) is resized too
                 if node.target in resized_prefixes or op_fact(node) is not None:
-                    module = _with_tensors(module, node.target + ".", new_tensors)
+                    module = _with_tensors(module, node.target + ".", new_tensors, copies)
                     if entry is not None and entry.resize_module is not None:
                         entry.resize_module(module, self, node)
                     root[node.target] = module
                 else:
-                    root[node.target] = copy.deepcopy(module)
+                    root[node.target] = copy.deepcopy(module, copies)
             elif node.op == "get_attr" and node.target not in root:
                 root[node.target] = new_tensors.get(node.target) if node.target in new_tensors else \
-                    _copy_tensor(get_attr(gm, node.target))
+                    _copy_tensor(get_attr(gm, node.target), copies)
         graph.lint()
         pruned = torch.fx.GraphModule(root, graph, class_name="Pruned" + type(gm).__name__)
         return PassResult(pruned, True)
@@ -90,9 +92,12 @@ class PruneRewrite(PassBase):
         fix-ups ops make across tensors (attention's q scale)."""
         out: Dict[str, torch.Tensor] = {}
         originals = {name: get_attr(gm, name) for name in self.groups.param_slices}
+        first_name: Dict[int, str] = {}  # a tensor tied under several names is sliced once (alike, by analysis)
         with torch.no_grad():
             for name, dims in self.groups.param_slices.items():
                 original = originals[name]
+                if first_name.setdefault(id(original), name) != name:
+                    continue
                 tensor, sliced = original.detach(), False
                 for dim, elements in sorted(dims.items()):  # rows first: gathering columns of fewer rows is cheaper
                     idx = self.kept(elements)
@@ -104,23 +109,34 @@ class PruneRewrite(PassBase):
             for node, entry in entries.items():
                 if entry is not None and entry.adjust_tensors is not None and op_fact(node) is not None:
                     entry.adjust_tensors(self, node, op_fact(node), out)
-        return {name: (nn.Parameter(t, requires_grad=originals[name].requires_grad)
-                       if isinstance(originals[name], nn.Parameter) else t) for name, t in out.items()}
+        new = {name: (nn.Parameter(t, requires_grad=originals[name].requires_grad)
+                      if isinstance(originals[name], nn.Parameter) else t) for name, t in out.items()}
+        for name, original in originals.items():
+            if first_name[id(original)] in new:
+                new[name] = new[first_name[id(original)]]
+        return new
 
 
-def _copy_tensor(t: Any) -> Any:
-    if isinstance(t, nn.Parameter):
-        return nn.Parameter(t.detach().clone(), requires_grad=t.requires_grad)
-    return t.detach().clone() if isinstance(t, torch.Tensor) else copy.deepcopy(t)
+def _copy_tensor(t: Any, copies: Dict[int, Any]) -> Any:
+    """A copy of t, made once per original (`copies` maps id(original) -> copy; also deepcopy's memo)."""
+    if id(t) not in copies:
+        if isinstance(t, nn.Parameter):
+            copies[id(t)] = nn.Parameter(t.detach().clone(), requires_grad=t.requires_grad)
+        elif isinstance(t, torch.Tensor):
+            copies[id(t)] = t.detach().clone()
+        else:
+            return copy.deepcopy(t, copies)
+    return copies[id(t)]
 
 
-def _with_tensors(module: nn.Module, prefix: str, new_tensors: Dict[str, torch.Tensor]) -> nn.Module:
+def _with_tensors(module: nn.Module, prefix: str, new_tensors: Dict[str, torch.Tensor],
+                  copies: Dict[int, Any]) -> nn.Module:
     """Copy of `module` holding the new tensors where it has them and copies of the rest."""
     new = copy.copy(module)
-    new.__dict__["_parameters"] = {k: new_tensors[prefix + k] if prefix + k in new_tensors else _copy_tensor(v)
-                                   for k, v in module._parameters.items()}
-    new.__dict__["_buffers"] = {k: new_tensors[prefix + k] if prefix + k in new_tensors else _copy_tensor(v)
-                                for k, v in module._buffers.items()}
-    new.__dict__["_modules"] = {k: (_with_tensors(sub, prefix + k + ".", new_tensors) if sub is not None else None)
+    new.__dict__["_parameters"] = {k: new_tensors[prefix + k] if prefix + k in new_tensors else
+                                   _copy_tensor(v, copies) for k, v in module._parameters.items()}
+    new.__dict__["_buffers"] = {k: new_tensors[prefix + k] if prefix + k in new_tensors else
+                                _copy_tensor(v, copies) for k, v in module._buffers.items()}
+    new.__dict__["_modules"] = {k: (_with_tensors(sub, prefix + k + ".", new_tensors, copies) if sub is not None else None)
                                 for k, sub in module._modules.items()}
     return new

@@ -56,6 +56,31 @@ def test_transformers_llama_prunes_grouped_query_heads_together():
     assert all({s.rsplit("_", 2)[-2] for s in g.spaces} == {"q", "k", "v"} for g in attention)
 
 
+def test_transformers_hidden_size_prunes_on_request_and_tied_embeddings_stay_tied():
+    transformers = pytest.importorskip("transformers")
+    from coverage import build_transformers
+    model, inputs = build_transformers("bert")  # the hidden state is BertModel's output: kept by default
+    report = compile_and_check(model, inputs, budget=0.75)
+    assert not report["outputs"]
+    pruned = fxprune.compile(model, 0.75, example_inputs=inputs, round_to=1, keep_outputs=False)
+    report = pruned.meta["fxprune"]
+    assert report["verification"]["passed"]
+    hidden = len(report["outputs"]["last_hidden_state"]["2"])
+    assert hidden < model.config.hidden_size
+    assert pruned.get_submodule("embeddings.word_embeddings").weight.shape[1] == hidden
+
+    torch.manual_seed(0)  # a causal LM: the hidden size is inside (RMSNorm's mean averages the kept channels)
+    config = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    lm = transformers.LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 96, (2, 8))
+    pruned = fxprune.compile(lm, 0.5, example_inputs={"input_ids": ids, "use_cache": False}, round_to=1)
+    assert pruned.meta["fxprune"]["verification"]["passed"]
+    embedding, head = pruned.get_submodule("model.embed_tokens").weight, pruned.get_submodule("lm_head").weight
+    assert embedding.shape[1] < 32 and embedding is head
+    assert pruned(input_ids=ids)["logits"].shape == (2, 8, 96)
+
+
 def test_segmentation_model():
     from torchvision.models.segmentation import lraspp_mobilenet_v3_large
     compile_and_check(lraspp_mobilenet_v3_large(weights=None, weights_backbone=None).eval(),

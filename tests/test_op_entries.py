@@ -114,6 +114,42 @@ def test_rms_norm_normalises_over_the_kept_hidden_channels():
         assert ("" if functional else "norm") in modules and "tokens.embed" in modules
 
 
+class HandWrittenRMSNorm(nn.Module):
+    """RMSNorm as Hugging Face writes it (x.pow(2).mean(-1)): a mean over the hidden channels."""
+
+    def __init__(self, dim=16):
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(dim) + 0.5)
+
+    def forward(self, x):
+        variance = x.pow(2).mean(-1, keepdim=True)
+        return self.weight * (x * torch.rsqrt(variance + 1e-6))
+
+
+class HandWrittenRMSNormMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.tokens, self.norm = Tokens(), HandWrittenRMSNorm()
+        self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 16)
+
+    def forward(self, x):
+        x = self.tokens(x)
+        return x + self.fc2(F.silu(self.fc1(self.norm(x))))   # the hidden state is the output
+
+
+def test_mean_over_channels_averages_the_kept_ones_and_outputs_shrink_on_request():
+    model = HandWrittenRMSNormMLP().eval()
+    assert groups_by_layer(model) == {"tokens_embed": (False, ["graph output (the model's outputs keep their size)"]),
+                                      "fc1": (True, [])}
+    pruned = fxprune.compile(model, 0.5, example_inputs=(X,), round_to=1, keep_outputs=False)
+    report = pruned.meta["fxprune"]
+    # the masked original averages over the kept hidden channels, as the pruned mean does
+    assert report["verification"]["passed"] and report["flops"]["ratio"] <= 0.5
+    hidden = report["outputs"][""]["2"]
+    assert 0 < len(hidden) < 16 and pruned.norm.weight.shape == (len(hidden),)
+    assert pruned(X).shape == (2, 9, len(hidden))
+
+
 class StackUnbind(nn.Module):
     """q, k, v projections stacked and unbound again (a common qkv layout): the three must keep the same
     positions; unbinding along the stacked dim gives each back."""

@@ -1,10 +1,14 @@
 """Ops that reduce or resample: softmax, sum/mean/max over dims, pooling and resizing.
 
-A sum over a channel dim is exact over the kept channels (the removed ones are zero); a mean or max
-over channels is not, so it freezes them. Pooling must act on dims that carry no channels."""
+A sum over a channel dim is exact over the kept channels (the removed ones are zero). A mean over
+channels is the normalising step of hand-written norms (RMSNorm's `x.pow(2).mean(-1)`, a LayerNorm2d's
+`x.mean(1)`): like LayerNorm, after pruning it averages the kept channels, and the verifier's reference
+is the mean over the kept channels (MeanOverKept). A max or min over channels freezes them. Pooling must
+act on dims that carry no channels."""
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Tuple
 
 import torch
 import torch.fx
@@ -35,6 +39,13 @@ register(OpEntry("softmax", softmax), functions=[F.softmax, F.log_softmax, torch
          methods=["softmax", "log_softmax"], modules=[nn.Softmax, nn.LogSoftmax])
 
 
+@dataclass(frozen=True)
+class MeanOverKept:
+    """This mean reduces channel dims `dims` of its input: after pruning it averages the kept channels."""
+
+    dims: Tuple[int, ...]
+
+
 def reduction(a, node: torch.fx.Node) -> Any:
     name = node.target if isinstance(node.target, str) else node.target.__name__
     m = a.tensor_map(first_input(node))
@@ -44,14 +55,26 @@ def reduction(a, node: torch.fx.Node) -> Any:
         return a.opaque(node, f"{name} over all dims")
     dims = [dims] if isinstance(dims, int) else list(dims)
     dims = sorted(d % m.ndim for d in dims)
-    if any(m.dims[d] is not None for d in dims) and name != "sum":  # sum over kept channels is exact
+    channel_dims = tuple(d for d in dims if m.dims[d] is not None)
+    if channel_dims and name == "mean":
+        a.set_fact(node, MeanOverKept(channel_dims))
+    elif channel_dims and name != "sum":  # sum over kept channels is exact
         return a.opaque(node, f"{name} over a channel dim")
     keepdim = spec.ndim == m.ndim
     return ChannelMap(tuple(None if d in dims else e for d, e in enumerate(m.dims) if keepdim or d not in dims))
 
 
-register(OpEntry("sum/mean/amax/amin", reduction), functions=[torch.sum, torch.mean, torch.amax, torch.amin],
-         methods=["sum", "mean", "amax", "amin"])
+def _mean_over_kept_reference(interp, node: torch.fx.Node, fact: MeanOverKept, args, kwargs) -> Any:
+    x = args[0]
+    for d in fact.dims:
+        x = x.index_select(d, interp.kept_index(node.args[0], d))
+    if node.op == "call_method":
+        return getattr(x, node.target)(*args[1:], **kwargs)
+    return node.target(x, *args[1:], **kwargs)
+
+
+register(OpEntry("sum/mean/amax/amin", reduction, reference=_mean_over_kept_reference),
+         functions=[torch.sum, torch.mean, torch.amax, torch.amin], methods=["sum", "mean", "amax", "amin"])
 
 
 def pool(a, node: torch.fx.Node) -> Any:
