@@ -222,11 +222,17 @@ class ChannelAnalysis:
         """A constant operand (a parameter, possibly expanded or reshaped to broadcast, as a layer scale
         `gamma.view(1, -1, 1, 1)`) met a channel dim: slice the parameter."""
         path, node, d = [(arg, dim)], arg, dim
-        while node.op in ("call_method", "call_function") and _target_name(node) in _PASS_TO_PARAMETER:
-            if len(node.users) != 1 or not isinstance(node.args[0], torch.fx.Node):
+        while node.op in ("call_method", "call_function"):
+            if len(node.users) != 1:
                 return False
-            source = node.args[0]
-            d = _dim_before(value_spec(source), value_spec(node), d, _target_name(node) in _ONLY_ADD_LEADING_DIMS)
+            if _target_name(node) in _PASS_TO_PARAMETER and isinstance(node.args[0], torch.fx.Node):
+                source = node.args[0]
+                d = _dim_before(value_spec(source), value_spec(node), d,
+                                _target_name(node) in _ONLY_ADD_LEADING_DIMS)
+            elif self._positionwise_of_one(node):  # `1 + weight` (Gemma's RMSNorm scale)
+                source = node.all_input_nodes[0]
+            else:
+                return False
             if d is None:
                 return False
             node = source
@@ -239,6 +245,14 @@ class ChannelAnalysis:
             if isinstance(m, ChannelMap):
                 self.maps[n.name] = m.replace(nd, elements)
         return True
+
+    def _positionwise_of_one(self, node: torch.fx.Node) -> bool:
+        """node maps each position of its only tensor operand on its own, keeping the shape."""
+        entry = REGISTRY.lookup(node, self.modules)
+        inputs = node.all_input_nodes
+        return entry is not None and entry.positionwise and len(inputs) == 1 and \
+            isinstance(value_spec(inputs[0]), TensorSpec) and value_spec(inputs[0]) is not None and \
+            value_spec(inputs[0]).shape == getattr(value_spec(node), "shape", None)
 
     # ----------------------------------------------------------------- result
     def finish(self) -> ChannelGroups:

@@ -1,5 +1,6 @@
 """One fixture per registry entry added with docs/adding-an-op.md: the groups it must produce, and a
 pruned model equal to the masked original."""
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -7,6 +8,13 @@ from torch import nn
 import fxprune
 
 X = torch.randn(2, 3, 12, 12)
+
+
+@pytest.fixture(autouse=True)
+def same_weights_whatever_ran_before():
+    """Which channels L1 removes depends on the random weights: seed each test so it does not depend on
+    the tests that ran before it."""
+    torch.manual_seed(0)
 
 
 def groups_by_layer(model):
@@ -126,10 +134,18 @@ class HandWrittenRMSNorm(nn.Module):
         return self.weight * (x * torch.rsqrt(variance + 1e-6))
 
 
+class OnePlusWeightRMSNorm(HandWrittenRMSNorm):
+    """Gemma's variant: the scale is computed from the parameter (1 + weight), position by position."""
+
+    def forward(self, x):
+        variance = x.pow(2).mean(-1, keepdim=True)
+        return (x * torch.rsqrt(variance + 1e-6)) * (1.0 + self.weight.float())
+
+
 class HandWrittenRMSNormMLP(nn.Module):
-    def __init__(self):
+    def __init__(self, norm=HandWrittenRMSNorm):
         super().__init__()
-        self.tokens, self.norm = Tokens(), HandWrittenRMSNorm()
+        self.tokens, self.norm = Tokens(), norm()
         self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 16)
 
     def forward(self, x):
@@ -137,8 +153,9 @@ class HandWrittenRMSNormMLP(nn.Module):
         return x + self.fc2(F.silu(self.fc1(self.norm(x))))   # the hidden state is the output
 
 
-def test_mean_over_channels_averages_the_kept_ones_and_outputs_shrink_on_request():
-    model = HandWrittenRMSNormMLP().eval()
+@pytest.mark.parametrize("norm", [HandWrittenRMSNorm, OnePlusWeightRMSNorm])
+def test_mean_over_channels_averages_the_kept_ones_and_outputs_shrink_on_request(norm):
+    model = HandWrittenRMSNormMLP(norm).eval()
     assert groups_by_layer(model) == {"tokens_embed": (False, ["graph output (the model's outputs keep their size)"]),
                                       "fc1": (True, [])}
     pruned = fxprune.compile(model, 0.5, example_inputs=(X,), round_to=1, keep_outputs=False)
@@ -148,6 +165,30 @@ def test_mean_over_channels_averages_the_kept_ones_and_outputs_shrink_on_request
     hidden = report["outputs"][""]["2"]
     assert 0 < len(hidden) < 16 and pruned.norm.weight.shape == (len(hidden),)
     assert pruned(X).shape == (2, 9, len(hidden))
+
+
+class FusedProjectionSlices(nn.Module):
+    """One projection whose output is cut by slices of the channel dim (Phi-3's fused gate/up MLP)."""
+
+    def __init__(self):
+        super().__init__()
+        self.tokens, self.fused, self.down, self.head = Tokens(), nn.Linear(16, 48), nn.Linear(20, 16), nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = self.tokens(x)
+        fused = self.fused(x)
+        gate, up, extra = fused[..., :20], fused[:, :, 20:40], fused[..., -8:]
+        return self.head((x + self.down(F.silu(gate) * up) + extra.sum(-1, keepdim=True)).mean(1))
+
+
+def test_slices_of_a_channel_dim_keep_their_channels_and_move_their_bounds():
+    model = FusedProjectionSlices().eval()
+    groups = fxprune.analyze(model, (X,))
+    fused = [g for g in groups.groups if "fused" in g.spaces]
+    # gate and up are multiplied position by position (20 units for 40 channels), the extra 8 sum away
+    assert [(g.size, g.prunable) for g in fused] == [(28, True)]
+    modules = prune_and_check(model)
+    assert len(modules["fused"]["out"]) < 48
 
 
 class StackUnbind(nn.Module):

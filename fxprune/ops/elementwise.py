@@ -30,7 +30,7 @@ def unary(a, node: torch.fx.Node) -> Any:
 
 
 UNARY = register(
-    OpEntry("unary elementwise", unary, meta_shape=same_as_input),
+    OpEntry("unary elementwise", unary, meta_shape=same_as_input, positionwise=True),
     functions=[
         torch.relu, torch.sigmoid, torch.tanh, torch.exp, torch.abs, torch.neg, torch.clamp, F.relu, F.relu6, F.gelu,
         F.silu, F.hardswish, F.hardsigmoid, F.hardtanh, F.leaky_relu, F.elu, F.mish, F.sigmoid, F.tanh, F.dropout,
@@ -76,7 +76,7 @@ def elementwise(a, node: torch.fx.Node) -> Any:
     return ChannelMap(tuple(out))
 
 
-register(OpEntry("binary elementwise", elementwise),
+register(OpEntry("binary elementwise", elementwise, positionwise=True),
          functions=[torch.add, torch.sub, torch.mul, torch.div, torch.maximum, torch.minimum, torch.where, torch.pow,
                     torch.true_divide, torch.rsub, torch.fmod, torch.remainder, torch.floor_divide, torch.eq, torch.ne,
                     torch.lt, torch.le, torch.gt, torch.ge, torch.logical_and, torch.logical_or, torch.lerp,
@@ -112,7 +112,7 @@ def _positions(a, x: Any) -> tuple:
         else (None,) * len(value_spec(x) or ())
 
 
-register(OpEntry("Python operator", python_operator, accepts_channel_counts=True),
+register(OpEntry("Python operator", python_operator, accepts_channel_counts=True, positionwise=True),
          functions=[operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv, operator.mod,
                     operator.pow, operator.neg, operator.pos, operator.invert, operator.eq, operator.ne, operator.lt,
                     operator.le, operator.gt, operator.ge, operator.and_, operator.or_, operator.xor, operator.iadd,

@@ -46,6 +46,9 @@ class OpEntry:
     rewrite_args: Optional[Callable[[Any, torch.fx.Node, torch.fx.Node], None]] = None
     # its arguments may be computed from the size of a channel dim (x.size(1)); rewrite_args replaces them
     accepts_channel_counts: bool = False
+    # each output position depends only on the same position of the one tensor operand (constants aside:
+    # `1 + weight`, `weight.sigmoid()`), so a parameter computed through it can still be sliced
+    positionwise: bool = False
     # (module copy holding the sliced tensors, rewrite, node) -> None: make size attributes agree
     resize_module: Optional[Callable[[torch.nn.Module, Any, torch.fx.Node], None]] = None
     # (rewrite, node, fact, sliced tensors by qualified name) -> None: fix-ups across tensors

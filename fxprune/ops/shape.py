@@ -82,26 +82,22 @@ def getitem(a, node: torch.fx.Node) -> Any:
 
 
 def _tensor_index(a, node: torch.fx.Node, m: ChannelMap, index) -> Any:
-    """x[...]: ints and full slices of channel dims are understood; anything else freezes them."""
+    """x[...]: ints, full slices, and step-1 slices of channel dims (a fused qkv's q part) are
+    understood; anything else freezes them."""
     index = index if isinstance(index, tuple) else (index,)
     if any(isinstance(i, torch.fx.Node) or (not isinstance(i, (int, slice, type(None), type(Ellipsis)))) for i in index):
         return a.opaque(node, "tensor indexing by a tensor or list")
-    n_real = sum(1 for i in index if i is not None and i is not Ellipsis)
-    expanded: List[Any] = []
-    for i in index:
-        if i is Ellipsis:
-            expanded.extend([slice(None)] * (m.ndim - n_real))
-        else:
-            expanded.append(i)
-    expanded.extend([slice(None)] * (m.ndim - sum(1 for i in expanded if i is not None)))
     out, d = [], 0
-    for i in expanded:
+    for i in _expanded_index(index, m.ndim):
         if i is None:
             out.append(None)
             continue
         e = m.dims[d]
         if isinstance(i, slice) and i == slice(None):
             out.append(e)
+        elif e is not None and isinstance(i, slice) and i.step in (None, 1):
+            start, stop, _ = i.indices(len(e))
+            out.append(e[start:max(start, stop)])  # the same channels: the rewrite moves the bounds
         elif e is not None:
             a.es.freeze(e, f"blocked by {describe_node(node)}: indexing a channel dim")
             if isinstance(i, slice):
@@ -112,8 +108,43 @@ def _tensor_index(a, node: torch.fx.Node, m: ChannelMap, index) -> Any:
     return ChannelMap(tuple(out))
 
 
+def _expanded_index(index: tuple, ndim: int) -> List[Any]:
+    """The index with the Ellipsis spelt out and trailing full slices added (None: a new dim)."""
+    n_real = sum(1 for i in index if i is not None and i is not Ellipsis)
+    expanded: List[Any] = []
+    for i in index:
+        if i is Ellipsis:
+            expanded.extend([slice(None)] * (ndim - n_real))
+        else:
+            expanded.append(i)
+    expanded.extend([slice(None)] * (ndim - sum(1 for i in expanded if i is not None)))
+    return expanded
+
+
+def rewrite_getitem(rw, node: torch.fx.Node, new: torch.fx.Node) -> None:
+    """A slice of a channel dim gets the bounds of its kept channels: kept positions stay in order, so
+    those inside [start, stop) are again one run."""
+    source, index = node.args
+    m = rw.groups.maps.get(source.name)
+    if not isinstance(m, ChannelMap) or not isinstance(index, (tuple, slice)):
+        return
+    expanded, d, changed = _expanded_index(index if isinstance(index, tuple) else (index,), m.ndim), 0, False
+    for k, i in enumerate(expanded):
+        if i is None:
+            continue
+        if isinstance(i, slice) and i != slice(None) and m.dims[d] is not None:
+            kept = rw.kept(m.dims[d])
+            start, stop, _ = i.indices(len(m.dims[d]))
+            expanded[k] = slice(int(np.searchsorted(kept, start)), int(np.searchsorted(kept, max(start, stop))))
+            changed = True
+        d += 1
+    if changed:
+        new.args = (new.args[0], tuple(expanded))
+
+
 # tuples of channel counts (x.shape) are indexed too: the count passes through
-register(OpEntry("getitem", getitem, accepts_channel_counts=True), functions=[operator.getitem])
+register(OpEntry("getitem", getitem, rewrite_args=rewrite_getitem, accepts_channel_counts=True),
+         functions=[operator.getitem])
 
 
 # ----------------------------------------------------------------------------- reshapes
