@@ -15,7 +15,7 @@ from fxprune.apps.visualize import visualize
 logging.basicConfig(level=logging.INFO, format="[fxprune] %(message)s")
 model = torchvision.models.mobilenet_v2().eval()
 x = torch.randn(1, 3, 224, 224)
-pruned = fxprune.compile(model, 0.5, example_inputs=(x,))        # round_to=8 by default: fast kernels
+pruned = fxprune.compile(model, 0.5, example_inputs=(x,))        # round_to="auto": aligned widths where wide
 
 with tempfile.TemporaryDirectory() as out:
     fxprune.save(pruned, f"{out}/pruned.pt")

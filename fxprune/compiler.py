@@ -25,7 +25,8 @@ log = logging.getLogger("fxprune")
 
 
 def compile(model: torch.nn.Module, budget: Union[float, Budget], *, example_inputs,
-            importance: Union[str, Importance] = "l1", ignore: Iterable[Any] = (), round_to: int = 8,
+            importance: Union[str, Importance] = "l1", ignore: Iterable[Any] = (),
+            round_to: Union[int, str] = "auto",
             min_channels: int = 1, verify: bool = True, allocation: Any = "global", keep_outputs: bool = True,
             leaf_modules: Sequence[Any] = (), data: Optional[Iterable[Any]] = None,
             loss_fn: Optional[Callable] = None) -> torch.fx.GraphModule:
@@ -39,9 +40,11 @@ def compile(model: torch.nn.Module, budget: Union[float, Budget], *, example_inp
         fxprune.SpaceSearch(evaluator=...) (search a network pruning space; the importance then only
         decides which channels a width keeps; the report gets a "search" section).
     ignore: modules (objects of `model`) or qualified-name patterns (fnmatch) whose output channels
-        stay. round_to / min_channels: kept widths are multiples of round_to and at least min_channels
-        (the default 8 keeps CPU/GPU kernels on their fast paths: odd widths made a pruned MobileNetV2
-        slower than the dense one in onnxruntime; use 1 for the finest granularity).
+        stay. round_to / min_channels: kept widths are multiples of round_to and at least min_channels.
+        "auto" (default) picks per group: steps of up to 8 channels (kernels work on blocks of 8 or 16;
+        odd widths made a pruned MobileNetV2 slower than the dense one in onnxruntime) but at least 16
+        widths to choose from, so a 2048-wide layer moves 8 channels at a time and a 16-wide one 1.
+        An int applies to every group (1: the finest granularity).
     keep_outputs: the model's outputs keep their size (default). False lets their channels go too: the
         hidden size of a transformer whose output is its hidden state (BertModel, LlamaModel); the result's
         outputs are then narrower and the report's "outputs" entry says which positions they keep. (In a
@@ -56,7 +59,8 @@ def compile(model: torch.nn.Module, budget: Union[float, Budget], *, example_inp
     `result.meta["fxprune"]`."""
     _check_model(model)
     budget = as_budget(budget)
-    round_to, min_channels = _positive_int(round_to, "round_to"), _positive_int(min_channels, "min_channels")
+    round_to = round_to if round_to == "auto" else _positive_int(round_to, "round_to (or \"auto\")")
+    min_channels = _positive_int(min_channels, "min_channels")
     allocation_pass = _allocation(allocation)
     inputs = normalise_example_inputs(example_inputs)
     ignore_names = resolve_ignore(model, ignore)

@@ -96,10 +96,10 @@ def _graph_nodes(gm: torch.fx.GraphModule, groups: ChannelGroups, keep: np.ndarr
     """The traced graph as plain data (what tools/viz draws without the model): per node its op, a
     readable kind, inputs, shape, and for every channel dim it carries the width before and after
     pruning and the groups those channels belong to."""
-    nodes, widths = [], _channel_widths(groups, keep)
+    nodes, widths, modules = [], _channel_widths(groups, keep), dict(gm.named_modules())
     for node in gm.graph.nodes:
         if node.op == "call_module":
-            kind = type(gm.get_submodule(node.target)).__name__
+            kind = type(modules[node.target]).__name__
         elif node.op == "call_function":
             kind = getattr(node.target, "__name__", str(node.target))
         else:

@@ -89,13 +89,12 @@ def _meta_weights(gm: torch.fx.GraphModule) -> torch.nn.Module:
     root.__dict__["_parameters"] = dict(gm._parameters)
     root.__dict__["_buffers"] = dict(gm._buffers)
     root.__dict__["_modules"] = {k: (_structural_copy(v) if v is not None else None) for k, v in gm._modules.items()}
-    wanted = set()
+    wanted, modules = set(), dict(root.named_modules())
     for node in gm.graph.nodes:
-        if node.op == "call_module" and not _needs_no_weights(root.get_submodule(node.target)):
-            wanted.update(id(m) for m in root.get_submodule(node.target).modules())
+        if node.op == "call_module" and not _needs_no_weights(modules[node.target]):
+            wanted.update(id(m) for m in modules[node.target].modules())
         elif node.op == "get_attr":
-            owner = node.target.rpartition(".")[0]
-            wanted.add(id(root.get_submodule(owner) if owner else root))
+            wanted.add(id(modules[node.target.rpartition(".")[0]]))
     for module in root.modules():
         if id(module) not in wanted:
             continue

@@ -1,7 +1,7 @@
 """Shared rules of the allocation passes: which kept counts a group may take."""
 from __future__ import annotations
 
-from typing import List
+from typing import List, Union
 
 import numpy as np
 
@@ -10,11 +10,41 @@ from fxprune.cost import CostModel
 from fxprune.ir import ChannelGroup, ChannelGroups, ChannelMap
 
 
+# round_to="auto": a group moves in steps of up to AUTO_ALIGN channels (CPU/GPU kernels work on blocks of
+# 8 or 16), but never so coarsely that it has fewer than AUTO_MIN_CHOICES widths to choose from: a
+# 2048-channel layer moves 8 at a time, a 64-channel one 4, a 16-channel one 1, and a unit that is
+# already 8 channels wide (an attention head) 1 unit.
+AUTO_ALIGN, AUTO_MIN_CHOICES = 8, 16
+RoundTo = Union[int, str]
+
+
+def group_round_to(groups: ChannelGroups, group: ChannelGroup, round_to: RoundTo) -> int:
+    """The step (in units) a group's kept count moves by: round_to itself, or "auto" resolved from the
+    group's size and the channels one unit spans."""
+    if round_to != "auto":
+        return int(round_to)
+    width = _channels_per_unit(groups, group)
+    step = 1
+    while 2 * step * width <= AUTO_ALIGN and group.size / (2 * step) >= AUTO_MIN_CHOICES:
+        step *= 2
+    return step
+
+
+def _channels_per_unit(groups: ChannelGroups, group: ChannelGroup) -> int:
+    """Positions one unit of the group spans in a tensor carrying it (a head: its width; a channel: 1)."""
+    for node, dim in group.members:
+        m = groups.maps.get(node)
+        if isinstance(m, ChannelMap) and m.dims[dim] is not None:
+            units = groups.units_of(m.dims[dim])
+            return max(1, len(units) // max(1, len(np.unique(units))))
+    return 1
+
+
 def allowed_kept_counts(group: ChannelGroup, n_frozen: int, round_to: int, min_channels: int) -> List[int]:
     """Kept unit counts a group may take, from its full size down, largest first.
 
-    Multiples of round_to (when the group is at least that large), never below min_channels (nor 1),
-    never below the number of frozen units."""
+    Multiples of round_to (when the group is at least that large; see group_round_to), never below
+    min_channels (nor 1), never below the number of frozen units."""
     size = group.size
     floor = max(min_channels, 1, n_frozen)
     if size <= floor:

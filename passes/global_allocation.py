@@ -11,7 +11,8 @@ budget is found by bisection on the exact cost model. Requires: ChannelGroups, C
 from __future__ import annotations
 
 import heapq
-from typing import Dict, List
+import warnings
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -19,8 +20,11 @@ from fxprune.budget import Budget
 from fxprune.cost import CostModel
 from fxprune.errors import BudgetError, NoPrunableChannelsError
 from fxprune.ir import ChannelGroups, PrunePlan
-from .allocation_common import (allowed_kept_counts, budget_slack, normalised_importance,
+from .allocation_common import (allowed_kept_counts, budget_slack, group_round_to, normalised_importance,
                                 protected_units, removal_order, within_budget_unpruned)
+
+
+SHORTFALL_WARNING = 0.02  # warn when the result keeps this much (absolute fraction) less than the budget
 
 
 class GlobalAllocation:
@@ -47,7 +51,8 @@ class GlobalAllocation:
         units_parts, begin, end, chunk_group, chunk_value, offset = [], [], [], [], [], 0
         for g in groups.groups:
             order = removal_order(g, protected, norm)
-            counts = allowed_kept_counts(g, int(protected[g.units].sum()), self.round_to, self.min_channels)
+            counts = allowed_kept_counts(g, int(protected[g.units].sum()), group_round_to(groups, g, self.round_to),
+                                         self.min_channels)
             ends = g.size - np.asarray(counts[1:], dtype=np.int64)  # units removed after each chunk
             if not len(ends):
                 continue
@@ -69,7 +74,29 @@ class GlobalAllocation:
         sequence = np.lexsort((np.arange(len(values)), values))  # stable: ties keep group order
         chunks = _Chunks(np.concatenate(units_parts), begin[sequence], end[sequence],
                          np.concatenate(chunk_group)[sequence])
-        return PrunePlan(_shortest_prefix(chunks, groups.n_units, cost, self.budget))
+        keep, smallest_refused = _shortest_prefix(chunks, groups.n_units, cost, self.budget)
+        self._warn_if_short(groups, cost, keep, smallest_refused)
+        return PrunePlan(keep)
+
+    def _warn_if_short(self, groups: ChannelGroups, cost: CostModel, keep: np.ndarray, smallest_refused) -> None:
+        """The closest result the granularity allows may still be well under the budget (a group whose
+        one channel is a large share of a small model): say so, and which step was too big."""
+        full = np.ones(groups.n_units, dtype=bool)
+        gaps = [(name, want, got(keep) / got(full)) for name, want, got in
+                (("FLOPs", self.budget.flops, cost.flops), ("params", self.budget.params, cost.params))
+                if want is not None]
+        if min(want - ratio for _, want, ratio in gaps) <= SHORTFALL_WARNING:
+            return
+        name, want, ratio = min(gaps, key=lambda t: t[1] - t[2])
+        message = f"fxprune: kept {ratio:.1%} of the {name} for a budget of {want:.1%}"
+        if smallest_refused is not None:
+            step, gid, n_units = smallest_refused
+            g = groups.groups[gid]
+            message += (f": the smallest step that could come back, {n_units} unit(s) of group {g.name!r} "
+                        f"({g.size} units), is {step:.1%} of the {name} and does not fit")
+            message += (f". round_to=1 (now {self.round_to!r}) gives one-unit steps" if n_units > 1 else
+                        ". One unit of it is that coarse; loosen the budget or accept the result")
+        warnings.warn(message, stacklevel=2)
 
 
 class _Chunks:
@@ -95,7 +122,8 @@ class _Chunks:
         return self.flat[: len(chunk)][chunk < stop[self.group[chunk]]]
 
 
-def _shortest_prefix(chunks: _Chunks, n_units: int, cost: CostModel, budget: Budget) -> np.ndarray:
+def _shortest_prefix(chunks: _Chunks, n_units: int, cost: CostModel,
+                     budget: Budget) -> Tuple[np.ndarray, Optional[Tuple[float, int, int]]]:
     """The first chunks (in removal order) whose removal meets the budget. The last one may be large (a
     ViT residual channel spans every block) and overshoot it by more than 0.5%: then its group stops
     there (its later chunks depend on it) and the prefix grows with the other groups' chunks instead.
@@ -137,10 +165,11 @@ def _shortest_prefix(chunks: _Chunks, n_units: int, cost: CostModel, budget: Bud
 
 
 def _add_back(chunks: _Chunks, keep: np.ndarray, k: int, stop: np.ndarray, cost: CostModel, budget: Budget,
-              flops0: float, params0: float) -> np.ndarray:
+              flops0: float, params0: float) -> Tuple[np.ndarray, Optional[Tuple[float, int, int]]]:
     """Chunks come off whole, so the cut can leave up to a chunk of the budget unused. Return removed
     chunks while they fit, most valuable first; only a group's last removed chunk may return (its
-    order is kept), after which the one before it may."""
+    order is kept), after which the one before it may. Also returns the cheapest chunk that did not
+    fit, as (its share of the budgeted cost, group id, units)."""
     index = np.arange(k)
     removed = index[index < stop[chunks.group[index]]]
     by_group: Dict[int, List[int]] = {}
@@ -148,18 +177,22 @@ def _add_back(chunks: _Chunks, keep: np.ndarray, k: int, stop: np.ndarray, cost:
         by_group.setdefault(int(chunks.group[i]), []).append(i)
     candidates = [-chunks_of[-1] for chunks_of in by_group.values()]  # a max-heap on removal order = value
     heapq.heapify(candidates)
-    state = cost.tracker(keep)
+    state, refused = cost.tracker(keep), None
     while candidates:
         i = -heapq.heappop(candidates)
         units = chunks.units(i)
-        if budget_slack(budget, *state.if_changed(units, kept=True), flops0, params0) < -1e-9:
+        flops, params = state.if_changed(units, kept=True)
+        if budget_slack(budget, flops, params, flops0, params0) < -1e-9:
+            step = (flops - state.flops) / flops0 if budget.flops is not None else (params - state.params) / params0
+            if refused is None or step < refused[0]:
+                refused = (step, int(chunks.group[i]), len(units))
             continue                     # the group's earlier chunks stay out with it
         state.change(units, kept=True)
         chunks_of = by_group[int(chunks.group[i])]
         chunks_of.pop()
         if chunks_of:
             heapq.heappush(candidates, -chunks_of[-1])
-    return state.keep
+    return state.keep, refused
 
 
 def unreachable_message(cost: CostModel, keep: np.ndarray, budget: Budget, flops0: float, params0: float) -> str:

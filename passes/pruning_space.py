@@ -26,7 +26,8 @@ import numpy as np
 from fxprune.cost import CostModel
 from fxprune.errors import BudgetError, ConfigError, NoPrunableChannelsError
 from fxprune.ir import ChannelGroups, PrunePlan
-from .allocation_common import allowed_kept_counts, normalised_importance, protected_units, removal_order
+from .allocation_common import (allowed_kept_counts, group_round_to, normalised_importance, protected_units,
+                                removal_order)
 
 DEFAULT_KEEP_RATIOS = tuple(round(0.1 + 0.05 * i, 2) for i in range(19))  # 0.1, 0.15, ..., 1.0
 
@@ -68,7 +69,8 @@ class PruningSpace:
         for g in groups.groups:
             if not g.prunable:
                 continue
-            counts = allowed_kept_counts(g, int(protected[g.units].sum()), round_to, min_channels)
+            counts = allowed_kept_counts(g, int(protected[g.units].sum()), group_round_to(groups, g, round_to),
+                                         min_channels)
             levels = sorted({min(counts, key=lambda c: (abs(c - r * g.size), -c)) for r in keep_ratios})
             if len(levels) < 2:
                 continue                          # nothing to choose: the group stays whole

@@ -8,8 +8,8 @@ from fxprune.budget import Budget
 from fxprune.cost import CostModel
 from fxprune.errors import BudgetError, NoPrunableChannelsError
 from fxprune.ir import ChannelGroups, PrunePlan
-from .allocation_common import (allowed_kept_counts, meets_budget, normalised_importance, protected_units,
-                                removal_order, within_budget_unpruned)
+from .allocation_common import (allowed_kept_counts, group_round_to, meets_budget, normalised_importance,
+                                protected_units, removal_order, within_budget_unpruned)
 from .global_allocation import _no_prunable_message, unreachable_message
 
 
@@ -27,7 +27,8 @@ class UniformAllocation:
         norm = normalised_importance(groups, scores)
         protected = protected_units(groups, norm)
         orders = [removal_order(g, protected, norm) for g in groups.groups]
-        allowed = [allowed_kept_counts(g, int(protected[g.units].sum()), self.round_to, self.min_channels)
+        allowed = [allowed_kept_counts(g, int(protected[g.units].sum()), group_round_to(groups, g, self.round_to),
+                                       self.min_channels)
                    for g in groups.groups]
         full = np.ones(groups.n_units, dtype=bool)
         flops0, params0 = cost.flops(full), cost.params(full)

@@ -1,10 +1,11 @@
 """Differential tests on one fixture per coupling pattern: pruned == masked original (float64)."""
 # The fixtures have 4-16 channels: they are compiled with round_to=1 so coupling is tested channel by
-# channel (compile rounds widths to multiples of 8 by default, which would leave most of them whole).
+# channel (the default round_to="auto" also steps one channel at a time on groups this narrow).
 import copy
 
 import pytest
 import torch
+from torch import nn
 
 import fxprune
 from fixtures import FIXTURES, BlockingOp, ConvChain, example_input
@@ -202,11 +203,23 @@ def test_params_budget_and_both():
     assert p.meta["fxprune"]["params"]["ratio"] <= 0.4 and p.meta["fxprune"]["flops"]["ratio"] <= 0.6
 
 
-def test_default_rounds_kept_widths_to_multiples_of_8():
-    pruned = fxprune.compile(ConvChain(), 0.5, example_inputs=(example_input(),))
-    groups = [g for g in pruned.meta["fxprune"]["groups"] if not g["blocked"] and g["size"] >= 8]
-    assert groups and all(g["kept"] % 8 == 0 for g in groups)
-    assert any(g["kept"] < g["size"] for g in groups)
+def test_default_round_to_follows_each_groups_width():
+    """round_to="auto": wide groups move 8 channels at a time, narrow ones finely (>= 16 choices), and a
+    unit that spans 8 channels (a head) one unit at a time."""
+    from fxprune.compiler import _analyse
+    from fxprune.passes.allocation_common import group_round_to
+
+    wide = nn.Sequential(nn.Conv2d(3, 256, 1), nn.ReLU(), nn.Conv2d(256, 64, 1), nn.ReLU(), nn.Conv2d(64, 16, 1),
+                         nn.ReLU(), nn.Conv2d(16, 4, 1)).eval()
+    _, groups = _analyse(wide, (example_input(),), set(), ())
+    steps = {g.name: group_round_to(groups, g, "auto") for g in groups.groups}
+    assert steps == {"_0": 8, "_2": 4, "_4": 1, "_6": 1}
+    _, heads = _analyse(FIXTURES["HeadReshape"]().eval(), (example_input(),), set(), ())
+    assert {group_round_to(heads, g, "auto") for g in heads.groups} == {1}
+    pruned = fxprune.compile(wide, 0.5, example_inputs=(example_input(),))
+    assert pruned.meta["fxprune"]["options"]["round_to"] == "auto"
+    kept = {g["name"]: g["kept"] for g in pruned.meta["fxprune"]["groups"]}
+    assert kept["_0"] % 8 == 0 and kept["_2"] % 4 == 0 and kept["_0"] < 256
 
 
 @pytest.mark.parametrize("allocation", ["global", "global_per_flop", "uniform"])

@@ -1099,6 +1099,39 @@ def test_most_random_graphs_prune():
     assert pruned >= 0.8 * len(outcomes), f"only {pruned}/{len(outcomes)} random graphs compiled"
 
 
+def test_defaults_land_within_two_points_of_the_budget_or_say_why():
+    """With the default options a result keeps at most the budget and at least budget - 2 points, or
+    warns naming the smallest step that would not fit, and that step is larger than the shortfall."""
+    import re
+    import warnings
+    checked, warned, seed = 0, 0, 0
+    while checked < 60:
+        c = SeededChooser(seed)
+        spec = draw_spec(c)
+        seed += 1
+        if known_bug(spec) is not None:
+            continue
+        model = RandomNet(spec).eval()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                pruned = fxprune.compile(model, 0.5, example_inputs=(model.example_input(),), verify=False)
+            except fxprune.BudgetError:
+                continue
+        checked += 1
+        ratio = pruned.meta["fxprune"]["flops"]["ratio"]
+        assert ratio <= 0.5 + 1e-9
+        short = [str(w.message) for w in caught if "for a budget of" in str(w.message)]
+        if 0.5 - ratio <= 0.02:
+            assert not short, short
+            continue
+        warned += 1
+        assert len(short) == 1, (spec, ratio)
+        step = re.search(r"is ([0-9.]+)% of the FLOPs and does not fit", short[0])
+        assert step and float(step.group(1)) / 100 > 0.5 - ratio - 1e-3, short[0]
+    assert warned < checked / 2
+
+
 # =========================================================================== hand-built reference
 CHAIN_KINDS = ("conv", "dwconv", "gconv", "res", "resproj", "concat", "pool")
 

@@ -91,6 +91,10 @@ def print_summary(name: str, report: dict, seconds: float) -> None:
     print(f"  compile time: {seconds:.2f}s")
 
 
+def _round_to(text: str):
+    return text if text == "auto" else int(text)
+
+
 def _compile_options(args) -> dict:
     options = dict(importance=args.importance, min_channels=args.min_channels, ignore=args.ignore)
     if hasattr(args, "allocation"):
@@ -267,7 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "calibration data: use the Python API's data=)")
         if allocation:
             p.add_argument("--allocation", default="global", choices=["global", "global_per_flop", "uniform"])
-        p.add_argument("--round-to", type=int, help="kept widths are multiples of this (default: compile's, 8)")
+        p.add_argument("--round-to", type=_round_to, help="kept widths are multiples of this, or 'auto' per layer "
+                                                          "width (default: compile's, auto)")
         p.add_argument("--min-channels", type=int, default=1)
 
     def latency(p, batch_sizes, runs):
