@@ -260,6 +260,9 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per child")
     parser.add_argument("--jobs", type=int, default=1, help="models run at once (each child uses --threads)")
     parser.add_argument("--out", default=None, help="JSON output (default benchmarks/results/coverage_<zoo>.json)")
+    parser.add_argument("--peer-from", help="take Torch-Pruning's column from this earlier JSON of the same zoo "
+                                            "instead of running it again (it is the slow half of a run, and "
+                                            "does not change when fxprune does)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # child mode: run one model, print its row
     args = parser.parse_args()
     if args.one:
@@ -282,9 +285,14 @@ def main() -> int:
     print(f"{'model':44s} {'fxprune':28s} {'flops':>6s} {'prun.':>6s} {'s':>6s}  torch-pruning")
     rows = []
 
+    earlier = {}
+    if args.peer_from:
+        with open(args.peer_from) as f:
+            earlier = {r["model"]: r.get("tp", "-") for r in json.load(f)["rows"]}
+
     def both_tools(name: str) -> dict:
         row = child(args, name, "fx")
-        row["tp"] = child(args, name, "tp").get("tp", "-")
+        row["tp"] = earlier.get(name, "not in --peer-from") if args.peer_from else child(args, name, "tp").get("tp", "-")
         return row
 
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
@@ -292,7 +300,8 @@ def main() -> int:
             rows.append(row)
             _print_row(name, row)
             with open(out, "w") as f:
-                json.dump({"zoo": args.zoo, "budget": BUDGETS[args.zoo], "rows": rows}, f, indent=1)
+                json.dump({"zoo": args.zoo, "budget": BUDGETS[args.zoo], "rows": rows,
+                           "how": " ".join(sys.argv[1:])}, f, indent=1)
     summarise(rows)
     print(f"\nwrote {out}")
     return 0

@@ -2,8 +2,8 @@
 
 For every model (torchvision, random init, 224x224) and a FLOPs budget, this builds
   - dense: the original model;
-  - fxprune: `fxprune.compile(model, budget)` with its defaults (global L1, round_to=8);
-  - fxprune-rt1: the same with round_to=1 (to show what channel rounding buys);
+  - fxprune: `fxprune.compile(model, budget)` with its defaults (global L1, round_to="auto");
+  - fxprune-rt1, fxprune-rt8: the same with round_to=1 and 8 (what channel rounding buys);
   - tp: Torch-Pruning 1.6 L1 magnitude (`BasePruner`, per-layer ratio, classifier ignored; its ViT recipe),
     its pruning_ratio searched until it keeps the FLOPs fxprune kept (counted the same way, fxprune's
     cost model = FlopCounterMode's convention);
@@ -81,6 +81,7 @@ def build_variants(name: str, budget: float, peer: bool = True) -> Dict[str, tor
     models: Dict[str, torch.nn.Module] = {"dense": model}
     models["fxprune"] = fxprune.compile(model, budget, example_inputs=(x,))
     models["fxprune-rt1"] = fxprune.compile(model, budget, example_inputs=(x,), round_to=1)
+    models["fxprune-rt8"] = fxprune.compile(model, budget, example_inputs=(x,), round_to=8)
     if peer:
         target = models["fxprune"].meta["fxprune"]["flops"]["ratio"]
         for key, options in (("tp", {}), ("tp-rt8", {"round_to": 8})):
