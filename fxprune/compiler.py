@@ -42,8 +42,8 @@ def compile(model: torch.nn.Module, budget: Union[float, Budget], *, example_inp
     ignore: modules (objects of `model`) or qualified-name patterns (fnmatch) whose output channels
         stay. round_to / min_channels: kept widths are multiples of round_to and at least min_channels.
         "auto" (default) picks per group: steps of up to 8 channels (kernels work on blocks of 8 or 16;
-        odd widths made a pruned MobileNetV2 slower than the dense one in onnxruntime) but at least 16
-        widths to choose from, so a 2048-wide layer moves 8 channels at a time and a 16-wide one 1.
+        odd widths made a pruned MobileNetV2 slower than the dense one in onnxruntime) but at least 8
+        widths to choose from, so a layer 64 or more wide moves 8 channels at a time and a 16-wide one 2.
         An int applies to every group (1: the finest granularity).
     keep_outputs: the model's outputs keep their size (default). False lets their channels go too: the
         hidden size of a transformer whose output is its hidden state (BertModel, LlamaModel); the result's
