@@ -14,7 +14,7 @@ Vocabulary (used everywhere in fxprune):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch.fx
@@ -167,6 +167,19 @@ class ChannelGroup:
         return self.n_frozen < self.size
 
 
+def once_per_array(fn: Callable[[np.ndarray], Any]) -> Callable[[np.ndarray], Any]:
+    """fn memoised on the identity of its array argument: the analysis shares one elements array among
+    every value and parameter dim that carries the same channels. Each entry holds its array, so an id
+    is never reused while the cache lives."""
+    cache: Dict[int, Tuple[np.ndarray, Any]] = {}
+
+    def cached(array: np.ndarray) -> Any:
+        if id(array) not in cache:
+            cache[id(array)] = (array, fn(array))
+        return cache[id(array)][1]
+    return cached
+
+
 @dataclass
 class ChannelGroups:
     """Result of ChannelGroupAnalysis: maps of every node, units, groups and parameter slices."""
@@ -197,17 +210,9 @@ class ChannelGroups:
 
     def kept_lookup(self, keep_unit: np.ndarray) -> Callable[[Optional[np.ndarray]], Optional[np.ndarray]]:
         """`kept_positions` for one keep vector (which must not change while the lookup is used),
-        computed once per elements array: the analysis shares one array among every value and
-        parameter dim that carries the same channels."""
-        cache: Dict[int, Tuple[np.ndarray, np.ndarray]] = {}
-
-        def kept(elements: Optional[np.ndarray]) -> Optional[np.ndarray]:
-            if elements is None:
-                return None
-            if id(elements) not in cache:  # the array is held in the entry, so its id is not reused
-                cache[id(elements)] = (elements, self.kept_positions(elements, keep_unit))
-            return cache[id(elements)][1]
-        return kept
+        computed once per elements array."""
+        kept = once_per_array(lambda elements: self.kept_positions(elements, keep_unit))
+        return lambda elements: None if elements is None else kept(elements)
 
     def table(self) -> str:
         """A readable table of the groups."""

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch.fx
 
 from .budget import Budget
 from .cost import CostModel
-from .ir import ChannelGroups, ChannelMap, PrunePlan
+from .ir import ChannelGroups, ChannelMap, PrunePlan, once_per_array
 from .tracing import VALUE_KEY, TensorSpec
 
 
@@ -118,18 +118,17 @@ def _graph_nodes(gm: torch.fx.GraphModule, groups: ChannelGroups, keep: np.ndarr
 
 
 def _channel_widths(groups: ChannelGroups, keep: np.ndarray):
-    """elements -> {"before", "after", "groups"}, computed once per elements array (the analysis shares
-    one array among every value that carries the same channels)."""
-    cache: Dict[int, Tuple[np.ndarray, Dict[str, Any]]] = {}
-
+    """elements -> {"before", "after", "groups"} (a fresh dict each call, computed once per array)."""
     def widths(elements: np.ndarray) -> Dict[str, Any]:
-        if id(elements) not in cache:
-            units = groups.units_of(elements)
-            cache[id(elements)] = (elements, {"before": int(len(units)), "after": int(keep[units].sum()),
-                                              "groups": sorted(int(g) for g in np.unique(groups.unit_group[units]))})
-        shared = cache[id(elements)][1]
-        return {**shared, "groups": list(shared["groups"])}
-    return widths
+        units = groups.units_of(elements)
+        return {"before": int(len(units)), "after": int(keep[units].sum()),
+                "groups": sorted(int(g) for g in np.unique(groups.unit_group[units]))}
+    shared = once_per_array(widths)
+
+    def fresh(elements: np.ndarray) -> Dict[str, Any]:
+        w = shared(elements)
+        return {**w, "groups": list(w["groups"])}
+    return fresh
 
 
 def human_count(n: float) -> str:

@@ -98,9 +98,14 @@ def removal_order(group: ChannelGroup, protected: np.ndarray, norm_scores: np.nd
 
 def meets_budget(cost: CostModel, keep: np.ndarray, budget: Budget, flops0: float, params0: float) -> bool:
     """Every constraint of the budget holds for this keep vector."""
+    return slack_of(cost, keep, budget, flops0, params0) >= -1e-9
+
+
+def slack_of(cost: CostModel, keep: np.ndarray, budget: Budget, flops0: float, params0: float) -> float:
+    """budget_slack of a keep vector, evaluating only the costs the budget constrains."""
     flops = cost.flops(keep) if budget.flops is not None else 0.0
     params = cost.params(keep) if budget.params is not None else 0.0
-    return budget_slack(budget, flops, params, flops0, params0) >= -1e-9
+    return budget_slack(budget, flops, params, flops0, params0)
 
 
 def budget_slack(budget: Budget, flops: float, params: float, flops0: float, params0: float) -> float:

@@ -251,8 +251,7 @@ class ChannelAnalysis:
         entry = REGISTRY.lookup(node, self.modules)
         inputs = node.all_input_nodes
         return entry is not None and entry.positionwise and len(inputs) == 1 and \
-            isinstance(value_spec(inputs[0]), TensorSpec) and value_spec(inputs[0]) is not None and \
-            value_spec(inputs[0]).shape == getattr(value_spec(node), "shape", None)
+            isinstance(value_spec(inputs[0]), TensorSpec) and value_spec(inputs[0]).shape == getattr(value_spec(node), "shape", None)
 
     # ----------------------------------------------------------------- result
     def finish(self) -> ChannelGroups:

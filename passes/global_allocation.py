@@ -21,7 +21,7 @@ from fxprune.cost import CostModel
 from fxprune.errors import BudgetError, NoPrunableChannelsError
 from fxprune.ir import ChannelGroups, PrunePlan
 from .allocation_common import (allowed_kept_counts, budget_slack, group_round_to, normalised_importance,
-                                protected_units, removal_order, within_budget_unpruned)
+                                protected_units, removal_order, slack_of, within_budget_unpruned)
 
 
 SHORTFALL_WARNING = 0.02  # warn when the result keeps this much (absolute fraction) less than the budget
@@ -138,8 +138,7 @@ def _shortest_prefix(chunks: _Chunks, n_units: int, cost: CostModel,
         return keep
 
     def slack(keep: np.ndarray) -> float:
-        return budget_slack(budget, cost.flops(keep) if budget.flops is not None else 0.0,
-                            cost.params(keep) if budget.params is not None else 0.0, flops0, params0)
+        return slack_of(cost, keep, budget, flops0, params0)
 
     if slack(keep_after(len(chunks))) < -1e-9:
         raise BudgetError(unreachable_message(cost, keep_after(len(chunks)), budget, flops0, params0))
