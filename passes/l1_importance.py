@@ -11,6 +11,7 @@ import numpy as np
 import torch
 import torch.fx
 
+from fxprune.fxutil import ScratchBuffer
 from fxprune.importance import Importance, register_importance
 from fxprune.ir import ChannelGroups
 from .importance_common import add_to_units, position_sums
@@ -24,11 +25,13 @@ class L1Importance(Importance):
     def score(self, gm: torch.fx.GraphModule, groups: ChannelGroups, data=None) -> np.ndarray:
         params = dict(gm.named_parameters())
         scores = np.zeros(groups.n_units)
+        scratch = ScratchBuffer()
         with torch.no_grad():
             for name, dims in groups.param_slices.items():
                 if name not in params:
                     continue
-                magnitude = params[name].detach().abs()
+                weight = params[name].detach()
+                magnitude = torch.abs(weight, out=scratch.like(weight.shape, weight.dtype, weight.device))
                 if self.power != 1:
                     magnitude = magnitude.double() ** self.power
                 for elements, per_position in position_sums(magnitude, dims):

@@ -20,7 +20,7 @@ import torch.fx
 from torch import nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from fxprune.fxutil import get_attr
+from fxprune.fxutil import ScratchBuffer, get_attr
 from fxprune.ir import ChannelGroups, ChannelMap, PrunePlan
 from fxprune.ops import REGISTRY, op_fact
 from fxprune.tracing import value_spec
@@ -93,18 +93,24 @@ class PruneRewrite(PassBase):
         out: Dict[str, torch.Tensor] = {}
         originals = {name: get_attr(gm, name) for name in self.groups.param_slices}
         first_name: Dict[int, str] = {}  # a tensor tied under several names is sliced once (alike, by analysis)
+        scratch = (ScratchBuffer(), ScratchBuffer())  # a gather cannot read and write the same memory
         with torch.no_grad():
             for name, dims in self.groups.param_slices.items():
                 original = originals[name]
                 if first_name.setdefault(id(original), name) != name:
                     continue
-                tensor, sliced = original.detach(), False
-                for dim, elements in sorted(dims.items()):  # rows first: gathering columns of fewer rows is cheaper
-                    idx = self.kept(elements)
-                    if len(idx) != tensor.shape[dim]:
-                        tensor = tensor.index_select(dim, torch.as_tensor(idx, device=tensor.device))
-                        sliced = True
-                if sliced:  # a new tensor; unsliced ones are cloned with their module (never shared)
+                tensor = original.detach()
+                cuts = [(dim, torch.as_tensor(idx, device=tensor.device)) for dim, idx in
+                        ((dim, self.kept(elements)) for dim, elements in sorted(dims.items()))
+                        if len(idx) != tensor.shape[dim]]
+                for i, (dim, idx) in enumerate(cuts):  # rows first: gathering columns of fewer rows is cheaper
+                    if i + 1 < len(cuts):  # an intermediate: gathered into reused memory
+                        shape = tensor.shape[:dim] + (len(idx),) + tensor.shape[dim + 1:]
+                        tensor = torch.index_select(tensor, dim, idx,
+                                                    out=scratch[i % 2].like(shape, tensor.dtype, tensor.device))
+                    else:
+                        tensor = tensor.index_select(dim, idx)
+                if cuts:  # a new tensor; unsliced ones are cloned with their module (never shared)
                     out[name] = tensor
             for node, entry in entries.items():
                 if entry is not None and entry.adjust_tensors is not None and op_fact(node) is not None:
