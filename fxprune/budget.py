@@ -1,30 +1,51 @@
-"""The user's budget: fractions of the original FLOPs and/or parameters to keep."""
+"""The user's budget: fractions of the original FLOPs, parameters and/or measured latency to keep."""
 from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass
-from typing import Optional, Union
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Union
 
 from .errors import BudgetError
 
 
 @dataclass(frozen=True)
 class Budget:
-    """Fractions in (0, 1] of the original cost to keep. Either or both may be given.
+    """Fractions in (0, 1] of the original cost to keep. Any of them may be given; all must hold.
 
-    `Budget(flops=0.5)` keeps half the FLOPs; `Budget(flops=0.5, params=0.4)` must meet both."""
+    `Budget(flops=0.5)` keeps half the FLOPs; `Budget(flops=0.5, params=0.4)` must meet both.
+    `Budget(latency=0.5, target=OnnxRuntimeTarget(batch_size=1, threads=1))` halves the latency measured
+    on that target (fxprune.export.latency_target): per-layer tables are measured there (and cached),
+    and the result is timed against the dense model until it lands on the budget."""
 
     flops: Optional[float] = None
     params: Optional[float] = None
+    latency: Optional[float] = None
+    target: Any = field(default=None, compare=False)
 
     def __post_init__(self):
-        if self.flops is None and self.params is None:
-            raise BudgetError("Budget() needs flops=..., params=... or both (fractions in (0, 1] to keep)")
-        for name in ("flops", "params"):
+        if self.flops is None and self.params is None and self.latency is None:
+            raise BudgetError("Budget() needs flops=..., params=..., latency=... or several (fractions in (0, 1] "
+                              "to keep)")
+        for name in MEASURES:
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, _check_fraction(value, f"Budget.{name}"))
+        if self.latency is not None and self.target is None:
+            raise BudgetError("Budget(latency=...) needs target=...: where the latency is measured, e.g. "
+                              "fxprune.export.latency_target.OnnxRuntimeTarget(batch_size=1, threads=1)")
+        if self.target is not None and not all(hasattr(self.target, a) for a in ("key", "layer_seconds",
+                                                                                  "model_seconds")):
+            raise BudgetError(f"Budget.target must have key, layer_seconds and model_seconds (see fxprune.latency); "
+                              f"got {type(self.target).__name__}")
+
+    def constraints(self) -> Dict[str, float]:
+        """{measure: fraction} of every cost the budget bounds ("flops", "params", "latency")."""
+        return {name: getattr(self, name) for name in MEASURES if getattr(self, name) is not None}
+
+
+MEASURES = ("flops", "params", "latency")
+LABELS = {"flops": "FLOPs", "params": "params", "latency": "latency"}
 
 
 def _check_fraction(value, what: str) -> float:

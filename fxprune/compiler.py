@@ -15,8 +15,8 @@ from .budget import Budget, as_budget
 from .errors import ConfigError, UnsupportedModelError
 from .importance import Importance, ImportanceData, resolve_importance
 from .ir import ChannelGroups, PrunePlan
-from .pipeline import (Allocate, AnalyseChannels, CompileState, CountCost, PlanFromReport, PlanWhileTraining, Rewrite,
-                       Score, Trace, Verify, run_passes)
+from .pipeline import (Allocate, AnalyseChannels, CompileState, CountCost, MeasureLatency, MeetMeasuredLatency,
+                       PlanFromReport, PlanWhileTraining, Rewrite, Score, Trace, Verify, run_passes)
 from .report import build_report, module_slices as _module_slices
 from .tracing import check_capture, normalise_example_inputs, private_eval_copy
 
@@ -32,7 +32,8 @@ def compile(model: torch.nn.Module, budget: Union[float, Budget], *, example_inp
             loss_fn: Optional[Callable] = None) -> torch.fx.GraphModule:
     """Prune `model` structurally to `budget` and return a new, smaller torch.fx.GraphModule.
 
-    budget: fraction of the original FLOPs to keep, in (0, 1], or Budget(flops=..., params=...).
+    budget: fraction of the original FLOPs to keep, in (0, 1], or Budget(flops=..., params=...,
+        latency=..., target=...) (latency: see fxprune.Budget and fxprune/latency.py).
     example_inputs: a tensor or tuple of tensors the model accepts (shapes are specialised to them,
         except the batch dim).
     importance: "l1", "l2" or an fxprune Importance. allocation: "global" (one ranking of normalised
@@ -69,15 +70,21 @@ def compile(model: torch.nn.Module, budget: Union[float, Budget], *, example_inp
         raise ConfigError(f"importance {scorer.name!r} needs calibration data: pass data=<iterable of (x, y) "
                           f"batches> (e.g. a DataLoader over a few hundred training images)")
     calibration = ImportanceData(data, loss_fn)
+    if budget.latency is not None and (scorer.decides_widths or not isinstance(allocation, str)):
+        raise ConfigError(f"a latency budget needs an allocation that reads the cost model (\"global\", "
+                          f"\"uniform\"); {scorer.name if scorer.decides_widths else allocation!r} plans by FLOPs")
     source = copy.deepcopy(model) if scorer.trains_model else model          # training never touches the user's
+    allocate, rewrite, latency = Allocate(allocation_pass, budget, round_to, min_channels), Rewrite(), budget.latency
     passes = [
         Trace(leaf_modules),                                                 # fx graph of a private copy, with shapes
         AnalyseChannels(ignore_names, keep_outputs),                         # which channels must go together
         CountCost(),                                                         # FLOPs/params per kept unit
+        *([MeasureLatency(budget.target)] if latency else []),               # latency tables on the target
         *([PlanWhileTraining(scorer, calibration, budget)] if scorer.decides_widths else [  # AOFP: masks learnt
             Score(scorer, calibration),                                      # importance of every unit
-            Allocate(allocation_pass, budget, round_to, min_channels)]),     # which units stay
-        Rewrite(),                                                           # the new, smaller GraphModule
+            allocate]),                                                      # which units stay
+        rewrite,                                                             # the new, smaller GraphModule
+        *([MeetMeasuredLatency(allocate, rewrite, budget)] if latency else []),  # timed; refit and redo until met
         *([Verify()] if verify else []),                                     # pruned == masked original
     ]
     state = run_passes(passes, CompileState(inputs=inputs, model=private_eval_copy(source)))
@@ -103,7 +110,8 @@ def apply_plan(model: torch.nn.Module, report: Dict[str, Any], *, example_inputs
     passes = [Trace(leaf_modules), analysis, CountCost(),
               PlanFromReport(report), Rewrite(), *([Verify()] if verify else [])]
     state = run_passes(passes, CompileState(inputs=inputs, model=private_eval_copy(model)))
-    budget = Budget(**{k: report["budget"].get(k) for k in ("flops", "params") if report["budget"].get(k) is not None})
+    recorded = {k: report["budget"].get(k) for k in ("flops", "params") if report["budget"].get(k) is not None}
+    budget = Budget(**(recorded or {"flops": report["flops"]["ratio"]}))  # a latency budget: what it kept
     return _with_report(state, budget, dict(report["options"]))
 
 

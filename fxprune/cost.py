@@ -9,9 +9,10 @@ kept positions of a channel vector, so the cost of any plan is exact and cheap t
 (allocation evaluates it many times)."""
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -19,6 +20,7 @@ import torch.fx
 
 from .fxutil import get_attr
 from .ir import ChannelGroups, ChannelMap
+from .latency import LatencyModel, TableInterpolator
 from .ops import REGISTRY
 from .tracing import TensorSpec
 
@@ -33,38 +35,64 @@ class Term:
 
 
 class CostModel:
+    """FLOPs and params (and latency, once `add_latency` gave it a LatencyModel) of any keep vector.
+    Each is a "measure" by name: "flops", "params", "latency"."""
+
     def __init__(self, flops_terms: List[Term], param_terms: List[Term], n_units: int):
         self.flops_terms = flops_terms
         self.param_terms = param_terms
         self.n_units = n_units
-        self._flops = _VectorisedTerms(flops_terms)
-        self._params = _VectorisedTerms(param_terms)
-        self._dense_flops: Optional[float] = None
-        self._dense_params: Optional[float] = None
+        self._terms = {"flops": _VectorisedTerms(flops_terms), "params": _VectorisedTerms(param_terms)}
+        self._dense: dict = {}
+        self.latency_model: Optional[LatencyModel] = None
+
+    def add_latency(self, model: LatencyModel) -> "CostModel":
+        """A copy that also prices latency with `model` (the FLOPs and params terms are shared)."""
+        new = copy.copy(self)
+        new._terms = {**self._terms, "latency": _LatencyTerms(model, self.n_units)}
+        new._dense, new.latency_model = {}, model
+        return new
+
+    @property
+    def measures(self) -> Tuple[str, ...]:
+        return tuple(self._terms)
+
+    def measure(self, name: str, keep_unit: np.ndarray) -> float:
+        if keep_unit.all():  # the dense cost: asked for by every pass and check, computed once
+            if name not in self._dense:
+                self._dense[name] = self._terms[name](keep_unit)
+            return self._dense[name]
+        return self._terms[name](keep_unit)
+
+    def dense(self) -> dict:
+        full = np.ones(self.n_units, dtype=bool)
+        return {name: self.measure(name, full) for name in self._terms}
 
     def flops(self, keep_unit: np.ndarray) -> float:
-        if keep_unit.all():  # the dense cost: asked for by every pass and check, computed once
-            if self._dense_flops is None:
-                self._dense_flops = self._flops(keep_unit)
-            return self._dense_flops
-        return self._flops(keep_unit)
+        return self.measure("flops", keep_unit)
 
     def params(self, keep_unit: np.ndarray) -> float:
-        if keep_unit.all():
-            if self._dense_params is None:
-                self._dense_params = self._params(keep_unit)
-            return self._dense_params
-        return self._params(keep_unit)
+        return self.measure("params", keep_unit)
+
+    def latency(self, keep_unit: np.ndarray) -> float:
+        """Predicted seconds on the LatencyModel's target (dense: its measured time)."""
+        return self.measure("latency", keep_unit)
+
+    def latency_tables_ratio(self, keep_unit: np.ndarray) -> float:
+        """The latency tables' sum at keep_unit over theirs at full width (before calibration)."""
+        terms = self._terms["latency"]
+        return terms.tables_seconds(terms.sizes_for(keep_unit)) / terms.tables_dense if terms.tables_dense else 1.0
 
     def tracker(self, keep_unit: np.ndarray) -> "CostTracker":
-        """FLOPs and params of `keep_unit` kept up to date as units leave or return, each change costing
+        """Every measure of `keep_unit` kept up to date as units leave or return, each change costing
         time in proportion to the positions it touches (greedy allocation tries thousands of changes)."""
         return CostTracker(self, keep_unit)
 
     def unit_cost(self, which: str = "flops") -> np.ndarray:
-        """d cost / d unit at full width: what removing one unit alone would save."""
+        """d cost / d unit at full width: what removing one unit alone would save (FLOPs or params;
+        latency is priced by FLOPs here)."""
         cost = np.zeros(self.n_units)
-        for term in (self.flops_terms if which == "flops" else self.param_terms):
+        for term in (self.param_terms if which == "params" else self.flops_terms):
             sizes = [f if isinstance(f, int) else len(f) for f in term.factors]
             for i, f in enumerate(term.factors):
                 if isinstance(f, int):
@@ -102,16 +130,48 @@ class _VectorisedTerms:
         self.term_starts = np.array(term_starts, dtype=np.int64)
         self.empty = np.array([len(f) == 0 for t in terms for f in (t.factors or [1]) if not isinstance(f, int)])
 
-    def __call__(self, keep_unit: np.ndarray) -> float:
-        if not len(self.coef):
-            return 0.0
+    def sizes_for(self, keep_unit: np.ndarray) -> np.ndarray:
+        """Every factor's size under keep_unit (constants as they are, channel factors counted)."""
         sizes = self.sizes.copy()
         if len(self.channel_slots):
             counts = np.add.reduceat(keep_unit[self.indices].astype(np.float64), self.starts) if len(self.indices) \
                 else np.zeros(len(self.channel_slots))
             counts[self.empty] = 0.0  # reduceat returns the element at a start for empty segments
             sizes[self.channel_slots] = counts
+        return sizes
+
+    def total(self, sizes: np.ndarray) -> float:
+        if not len(self.coef):
+            return 0.0
         return float(np.dot(self.coef, np.multiply.reduceat(sizes, self.term_starts)))
+
+    def __call__(self, keep_unit: np.ndarray) -> float:
+        return self.total(self.sizes_for(keep_unit)) if len(self.coef) else 0.0
+
+
+class _LatencyTerms(_VectorisedTerms):
+    """A LatencyModel over the same slot machinery: one term per layer with factors [in, out], whose
+    total is the tables' interpolation at those counts, calibrated (see fxprune.latency)."""
+
+    def __init__(self, model: LatencyModel, n_units: int):
+        super().__init__([Term(1.0, [layer.in_factor, layer.out_factor], layer.node) for layer in model.layers])
+        self.model = model
+        self.interpolate = TableInterpolator(model.tables)
+        self.tables_dense = self.tables_seconds(self.sizes_for(np.ones(n_units, dtype=bool)))
+
+    def tables_seconds(self, sizes: np.ndarray) -> float:
+        """The layers' seconds (uncalibrated) at these counts."""
+        return self.interpolate(sizes[self.term_starts], sizes[self.term_starts + 1])
+
+    def total(self, sizes: np.ndarray) -> float:
+        """In the tables' seconds at full width: the calibrated ratio (which changes as the model is
+        refitted) times a constant, so the dense cost never changes."""
+        if not self.tables_dense:
+            return 0.0
+        return self.tables_dense * (1 - self.model.slope * (1 - self.tables_seconds(sizes) / self.tables_dense))
+
+    def __call__(self, keep_unit: np.ndarray) -> float:
+        return self.total(self.sizes_for(keep_unit))
 
 
 class _TermsState:
@@ -120,11 +180,7 @@ class _TermsState:
 
     def __init__(self, terms: _VectorisedTerms, keep_unit: np.ndarray):
         self.terms = terms
-        self.sizes = terms.sizes.copy()
-        if len(terms.channel_slots) and len(terms.indices):
-            counts = np.add.reduceat(keep_unit[terms.indices].astype(np.float64), terms.starts)
-            counts[terms.empty] = 0.0
-            self.sizes[terms.channel_slots] = counts
+        self.sizes = terms.sizes_for(keep_unit)
         # which channel slot each position belongs to, and the positions of each unit (CSR by unit)
         lengths = np.diff(np.append(terms.starts, len(terms.indices)))
         self.slot_of_position = np.repeat(np.arange(len(terms.channel_slots)), lengths)
@@ -132,9 +188,7 @@ class _TermsState:
         self.unit_ptr = np.searchsorted(terms.indices[self.positions_by_unit], np.arange(len(keep_unit) + 1))
 
     def total(self, sizes: np.ndarray) -> float:
-        if not len(self.terms.coef):
-            return 0.0
-        return float(np.dot(self.terms.coef, np.multiply.reduceat(sizes, self.terms.term_starts)))
+        return self.terms.total(sizes)
 
     def sizes_after(self, units: np.ndarray, sign: float) -> np.ndarray:
         """Sizes once `units` (each changing state) are added (sign +1) or removed (-1)."""
@@ -152,32 +206,31 @@ class _TermsState:
 
 
 class CostTracker:
-    """FLOPs and params of a keep vector that changes a few units at a time (CostModel.tracker).
-    `if_changed` prices a change without making it; `change` makes it."""
+    """Every measure of a keep vector that changes a few units at a time (CostModel.tracker).
+    `if_changed` prices a change without making it; `change` makes it. `values[name]` is current."""
 
     def __init__(self, cost: CostModel, keep_unit: np.ndarray):
         self.keep = keep_unit.copy()
-        self._states = (_TermsState(cost._flops, self.keep), _TermsState(cost._params, self.keep))
-        self.flops, self.params = (state.total(state.sizes) for state in self._states)
+        self._states = {name: _TermsState(terms, self.keep) for name, terms in cost._terms.items()}
+        self.values = {name: state.total(state.sizes) for name, state in self._states.items()}
 
     def _changing(self, units: np.ndarray, kept: bool) -> np.ndarray:
         units = np.unique(np.asarray(units, dtype=np.int64))
         return units[self.keep[units] != kept]
 
-    def if_changed(self, units: np.ndarray, kept: bool) -> Tuple[float, float]:
-        """(FLOPs, params) were `units` set to kept/removed."""
+    def if_changed(self, units: np.ndarray, kept: bool) -> Dict[str, float]:
+        """Every measure were `units` set to kept/removed."""
         units = self._changing(units, kept)
         sign = 1.0 if kept else -1.0
-        flops, params = (state.total(state.sizes_after(units, sign)) for state in self._states)
-        return flops, params
+        return {name: state.total(state.sizes_after(units, sign)) for name, state in self._states.items()}
 
     def change(self, units: np.ndarray, kept: bool) -> None:
         units = self._changing(units, kept)
         sign = 1.0 if kept else -1.0
-        for state in self._states:
+        for state in self._states.values():
             state.sizes = state.sizes_after(units, sign)
         self.keep[units] = kept
-        self.flops, self.params = (state.total(state.sizes) for state in self._states)
+        self.values = {name: state.total(state.sizes) for name, state in self._states.items()}
 
 
 class CostContext:

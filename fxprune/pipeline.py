@@ -13,6 +13,7 @@ work (ChannelGroupAnalysis, an Importance, an allocation, PruneRewrite, verify_p
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -22,14 +23,22 @@ import numpy as np
 import torch
 import torch.fx
 
-from .budget import Budget
-from .cost import CostModel, build_cost_model
+from .budget import LABELS, Budget
+from .cost import CostContext, CostModel, build_cost_model
 from .errors import BudgetError, FxPruneError, PassCheckError
 from .importance import Importance, ImportanceData
 from .ir import ChannelGroups, ChannelMap, PrunePlan
 from .shape_prop import propagate_shapes
 from .tracing import trace_model
+from .latency import build_latency_model
 from .verify import check_graph, check_groups, debug_checks_enabled, graph_fingerprint, verify_pruned
+
+
+log = logging.getLogger("fxprune")
+
+# MeetMeasuredLatency: how close (relative to the budget) a measured latency ratio must come, and how
+# many times the allocation is refitted and redone to get there
+LATENCY_TOLERANCE, LATENCY_ROUNDS = 0.025, 3
 
 
 @dataclass(frozen=True)
@@ -161,6 +170,23 @@ class CountCost(CompilerPass):
         return dataclasses.replace(state, cost=build_cost_model(state.gm, state.groups))
 
 
+class MeasureLatency(CompilerPass):
+    """Latency tables of every conv and linear layer on the budget's target (from its disk cache where
+    measured before): the cost model then also prices latency (fxprune/latency.py)."""
+
+    name, requires, produces = "measure_latency", ("gm", "groups", "cost"), ("cost",)
+
+    def __init__(self, target: Any):
+        self.target = target
+
+    def run(self, state: CompileState) -> CompileState:
+        model = build_latency_model(state.gm, CostContext(state.gm, state.groups), self.target)
+        if not model.layers:
+            raise BudgetError("a latency budget needs conv or linear layers to measure; this model has none fxprune "
+                              "can time on its own. Use Budget(flops=...) instead.")
+        return dataclasses.replace(state, cost=state.cost.add_latency(model))
+
+
 class Score(CompilerPass):
     """The criterion's importance of every unit; groups the criterion keeps whole are frozen first."""
 
@@ -242,6 +268,55 @@ class Rewrite(CompilerPass):
         return dataclasses.replace(state, pruned=PruneRewrite(state.groups, state.plan)(state.gm).graph_module)
 
 
+class MeetMeasuredLatency(CompilerPass):
+    """Time the pruned model against the dense one on the target. While the measured latency ratio is
+    more than LATENCY_TOLERANCE (relative) off the budget, refit the latency model on every measurement
+    so far and allocate and rewrite again, at most LATENCY_ROUNDS times; the result is the round closest
+    to the budget from below (or, if none is below, the fastest). Every round goes into the report."""
+
+    name = "meet_latency"
+    requires = ("gm", "groups", "cost", "scores", "plan", "pruned")
+    produces = ("pruned",)
+
+    def __init__(self, allocate: "Allocate", rewrite: "Rewrite", budget: Budget):
+        self.allocate, self.rewrite, self.budget = allocate, rewrite, budget
+
+    def run(self, state: CompileState) -> CompileState:
+        model, want = state.cost.latency_model, self.budget.latency
+        rounds: List[Tuple[CompileState, Dict[str, float]]] = []
+        for k in range(LATENCY_ROUNDS + 1):
+            seconds = self.budget.target.model_seconds({"dense": state.gm, "pruned": state.pruned}, state.inputs)
+            measured = seconds["pruned"] / seconds["dense"]
+            tables_ratio = state.cost.latency_tables_ratio(state.plan.keep_unit)
+            predicted = state.cost.latency(state.plan.keep_unit) / state.cost.dense()["latency"]
+            rounds.append((state, {"predicted_ratio": predicted, "measured_ratio": measured, "tables_ratio": tables_ratio,
+                                   "dense_ms": 1e3 * seconds["dense"], "pruned_ms": 1e3 * seconds["pruned"]}))
+            log.info("latency round %d: predicted %.1f%%, measured %.1f%% of the dense model's %.2f ms (budget %.1f%%)",
+                     k + 1, 100 * predicted, 100 * measured, 1e3 * seconds["dense"], 100 * want)
+            model.fit(tables_ratio, measured)
+            if abs(measured - want) <= LATENCY_TOLERANCE * want or k == LATENCY_ROUNDS:
+                break
+            try:
+                planned = self.allocate.run(state)
+            except BudgetError as exc:  # refitted, the budget is out of reach: keep the rounds so far
+                log.info("latency round %d: %s", k + 2, exc)
+                break
+            if np.array_equal(planned.plan.keep_unit, state.plan.keep_unit):
+                break                   # the refit changes nothing the granularity can express
+            state = self.rewrite.run(planned)
+        below = [r for r in rounds if r[1]["measured_ratio"] <= want * (1 + LATENCY_TOLERANCE)]
+        state, chosen = (max(below, key=lambda r: r[1]["measured_ratio"]) if below else
+                         min(rounds, key=lambda r: r[1]["measured_ratio"]))
+        model.dense_seconds = chosen["dense_ms"] / 1e3
+        results = {**model.as_dict(), **chosen, "budget": want, "met": chosen["measured_ratio"] <= want * (1 + LATENCY_TOLERANCE),
+                   "rounds": [r for _, r in rounds]}
+        if not results["met"]:
+            warnings.warn(f"fxprune: the pruned model measured {chosen['measured_ratio']:.1%} of the dense latency for a "
+                          f"budget of {want:.1%} after {len(rounds)} rounds; the report's latency.rounds has every "
+                          f"measurement", stacklevel=4)
+        return dataclasses.replace(state, plan=state.plan, results=_add(state.results, "latency", results))
+
+
 class Verify(CompilerPass):
     """pruned(x) == masked original(x) in float64; raises VerificationError otherwise."""
 
@@ -273,21 +348,24 @@ def _with_frozen(groups: ChannelGroups, reasons: Dict[int, str]) -> ChannelGroup
 def _check_budget_measurable(groups: ChannelGroups, cost: CostModel, budget: Budget) -> None:
     """A budget is a fraction of something fxprune counted: with nothing counted, any plan would
     'meet' it while pruning nothing."""
-    full = np.ones(groups.n_units, dtype=bool)
-    for what, wanted, total in (("FLOPs", budget.flops, cost.flops(full)), ("parameters", budget.params, cost.params(full))):
-        if wanted is not None and wanted < 1 and total <= 0:
-            counted = "conv, linear, matmul/einsum and attention" if what == "FLOPs" else "nn.Parameter elements"
+    dense = cost.dense()
+    for name, wanted in budget.constraints().items():
+        if wanted < 1 and dense[name] <= 0:
+            counted = {"flops": "conv, linear, matmul/einsum and attention FLOPs",
+                       "params": "nn.Parameter elements",
+                       "latency": "the latency of conv and linear layers"}[name]
             raise BudgetError(
-                f"the budget asks for {wanted:.0%} of the {what}, but fxprune counted no {what} in this model (it counts "
-                f"{counted} it has a rule for).\n{groups.explain_frozen()}")
+                f"the budget asks for {wanted:.0%} of the {LABELS[name]}, but fxprune counted no {LABELS[name]} in this model (it "
+                f"counts {counted} it has a rule for).\n{groups.explain_frozen()}")
 
 
 def _missed(plan: PrunePlan, cost: CostModel, budget: Budget) -> List[str]:
-    """The budget constraints the plan keeps more than ("FLOPs 52.0% (budget 50.0%)"), if any."""
-    full = np.ones(len(plan.keep_unit), dtype=bool)
+    """The budget constraints the plan keeps more than ("FLOPs 52.0% (budget 50.0%)"), if any (latency:
+    as predicted; MeetMeasuredLatency checks the measurement)."""
+    dense = cost.dense()
     missed = []
-    for what, wanted, before, after in (("FLOPs", budget.flops, cost.flops(full), cost.flops(plan.keep_unit)),
-                                        ("params", budget.params, cost.params(full), cost.params(plan.keep_unit))):
-        if wanted is not None and before > 0 and after > wanted * before * (1 + 1e-9):
-            missed.append(f"{what} {after / before:.1%} (budget {wanted:.1%})")
+    for name, wanted in budget.constraints().items():
+        after = cost.measure(name, plan.keep_unit)
+        if dense[name] > 0 and after > wanted * dense[name] * (1 + 1e-9):
+            missed.append(f"{LABELS[name]} {after / dense[name]:.1%} (budget {wanted:.1%})")
     return missed

@@ -23,7 +23,8 @@ def build_report(gm: torch.fx.GraphModule, groups: ChannelGroups, plan: PrunePla
     params0, params1 = cost.params(full), cost.params(keep)
     report = {
         "format": "fxprune.report/1",
-        "budget": {"flops": budget.flops, "params": budget.params},
+        "budget": {"flops": budget.flops, "params": budget.params, "latency": budget.latency,
+                   "target": None if budget.target is None else str(budget.target.key)},
         "options": options,
         "flops": {"before": flops0, "after": flops1, "ratio": flops1 / flops0 if flops0 else 1.0,
                   "convention": "2 x MACs of conv/linear/matmul/attention (as FlopCounterMode)"},

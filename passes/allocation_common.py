@@ -1,7 +1,7 @@
 """Shared rules of the allocation passes: which kept counts a group may take."""
 from __future__ import annotations
 
-from typing import List, Union
+from typing import Dict, List, Union
 
 import numpy as np
 
@@ -96,29 +96,23 @@ def removal_order(group: ChannelGroup, protected: np.ndarray, norm_scores: np.nd
     return units[np.argsort(norm_scores[units], kind="stable")]
 
 
-def meets_budget(cost: CostModel, keep: np.ndarray, budget: Budget, flops0: float, params0: float) -> bool:
+def meets_budget(cost: CostModel, keep: np.ndarray, budget: Budget, dense: Dict[str, float]) -> bool:
     """Every constraint of the budget holds for this keep vector."""
-    return slack_of(cost, keep, budget, flops0, params0) >= -1e-9
+    return slack_of(cost, keep, budget, dense) >= -1e-9
 
 
-def slack_of(cost: CostModel, keep: np.ndarray, budget: Budget, flops0: float, params0: float) -> float:
+def slack_of(cost: CostModel, keep: np.ndarray, budget: Budget, dense: Dict[str, float]) -> float:
     """budget_slack of a keep vector, evaluating only the costs the budget constrains."""
-    flops = cost.flops(keep) if budget.flops is not None else 0.0
-    params = cost.params(keep) if budget.params is not None else 0.0
-    return budget_slack(budget, flops, params, flops0, params0)
+    return budget_slack(budget, {name: cost.measure(name, keep) for name in budget.constraints()}, dense)
 
 
-def budget_slack(budget: Budget, flops: float, params: float, flops0: float, params0: float) -> float:
-    """How far below the budget (relative) the tightest constraint is; negative when one is exceeded."""
-    slacks = [1.0]
-    if budget.flops is not None:
-        slacks.append(1 - flops / (budget.flops * flops0))
-    if budget.params is not None:
-        slacks.append(1 - params / (budget.params * params0))
-    return min(slacks)
+def budget_slack(budget: Budget, values: Dict[str, float], dense: Dict[str, float]) -> float:
+    """How far below the budget (relative) the tightest constraint is; negative when one is exceeded.
+    values and dense: each constrained measure of the plan and of the unpruned model."""
+    return min([1.0] + [1 - values[name] / (fraction * dense[name])
+                        for name, fraction in budget.constraints().items() if dense[name] > 0])
 
 
 def within_budget_unpruned(groups: ChannelGroups, cost: CostModel, budget: Budget) -> bool:
     """The unpruned model already meets the budget (a budget of 1.0)."""
-    full = np.ones(groups.n_units, dtype=bool)
-    return meets_budget(cost, full, budget, cost.flops(full), cost.params(full))
+    return meets_budget(cost, np.ones(groups.n_units, dtype=bool), budget, cost.dense())

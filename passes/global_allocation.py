@@ -16,7 +16,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from fxprune.budget import Budget
+from fxprune.budget import LABELS, Budget
 from fxprune.cost import CostModel
 from fxprune.errors import BudgetError, NoPrunableChannelsError
 from fxprune.ir import ChannelGroups, PrunePlan
@@ -38,7 +38,7 @@ class GlobalAllocation:
         if within_budget_unpruned(groups, cost, self.budget):  # budget 1.0: nothing to remove
             return PrunePlan(np.ones(groups.n_units, dtype=bool))
         norm = normalised_importance(groups, scores)
-        unit_cost = cost.unit_cost("flops" if self.budget.flops is not None else "params")
+        unit_cost = cost.unit_cost("params" if set(self.budget.constraints()) == {"params"} else "flops")
         prunable = ~groups.unit_frozen
         if not prunable.any():
             raise NoPrunableChannelsError(_no_prunable_message(groups))
@@ -67,9 +67,7 @@ class GlobalAllocation:
             chunk_group.append(np.full(len(ends), g.id))
             offset += int(ends[-1])
         if not units_parts:
-            raise BudgetError(unreachable_message(cost, np.ones(groups.n_units, dtype=bool), self.budget,
-                                                  cost.flops(np.ones(groups.n_units, dtype=bool)),
-                                                  cost.params(np.ones(groups.n_units, dtype=bool))))
+            raise BudgetError(unreachable_message(cost, np.ones(groups.n_units, dtype=bool), self.budget))
         values, begin, end = np.concatenate(chunk_value), np.concatenate(begin), np.concatenate(end)
         sequence = np.lexsort((np.arange(len(values)), values))  # stable: ties keep group order
         chunks = _Chunks(np.concatenate(units_parts), begin[sequence], end[sequence],
@@ -82,9 +80,8 @@ class GlobalAllocation:
         """The closest result the granularity allows may still be well under the budget (a group whose
         one channel is a large share of a small model): say so, and which step was too big."""
         full = np.ones(groups.n_units, dtype=bool)
-        gaps = [(name, want, got(keep) / got(full)) for name, want, got in
-                (("FLOPs", self.budget.flops, cost.flops), ("params", self.budget.params, cost.params))
-                if want is not None]
+        gaps = [(LABELS[name], want, cost.measure(name, keep) / cost.measure(name, full))
+                for name, want in self.budget.constraints().items()]
         if min(want - ratio for _, want, ratio in gaps) <= SHORTFALL_WARNING:
             return
         name, want, ratio = min(gaps, key=lambda t: t[1] - t[2])
@@ -129,7 +126,7 @@ def _shortest_prefix(chunks: _Chunks, n_units: int, cost: CostModel,
     there (its later chunks depend on it) and the prefix grows with the other groups' chunks instead.
     The result closest to the budget then gets back whichever removed chunks still fit (_add_back)."""
     full = np.ones(n_units, dtype=bool)
-    flops0, params0 = cost.flops(full), cost.params(full)
+    dense = cost.dense()
     stop = np.full(int(chunks.group.max()) + 1, len(chunks))  # no group stopped
 
     def keep_after(k: int) -> np.ndarray:
@@ -138,10 +135,10 @@ def _shortest_prefix(chunks: _Chunks, n_units: int, cost: CostModel,
         return keep
 
     def slack(keep: np.ndarray) -> float:
-        return slack_of(cost, keep, budget, flops0, params0)
+        return slack_of(cost, keep, budget, dense)
 
     if slack(keep_after(len(chunks))) < -1e-9:
-        raise BudgetError(unreachable_message(cost, keep_after(len(chunks)), budget, flops0, params0))
+        raise BudgetError(unreachable_message(cost, keep_after(len(chunks)), budget))
     best, best_slack, lo = None, np.inf, 0
     while True:
         hi = len(chunks)
@@ -160,11 +157,11 @@ def _shortest_prefix(chunks: _Chunks, n_units: int, cost: CostModel,
         if lo == 0 or best_slack < 0.005:
             break
         stop[chunks.group[lo - 1]] = lo - 1
-    return _add_back(chunks, best, *best_cut, cost, budget, flops0, params0)
+    return _add_back(chunks, best, *best_cut, cost, budget, dense)
 
 
 def _add_back(chunks: _Chunks, keep: np.ndarray, k: int, stop: np.ndarray, cost: CostModel, budget: Budget,
-              flops0: float, params0: float) -> Tuple[np.ndarray, Optional[Tuple[float, int, int]]]:
+              dense: Dict[str, float]) -> Tuple[np.ndarray, Optional[Tuple[float, int, int]]]:
     """Chunks come off whole, so the cut can leave up to a chunk of the budget unused. Return removed
     chunks while they fit, most valuable first; only a group's last removed chunk may return (its
     order is kept), after which the one before it may. Also returns the cheapest chunk that did not
@@ -180,9 +177,10 @@ def _add_back(chunks: _Chunks, keep: np.ndarray, k: int, stop: np.ndarray, cost:
     while candidates:
         i = -heapq.heappop(candidates)
         units = chunks.units(i)
-        flops, params = state.if_changed(units, kept=True)
-        if budget_slack(budget, flops, params, flops0, params0) < -1e-9:
-            step = (flops - state.flops) / flops0 if budget.flops is not None else (params - state.params) / params0
+        values = state.if_changed(units, kept=True)
+        if budget_slack(budget, values, dense) < -1e-9:
+            tightest = min(budget.constraints(), key=lambda m: 1 - values[m] / (budget.constraints()[m] * dense[m]))
+            step = (values[tightest] - state.values[tightest]) / dense[tightest]
             if refused is None or step < refused[0]:
                 refused = (step, int(chunks.group[i]), len(units))
             continue                     # the group's earlier chunks stay out with it
@@ -194,9 +192,10 @@ def _add_back(chunks: _Chunks, keep: np.ndarray, k: int, stop: np.ndarray, cost:
     return state.keep, refused
 
 
-def unreachable_message(cost: CostModel, keep: np.ndarray, budget: Budget, flops0: float, params0: float) -> str:
-    got = f"FLOPs {cost.flops(keep) / flops0:.1%}, params {cost.params(keep) / params0:.1%}"
-    want = ", ".join(f"{k} {v:.1%}" for k, v in (("FLOPs", budget.flops), ("params", budget.params)) if v is not None)
+def unreachable_message(cost: CostModel, keep: np.ndarray, budget: Budget) -> str:
+    dense = cost.dense()
+    got = ", ".join(f"{LABELS[m]} {cost.measure(m, keep) / dense[m]:.1%}" for m in cost.measures)
+    want = ", ".join(f"{LABELS[m]} {v:.1%}" for m, v in budget.constraints().items())
     return (f"budget unreachable: pruning every prunable channel down to min_channels/round_to keeps {got} of the "
             f"original, but the budget asks for {want}. Frozen groups (graph outputs, ignored modules, ops without "
             f"a rule; see fxprune.analyze(...)) keep the rest. Loosen the budget, lower min_channels/round_to, or "

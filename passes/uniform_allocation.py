@@ -31,7 +31,7 @@ class UniformAllocation:
                                        self.min_channels)
                    for g in groups.groups]
         full = np.ones(groups.n_units, dtype=bool)
-        flops0, params0 = cost.flops(full), cost.params(full)
+        dense = cost.dense()
 
         def keep_at(ratio: float) -> np.ndarray:
             keep = full.copy()
@@ -42,10 +42,10 @@ class UniformAllocation:
             return keep
 
         def meets(keep) -> bool:
-            return meets_budget(cost, keep, self.budget, flops0, params0)
+            return meets_budget(cost, keep, self.budget, dense)
 
         if not meets(keep_at(0.0)):
-            raise BudgetError(unreachable_message(cost, keep_at(0.0), self.budget, flops0, params0))
+            raise BudgetError(unreachable_message(cost, keep_at(0.0), self.budget))
         lo, hi = 0.0, 1.0  # invariant: keep_at(lo) meets the budget
         for _ in range(40):
             mid = (lo + hi) / 2

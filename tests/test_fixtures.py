@@ -306,10 +306,10 @@ def test_cost_tracker_equals_full_evaluation(name):
         kept = bool(rng.integers(2))
         trial = keep.copy()
         trial[units] = kept
-        expected = (cost.flops(trial), cost.params(trial))
+        expected = {"flops": cost.flops(trial), "params": cost.params(trial)}
         assert tracker.if_changed(units, kept) == pytest.approx(expected, rel=1e-12)
-        assert (tracker.flops, tracker.params) == pytest.approx((cost.flops(keep), cost.params(keep)), rel=1e-12)
+        assert tracker.values == pytest.approx({"flops": cost.flops(keep), "params": cost.params(keep)}, rel=1e-12)
         tracker.change(units, kept)
         keep = trial
         assert np.array_equal(tracker.keep, keep)
-        assert (tracker.flops, tracker.params) == pytest.approx(expected, rel=1e-12)
+        assert tracker.values == pytest.approx(expected, rel=1e-12)

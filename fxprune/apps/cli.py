@@ -83,12 +83,27 @@ def print_summary(name: str, report: dict, seconds: float) -> None:
     groups = report["groups"]
     print(f"  groups: {len(groups)} ({sum(not g['blocked'] for g in groups)} prunable, "
           f"{sum(g['kept'] < g['size'] for g in groups)} pruned)")
+    latency = report.get("latency")
+    if latency:
+        print(f"  latency: predicted {latency['predicted_ratio']:.1%}, measured {latency['measured_ratio']:.1%} of the "
+              f"dense {latency['dense_ms']:.2f} ms ({len(latency['rounds'])} round(s); {report['budget']['target']})")
     v = report["verification"]
     if v:
         print(f"  verification: PASSED (pruned == masked original in float64, max error {v['max_abs_error']:.2g})")
     else:
         print("  verification: skipped (--no-verify)")
     print(f"  compile time: {seconds:.2f}s")
+
+
+def _budget(args, flops: Optional[float], batch: int):
+    """The Budget of the command line: --latency (timed in onnxruntime at the first batch size and
+    --threads) or the FLOPs fraction, and --params with either."""
+    import fxprune
+    if getattr(args, "latency", None) is not None:
+        from fxprune.export.latency_target import OnnxRuntimeTarget
+        return fxprune.Budget(latency=args.latency, params=args.params,
+                              target=OnnxRuntimeTarget(batch_size=batch, threads=args.threads))
+    return fxprune.Budget(flops=flops, params=args.params) if args.params else flops
 
 
 def _round_to(text: str):
@@ -115,7 +130,7 @@ def cmd_prune(args) -> int:
     model, name = load_model(args.model)
     shape = args.input_shape or default_input_shape(name)
     x = torch.randn(*shape)
-    budget = fxprune.Budget(flops=args.budget, params=args.params) if args.params else args.budget
+    budget = _budget(args, args.budget, args.batch_sizes[0])
     start = time.perf_counter()
     pruned = fxprune.compile(model.eval(), budget, example_inputs=(x,), verify=not args.no_verify,
                              **_compile_options(args))
@@ -191,13 +206,25 @@ def _write_viz(report: dict, out: str, name: str) -> List[str]:
 
 
 def cmd_bench(args) -> int:
+    import fxprune
     from fxprune.export.benchmark import prune_and_benchmark
     model, name = load_model(args.model)
     shape = args.input_shape or default_input_shape(name)
-    result = prune_and_benchmark(model.eval(), (torch.randn(*shape),), budgets=args.budgets, name=name,
-                                 compile_options=_compile_options(args), onnx_dir=args.onnx_dir,
+    x = torch.randn(*shape)
+    extra = {}
+    if args.latency is not None:   # predicted (and measured while compiling) vs this benchmark's measurement
+        extra[f"latency@{args.latency:g}"] = fxprune.compile(model.eval(), _budget(args, None, args.batch_sizes[0]),
+                                                            example_inputs=(x,), **_compile_options(args))
+    result = prune_and_benchmark(model.eval(), (x,), budgets=args.budgets, name=name,
+                                 compile_options=_compile_options(args), onnx_dir=args.onnx_dir, extra_models=extra,
                                  **_bench_options(args))
     print(result.table())
+    for key, pruned in extra.items():
+        latency, row = pruned.meta["fxprune"]["latency"], next(r for r in result.rows if r.name == key)
+        batch = args.batch_sizes[0]
+        print(f"{key}: predicted {latency['predicted_ratio']:.1%} of the dense latency at batch {batch}, measured "
+              f"{latency['measured_ratio']:.1%} while compiling and "
+              f"{row.latency[batch].median_ms / result.dense.latency[batch].median_ms:.1%} here")
     if args.json:
         result.write_json(args.json)
         print(f"wrote {args.json}")
@@ -288,6 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     latency(prune, [1], 20)
     prune.add_argument("--budget", type=float, default=0.5, help="fraction of FLOPs to keep, in (0, 1] (default 0.5)")
     prune.add_argument("--params", type=float, help="also keep at most this fraction of the parameters")
+    prune.add_argument("--latency", type=float, help="keep this fraction of the onnxruntime latency measured at the "
+                       "first --batch-sizes and --threads, instead of --budget (tables are cached)")
     prune.add_argument("--no-verify", action="store_true", help="skip the float64 verification")
     prune.add_argument("--no-bench", action="store_true", help="skip the ONNX export and onnxruntime timing")
     prune.add_argument("--out", help="directory for pruned.pt, report.json, ONNX files, HTML/SVG/PNG views, bench.json")
@@ -298,6 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     pruning(bench)
     latency(bench, [1, 32], 30)
     bench.add_argument("--budgets", type=_floats, default=[0.5], help="comma-separated FLOPs budgets, e.g. 0.75,0.5,0.25")
+    bench.add_argument("--latency", type=float, help="also prune to this fraction of the latency at the first "
+                       "--batch-sizes and report its predicted vs measured latency")
+    bench.set_defaults(params=None)
     bench.add_argument("--json", help="write the results as JSON here")
     bench.add_argument("--plot", help="write a PNG of speed-up against FLOPs kept here (needs matplotlib)")
     bench.add_argument("--onnx-dir", help="keep the ONNX files here")

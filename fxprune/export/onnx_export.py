@@ -115,8 +115,8 @@ def compare_with_torch(model: torch.nn.Module, onnx_path: str, example_inputs, *
     return check
 
 
-def ort_session(path: str, threads=None):
-    """An onnxruntime CPU session with all graph optimisations; intra-op threads default to the
+def ort_session(path, threads=None):
+    """An onnxruntime CPU session (of a file, or a serialised model's bytes) with all graph optimisations; intra-op threads default to the
     physical core count (hyper-threads slow GEMM-bound models down).
 
     Thread spinning is off: by default ORT's workers busy-wait after a run, and when sessions

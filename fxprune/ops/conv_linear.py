@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 import numpy as np
 import torch
@@ -17,8 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxprune.errors import describe_node
-from fxprune.fxutil import bind_arguments, declare_signature, is_get_attr
+from fxprune.fxutil import bind_arguments, declare_signature, get_attr, is_get_attr
 from fxprune.ir import ChannelMap
+from fxprune.latency import LatencyLayer, LayerSpec
 from fxprune.tracing import TensorSpec, value_spec
 from .registry import OpEntry, op_fact, register
 
@@ -147,21 +148,86 @@ def _linear_flops(cost, node: torch.fx.Node, weight: str):
     return [(2.0, cost.leading_factors(node, spec) + cost.weight_factors(weight))]
 
 
+def _conv_layer(cost, node: torch.fx.Node, x: Any, weight: str, has_bias: bool, stride, padding, dilation,
+                groups: int, padding_mode: str = "zeros") -> Optional[LatencyLayer]:
+    """A dense or depthwise conv with numeric zero padding, as a latency target times it."""
+    x_spec, out_spec = value_spec(x) if isinstance(x, torch.fx.Node) else None, value_spec(node)
+    if not isinstance(x_spec, TensorSpec) or not isinstance(out_spec, TensorSpec) or isinstance(padding, str) \
+            or padding_mode != "zeros":
+        return None
+    factors = cost.weight_factors(weight)
+    shape = _weight_shape(cost, weight)
+    n_spatial = x_spec.ndim - 2
+    depthwise = groups > 1 and shape[1] == 1 and shape[0] == groups
+    if groups > 1 and not depthwise:
+        return None
+    spec = LayerSpec("conv", tuple(x_spec.shape), int(shape[0]), tuple(shape[2:]), _tuple(stride, n_spatial),
+                     _tuple(padding, n_spatial), _tuple(dilation, n_spatial), depthwise, has_bias)
+    return LatencyLayer(spec, factors[0], 1) if depthwise else LatencyLayer(spec, factors[1], factors[0])
+
+
+def _linear_layer(cost, node: torch.fx.Node, x: Any, weight: str, has_bias: bool) -> Optional[LatencyLayer]:
+    """A linear layer whose leading (token) dims are not pruned, as a latency target times it."""
+    x_spec, out_spec = value_spec(x) if isinstance(x, torch.fx.Node) else None, value_spec(node)
+    if not isinstance(x_spec, TensorSpec) or not isinstance(out_spec, TensorSpec):
+        return None
+    if not all(isinstance(f, int) for f in cost.leading_factors(node, out_spec)):
+        return None
+    out_factor, in_factor = cost.weight_factors(weight)
+    spec = LayerSpec("linear", tuple(x_spec.shape), int(out_spec.shape[-1]), bias=has_bias)
+    return LatencyLayer(spec, in_factor, out_factor)
+
+
+def _conv_module_layer(cost, node: torch.fx.Node) -> Optional[LatencyLayer]:
+    m = cost.gm.get_submodule(node.target)
+    return _conv_layer(cost, node, node.args[0] if node.args else None, node.target + ".weight", m.bias is not None,
+                       m.stride, m.padding, m.dilation, m.groups, m.padding_mode)
+
+
+def _functional_conv_layer(cost, node: torch.fx.Node) -> Optional[LatencyLayer]:
+    bound = bind_arguments(node)
+    w, b = bound.get("weight"), bound.get("bias")
+    if not is_get_attr(w):
+        return None
+    return _conv_layer(cost, node, bound.get("input"), w.target, b is not None, bound.get("stride", 1),
+                       bound.get("padding", 0), bound.get("dilation", 1), bound.get("groups", 1))
+
+
+def _linear_module_layer(cost, node: torch.fx.Node) -> Optional[LatencyLayer]:
+    m = cost.gm.get_submodule(node.target)
+    return _linear_layer(cost, node, node.args[0] if node.args else None, node.target + ".weight", m.bias is not None)
+
+
+def _functional_linear_layer(cost, node: torch.fx.Node) -> Optional[LatencyLayer]:
+    bound = bind_arguments(node)
+    w = bound.get("weight")
+    return _linear_layer(cost, node, bound.get("input"), w.target, bound.get("bias") is not None) \
+        if is_get_attr(w) else None
+
+
+def _weight_shape(cost, weight: str) -> Tuple[int, ...]:
+    return tuple(get_attr(cost.gm, weight).shape)
+
+
+def _tuple(value: Any, n: int) -> Tuple[int, ...]:
+    return tuple(int(v) for v in value) if isinstance(value, (tuple, list)) else (int(value),) * n
+
+
 def _functional_weight(node: torch.fx.Node) -> Optional[str]:
     w = bind_arguments(node).get("weight")
     return w.target if is_get_attr(w) else None
 
 
-register(OpEntry("Conv", conv_module, resize_module=_resize_conv,
+register(OpEntry("Conv", conv_module, resize_module=_resize_conv, latency_layer=_conv_module_layer,
                  flops=lambda cost, node: _conv_flops(cost, node, node.target + ".weight")),
          modules=[nn.Conv1d, nn.Conv2d, nn.Conv3d])
-register(OpEntry("F.conv", functional_conv, rewrite_args=_rewrite_conv_groups,
+register(OpEntry("F.conv", functional_conv, rewrite_args=_rewrite_conv_groups, latency_layer=_functional_conv_layer,
                  flops=lambda cost, node: _conv_flops(cost, node, w) if (w := _functional_weight(node)) else []),
          functions=[F.conv1d, F.conv2d, F.conv3d])
-register(OpEntry("Linear", linear_module, resize_module=_resize_linear,
+register(OpEntry("Linear", linear_module, resize_module=_resize_linear, latency_layer=_linear_module_layer,
                  flops=lambda cost, node: _linear_flops(cost, node, node.target + ".weight")),
          modules=[nn.Linear])
-register(OpEntry("F.linear", functional_linear,
+register(OpEntry("F.linear", functional_linear, latency_layer=_functional_linear_layer,
                  flops=lambda cost, node: _linear_flops(cost, node, w) if (w := _functional_weight(node)) else []),
          functions=[F.linear])
 

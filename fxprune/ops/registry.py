@@ -60,6 +60,9 @@ class OpEntry:
     # (node, args, kwargs) -> output value on the meta device, or None to run the op (for layers whose
     # meta kernels are slow Python decompositions: batch_norm on meta costs more than a conv)
     meta_shape: Optional[Callable[[torch.fx.Node, tuple, dict], Any]] = None
+    # (cost context, node) -> fxprune.latency.LatencyLayer or None: the layer a latency target can time
+    # alone at other widths (a latency budget measures a table of it)
+    latency_layer: Optional[Callable[[Any, torch.fx.Node], Any]] = None
 
 
 def same_as_input(node: torch.fx.Node, args: tuple, kwargs: dict) -> Any:

@@ -1,0 +1,100 @@
+"""Budget(latency=...) on torchvision models: does the measured latency land on the budget?
+
+For every model, batch size and thread count: an OnnxRuntimeTarget at that batch size and thread
+count, `fxprune.compile(model, Budget(latency=B, target=...))` (its tables come from the disk cache
+when an earlier run measured them; the first build's time is recorded), then an independent check:
+the dense model, the latency-budget result and the FLOPs-budget result at the same B (defaults) are
+exported and timed interleaved in one onnxruntime process (fxprune.export.benchmark), and the
+measured latency ratios are reported with the ratio's distance from the budget.
+
+    python benchmarks/latency_budget.py                                  # 3 models x b1,b32 x 1,2 threads
+    python benchmarks/latency_budget.py --models resnet18 --batch-sizes 1 --threads 1
+
+Prints one line per configuration and writes everything to --out (JSON) after each.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+import warnings
+from typing import List, Optional
+
+import torch
+import torchvision
+
+import fxprune
+from fxprune.export.benchmark import benchmark_onnxruntime
+from fxprune.export.latency_target import OnnxRuntimeTarget
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", default="resnet50,mobilenet_v2,vit_b_16")
+    parser.add_argument("--budget", type=float, default=0.5)
+    parser.add_argument("--batch-sizes", default="1,32")
+    parser.add_argument("--threads", default="1,2")
+    parser.add_argument("--check-runs", type=int, default=30, help="timed runs of the independent check")
+    parser.add_argument("--check-seconds", type=float, default=90.0, help="cap on the check's timed runs")
+    parser.add_argument("--cache", help="latency table folder (default $FXPRUNE_CACHE or ~/.cache/fxprune)")
+    parser.add_argument("--out", default="benchmarks/results/latency_budget.json")
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    logging.basicConfig(level=logging.INFO, format="[fxprune] %(message)s")
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    rows = []
+    for name in args.models.split(","):
+        torch.manual_seed(0)
+        model = getattr(torchvision.models, name)().eval()
+        x = torch.randn(1, 3, 224, 224)
+        flops_model = fxprune.compile(model, args.budget, example_inputs=(x,), verify=False)
+        for batch in map(int, args.batch_sizes.split(",")):
+            for threads in map(int, args.threads.split(",")):
+                rows.append(run_one(name, model, flops_model, x, batch, threads, args))
+                print(line(rows[-1]), flush=True)
+                with open(args.out, "w") as fh:
+                    json.dump({"budget": args.budget, "rows": rows}, fh, indent=1)
+    print("\n" + "\n".join(line(r) for r in rows))
+    return 0
+
+
+def run_one(name, model, flops_model, x, batch, threads, args) -> dict:
+    big = batch * (17 if name.startswith("vit") else 4) > 64      # long runs: fewer of them
+    target = OnnxRuntimeTarget(batch_size=batch, threads=threads, cache_dir=args.cache,
+                               model_runs=6 if big else 20, model_max_seconds=20.0 if big else 30.0)
+    start = time.perf_counter()
+    pruned = fxprune.compile(model, fxprune.Budget(latency=args.budget, target=target), example_inputs=(x,),
+                             verify=False)
+    seconds = time.perf_counter() - start
+    report = pruned.meta["fxprune"]
+    check = benchmark_onnxruntime({"dense": model, "latency": pruned, "flops": flops_model}, (x,), name=name,
+                                  batch_sizes=(batch,), threads=threads, warmup=2 if big else 5,
+                                  runs=args.check_runs, max_seconds=args.check_seconds)
+    ms = {row.name: row.latency[batch].median_ms for row in check.rows}
+    latency = report["latency"]
+    return {"model": name, "batch": batch, "threads": threads, "budget": args.budget,
+            "check_latency_ratio": ms["latency"] / ms["dense"], "check_flops_model_latency_ratio": ms["flops"] / ms["dense"],
+            "dense_ms": ms["dense"], "latency_model_ms": ms["latency"], "flops_model_ms": ms["flops"],
+            "flops_ratio_of_latency_model": report["flops"]["ratio"],
+            "flops_ratio_of_flops_model": flops_model.meta["fxprune"]["flops"]["ratio"],
+            "compile_seconds": seconds, "table_seconds": latency["table_seconds"],
+            "widths_measured": target.measured, "widths_cached": target.cached,
+            "compile_predicted_ratio": latency["predicted_ratio"], "compile_measured_ratio": latency["measured_ratio"],
+            "rounds": latency["rounds"], "slope": latency["slope"], "layers": latency["layers"],
+            "tables": latency["tables"], "target": target.key}
+
+
+def line(r: dict) -> str:
+    within = abs(r["check_latency_ratio"] - r["budget"]) <= 0.05 * r["budget"]
+    return (f"{r['model']:<14} b{r['batch']:<3} t{r['threads']}  latency ratio {r['check_latency_ratio']:.3f} "
+            f"({'within' if within else 'OUTSIDE'} +-5% of {r['budget']}; in compile {r['compile_measured_ratio']:.3f}, "
+            f"predicted {r['compile_predicted_ratio']:.3f}, {len(r['rounds'])} rounds)  FLOPs kept {r['flops_ratio_of_latency_model']:.3f}  "
+            f"| FLOPs-budget model: latency {r['check_flops_model_latency_ratio']:.3f}  "
+            f"| compile {r['compile_seconds']:.0f} s, tables {r['table_seconds']:.0f} s "
+            f"({r['widths_measured']} measured, {r['widths_cached']} cached)")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,183 @@
+"""OnnxRuntimeTarget: where `Budget(latency=...)` measures (see fxprune/latency.py for the protocol).
+
+Layers are timed alone: each (in, out) width of a table becomes a one-node ONNX graph (Conv, or
+MatMul + Add for a linear layer) built with onnx.helper, run in an onnxruntime session with the
+target's thread count at its batch size. Tables are cached on disk per target key (CPU model,
+onnxruntime version, provider, threads, batch size), so a model's tables are measured once per machine.
+Whole models are exported to ONNX once per compile and timed interleaved (dense, pruned, dense, ...)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import tempfile
+import time
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from ..latency import LayerSpec
+from .onnx_export import export_onnx, ort_session, physical_cores
+
+log = logging.getLogger("fxprune")
+
+CACHE_ENV = "FXPRUNE_CACHE"   # a folder for the latency tables (default ~/.cache/fxprune)
+
+
+class OnnxRuntimeTarget:
+    """onnxruntime CPU latency at `batch_size` with `threads` intra-op threads.
+
+    layer_runs / model_runs: timed runs per measurement (the median counts; a layer stops early once
+    its runs pass layer_seconds_cap); cache_dir: where tables are kept (default $FXPRUNE_CACHE or
+    ~/.cache/fxprune; None there and an unwritable home: in memory only)."""
+
+    def __init__(self, batch_size: int = 1, threads: Optional[int] = None, *, layer_runs: int = 7,
+                 model_runs: int = 20, model_max_seconds: float = 30.0, layer_seconds_cap: float = 0.5,
+                 cache_dir: Optional[str] = None):
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        self.batch_size = batch_size
+        self.threads = threads or physical_cores()
+        self.layer_runs, self.model_runs = layer_runs, model_runs
+        self.model_max_seconds, self.layer_seconds_cap = model_max_seconds, layer_seconds_cap
+        self.cache_dir = cache_dir or os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "fxprune")
+        self._table: Optional[Dict[str, float]] = None
+        self._exported: Dict[int, Tuple[torch.nn.Module, str]] = {}
+        self._tmp = tempfile.TemporaryDirectory(prefix="fxprune-latency-")
+        self.measured = self.cached = 0   # layer widths timed / read from the cache by this target
+
+    # ------------------------------------------------------------------ identity and cache
+    @property
+    def key(self) -> str:
+        import onnxruntime
+        return (f"onnxruntime-{onnxruntime.__version__}-cpu/{_cpu_name()}/{platform.machine()}/"
+                f"threads{self.threads}/batch{self.batch_size}")
+
+    def __repr__(self) -> str:
+        return f"OnnxRuntimeTarget(batch_size={self.batch_size}, threads={self.threads})"
+
+    @property
+    def cache_path(self) -> str:
+        digest = hashlib.sha1(self.key.encode()).hexdigest()[:16]
+        return os.path.join(self.cache_dir, "latency", f"{digest}.json")
+
+    def _cache(self) -> Dict[str, float]:
+        if self._table is None:
+            self._table = {}
+            try:
+                with open(self.cache_path) as fh:
+                    stored = json.load(fh)
+                if stored.get("key") == self.key:
+                    self._table = dict(stored["seconds"])
+            except (OSError, ValueError, KeyError):
+                pass
+        return self._table
+
+    def _save(self) -> None:
+        try:
+            os.makedirs(os.path.dirname(self.cache_path), exist_ok=True)
+            tmp = self.cache_path + f".{os.getpid()}.tmp"
+            with open(tmp, "w") as fh:
+                json.dump({"key": self.key, "seconds": self._table}, fh)
+            os.replace(tmp, self.cache_path)
+        except OSError as exc:  # a read-only home: the tables live for this process only
+            log.warning("fxprune: could not write the latency cache %s (%s)", self.cache_path, exc)
+
+    # ------------------------------------------------------------------ layers
+    def layer_seconds(self, spec: LayerSpec, widths: Sequence[Tuple[int, int]]) -> List[float]:
+        """Median seconds of `spec` alone at each (in, out) width (from the cache where measured before)."""
+        cache, out, new = self._cache(), [], 0
+        for in_width, out_width in widths:
+            entry = f"{spec!r}@{in_width}x{out_width}"
+            if entry not in cache:
+                cache[entry] = self._time_layer(spec, in_width, out_width)
+                new += 1
+            out.append(cache[entry])
+        self.measured += new
+        self.cached += len(widths) - new
+        if new:
+            self._save()
+            log.info("latency table: %s %s -> %d: %d widths measured (%d layer widths so far, %d from the cache)",
+                     spec.op, "x".join(map(str, spec.input_shape[1:])), spec.out_channels, new, self.measured,
+                     self.cached)
+        return out
+
+    def _time_layer(self, spec: LayerSpec, in_width: int, out_width: int) -> float:
+        proto, feed = _layer_graph(spec, in_width, out_width, self.batch_size)
+        session = ort_session(proto.SerializeToString(), self.threads)
+        session.run(None, feed)   # warm-up: first runs allocate and pick kernels
+        session.run(None, feed)
+        times, start = [], time.perf_counter()
+        for _ in range(self.layer_runs):
+            t0 = time.perf_counter()
+            session.run(None, feed)
+            times.append(time.perf_counter() - t0)
+            if len(times) >= 3 and time.perf_counter() - start > self.layer_seconds_cap:
+                break
+        return float(np.median(times))
+
+    # ------------------------------------------------------------------ whole models
+    def model_seconds(self, models: Dict[str, torch.nn.Module], example_inputs: Tuple[Any, ...]) -> Dict[str, float]:
+        """Median seconds of each model at the target's batch size, timed interleaved (each model is
+        exported to ONNX once per target object)."""
+        from .benchmark import measure_latency
+        files = {name: self._onnx_file(model, example_inputs) for name, model in models.items()}
+        shapes = [list(t.shape) for t in example_inputs]
+        stats = measure_latency(files, shapes, batch_sizes=(self.batch_size,), threads=self.threads, warmup=3,
+                                runs=self.model_runs, max_seconds=self.model_max_seconds)
+        return {name: stats[name][self.batch_size].median_ms / 1e3 for name in models}
+
+    def _onnx_file(self, model: torch.nn.Module, example_inputs) -> str:
+        if id(model) not in self._exported:
+            path = os.path.join(self._tmp.name, f"model{len(self._exported)}.onnx")
+            export_onnx(model, example_inputs, path)
+            self._exported[id(model)] = (model, path)   # the model is held so its id is not reused
+        return self._exported[id(model)][1]
+
+
+def _layer_graph(spec: LayerSpec, in_width: int, out_width: int, batch: int):
+    """A one-layer ONNX model of `spec` at these widths, and a random input for it."""
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(0)
+    shape = list(spec.input_shape)
+    shape[0] = batch if len(shape) > 1 else shape[0]
+    nodes, inits = [], []
+    if spec.op == "conv":
+        shape[1] = in_width
+        group = in_width if spec.depthwise else 1
+        out_width = in_width if spec.depthwise else out_width
+        w = rng.standard_normal((out_width, in_width // group, *spec.kernel)).astype(np.float32)
+        inits.append(numpy_helper.from_array(w, "w"))
+        inputs = ["x", "w"]
+        if spec.bias:
+            inits.append(numpy_helper.from_array(np.zeros(out_width, np.float32), "b"))
+            inputs.append("b")
+        nodes.append(helper.make_node("Conv", inputs, ["y"], kernel_shape=list(spec.kernel), strides=list(spec.stride),
+                                      pads=list(spec.padding) * 2, dilations=list(spec.dilation), group=group))
+    else:
+        shape[-1] = in_width
+        w = rng.standard_normal((in_width, out_width)).astype(np.float32)
+        inits.append(numpy_helper.from_array(w, "w"))
+        nodes.append(helper.make_node("MatMul", ["x", "w"], ["y0" if spec.bias else "y"]))
+        if spec.bias:
+            inits.append(numpy_helper.from_array(np.zeros(out_width, np.float32), "b"))
+            nodes.append(helper.make_node("Add", ["y0", "b"], ["y"]))
+    graph = helper.make_graph(nodes, "layer", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    return proto, {"x": rng.standard_normal(shape).astype(np.float32)}
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
