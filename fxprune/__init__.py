@@ -4,6 +4,7 @@ from .compiler import analyze, apply_plan, compile, cost_of
 from .errors import (BudgetError, ConfigError, DataError, ExampleInputsError, FxPruneError, LoadError,
                      NoPrunableChannelsError, PassCheckError, UnsupportedModelError, VerificationError)
 from .importance import Importance, ImportanceData, importance_names
+from .passes.activation_importance import FluctuationImportance, WandaImportance
 from .passes.aofp import AOFP
 from .passes.bn_scale_importance import BNScaleImportance
 from .passes.fpgm_importance import FPGMImportance
@@ -36,7 +37,7 @@ __all__ = [
     "finetune", "evaluate", "FinetuneConfig", "recalibrate_bn", "AOFP", "SCOP",
     "SpaceSearch", "SearchResult", "ProxyEvaluator",
     "Importance", "ImportanceData", "importance_names", "L1Importance", "L2Importance", "BNScaleImportance",
-    "TaylorImportance", "FPGMImportance", "RandomImportance", "ChannelGroup", "ChannelGroups", "PrunePlan",
+    "TaylorImportance", "FPGMImportance", "RandomImportance", "WandaImportance", "FluctuationImportance", "ChannelGroup", "ChannelGroups", "PrunePlan",
     "FxPruneError", "UnsupportedModelError", "ExampleInputsError", "BudgetError", "NoPrunableChannelsError",
     "ConfigError", "DataError", "LoadError", "PassCheckError", "VerificationError",
 ]

@@ -15,7 +15,7 @@ from .budget import Budget, as_budget
 from .errors import ConfigError, UnsupportedModelError
 from .importance import Importance, ImportanceData, resolve_importance
 from .ir import ChannelGroups, PrunePlan
-from .pipeline import (Allocate, AnalyseChannels, CompileState, CountCost, MeasureLatency, MeetMeasuredLatency,
+from .pipeline import (Allocate, AnalyseChannels, BiasCompensation, CompileState, CountCost, MeasureLatency, MeetMeasuredLatency,
                        PlanFromReport, PlanWhileTraining, Rewrite, Score, Trace, Verify, run_passes)
 from .report import build_report, module_slices as _module_slices
 from .tracing import check_capture, normalise_example_inputs, private_eval_copy
@@ -74,7 +74,8 @@ def compile(model: torch.nn.Module, budget: Union[float, Budget], *, example_inp
         raise ConfigError(f"a latency budget needs an allocation that reads the cost model (\"global\", "
                           f"\"uniform\"); {scorer.name if scorer.decides_widths else allocation!r} plans by FLOPs")
     source = copy.deepcopy(model) if scorer.trains_model else model          # training never touches the user's
-    allocate, rewrite, latency = Allocate(allocation_pass, budget, round_to, min_channels), Rewrite(), budget.latency
+    allocate, latency = Allocate(allocation_pass, budget, round_to, min_channels), budget.latency
+    rebuild = [Rewrite(), BiasCompensation()]                                # (the latter only after "flap")
     passes = [
         Trace(leaf_modules),                                                 # fx graph of a private copy, with shapes
         AnalyseChannels(ignore_names, keep_outputs),                         # which channels must go together
@@ -83,8 +84,8 @@ def compile(model: torch.nn.Module, budget: Union[float, Budget], *, example_inp
         *([PlanWhileTraining(scorer, calibration, budget)] if scorer.decides_widths else [  # AOFP: masks learnt
             Score(scorer, calibration),                                      # importance of every unit
             allocate]),                                                      # which units stay
-        rewrite,                                                             # the new, smaller GraphModule
-        *([MeetMeasuredLatency(allocate, rewrite, budget)] if latency else []),  # timed; refit and redo until met
+        *rebuild,                                                            # the new, smaller GraphModule
+        *([MeetMeasuredLatency(allocate, rebuild, budget)] if latency else []),  # timed; refit and redo until met
         *([Verify()] if verify else []),                                     # pruned == masked original
     ]
     state = run_passes(passes, CompileState(inputs=inputs, model=private_eval_copy(source)))

@@ -24,6 +24,11 @@ from .errors import ConfigError, DataError, FxPruneError, first_line
 from .ir import ChannelGroups
 
 
+# a key of score_with_results' results holding {consumer weight: mean of its input per feature}
+# (tensors, for BiasCompensation): the Score pass moves it to the compile state, out of the report
+INPUT_MEANS = "input_means"
+
+
 @dataclass
 class ImportanceData:
     """Calibration (or training) data for an importance.
@@ -141,6 +146,7 @@ def resolve_importance(importance) -> Importance:
 
 def _load_builtin() -> None:
     # the criteria live in passes/ (one per file) and register themselves on import
+    import fxprune.passes.activation_importance  # noqa: F401
     import fxprune.passes.bn_scale_importance  # noqa: F401
     import fxprune.passes.fpgm_importance  # noqa: F401
     import fxprune.passes.l1_importance  # noqa: F401

@@ -26,7 +26,7 @@ import torch.fx
 from .budget import LABELS, Budget
 from .cost import CostContext, CostModel, build_cost_model
 from .errors import BudgetError, FxPruneError, PassCheckError
-from .importance import Importance, ImportanceData
+from .importance import INPUT_MEANS, Importance, ImportanceData
 from .ir import ChannelGroups, ChannelMap, PrunePlan
 from .shape_prop import propagate_shapes
 from .tracing import trace_model
@@ -54,6 +54,7 @@ class CompileState:
     plan: Optional[PrunePlan] = None                    # which units stay
     pruned: Optional[torch.fx.GraphModule] = None       # the new, smaller GraphModule
     verification: Optional[Dict[str, Any]] = None       # pruned == masked original, in float64
+    input_means: Optional[Dict[str, torch.Tensor]] = None  # calibration means of consumers' inputs (flap)
     results: Dict[str, Any] = field(default_factory=dict)   # JSON-able results for the report, by pass
     seconds: Dict[str, float] = field(default_factory=dict)  # wall time of every pass
 
@@ -198,7 +199,9 @@ class Score(CompilerPass):
     def run(self, state: CompileState) -> CompileState:
         groups = _with_frozen(state.groups, self.criterion.excluded_groups(state.gm, state.groups))
         scores, results = self.criterion.score_with_results(state.gm, groups, self.data)
-        return dataclasses.replace(state, groups=groups, scores=scores, results=_add(state.results, "importance", results))
+        means = results.pop(INPUT_MEANS, None)     # tensors for BiasCompensation, not report data
+        return dataclasses.replace(state, groups=groups, scores=scores, input_means=means,
+                                   results=_add(state.results, "importance", results))
 
 
 class PlanWhileTraining(CompilerPass):
@@ -278,8 +281,8 @@ class MeetMeasuredLatency(CompilerPass):
     requires = ("gm", "groups", "cost", "scores", "plan", "pruned")
     produces = ("pruned",)
 
-    def __init__(self, allocate: "Allocate", rewrite: "Rewrite", budget: Budget):
-        self.allocate, self.rewrite, self.budget = allocate, rewrite, budget
+    def __init__(self, allocate: "Allocate", rebuild: Sequence[CompilerPass], budget: Budget):
+        self.allocate, self.rebuild, self.budget = allocate, rebuild, budget
 
     def run(self, state: CompileState) -> CompileState:
         model, want = state.cost.latency_model, self.budget.latency
@@ -303,7 +306,9 @@ class MeetMeasuredLatency(CompilerPass):
                 break
             if np.array_equal(planned.plan.keep_unit, state.plan.keep_unit):
                 break                   # the refit changes nothing the granularity can express
-            state = self.rewrite.run(planned)
+            state = planned
+            for p in self.rebuild:      # the rewrite (and bias compensation) of the new plan
+                state = p.run(state)
         below = [r for r in rounds if r[1]["measured_ratio"] <= want * (1 + LATENCY_TOLERANCE)]
         state, chosen = (max(below, key=lambda r: r[1]["measured_ratio"]) if below else
                          min(rounds, key=lambda r: r[1]["measured_ratio"]))
@@ -317,13 +322,46 @@ class MeetMeasuredLatency(CompilerPass):
         return dataclasses.replace(state, plan=state.plan, results=_add(state.results, "latency", results))
 
 
+class BiasCompensation(CompilerPass):
+    """FLAP's recovery without retraining: each linear layer that lost inputs gets, added to its bias,
+    what those inputs contributed on average over the calibration data (W[:, removed] @ mean[removed]).
+    The masked original it is verified against reads those means where the removed inputs were."""
+
+    name, requires, produces, changes_graph = "bias_compensation", ("gm", "groups", "plan", "pruned"), ("pruned",), True
+
+    def run(self, state: CompileState) -> CompileState:
+        if not state.input_means:
+            return state
+        from fxprune.passes.activation_importance import compensation_terms
+        shifts = compensation_terms(state.gm, state.groups.kept_lookup(state.plan.keep_unit), state.input_means,
+                                    state.groups)
+        kept_positions = state.groups.kept_lookup(state.plan.keep_unit)
+        with torch.no_grad():
+            for name, (_, shift) in shifts.items():
+                rows = state.groups.param_slices[name].get(0)
+                if rows is not None:     # the layer's own outputs were pruned too
+                    shift = shift[torch.as_tensor(kept_positions(rows))]
+                module = state.pruned.get_submodule(name.rpartition(".")[0])
+                if module.bias is None:
+                    module.bias = torch.nn.Parameter(torch.zeros(module.out_features, dtype=module.weight.dtype),
+                                                     requires_grad=module.weight.requires_grad)
+                module.bias += shift.to(module.bias.dtype)
+        return dataclasses.replace(state, results=_add(state.results, "bias_compensation",
+                                                         {"layers": sorted(n.rpartition(".")[0] for n in shifts)}))
+
+
 class Verify(CompilerPass):
     """pruned(x) == masked original(x) in float64; raises VerificationError otherwise."""
 
     name, requires, produces = "verify", ("gm", "pruned", "groups", "plan"), ("verification",)
 
     def run(self, state: CompileState) -> CompileState:
-        result = verify_pruned(state.gm, state.pruned, state.groups, state.plan, state.inputs)
+        shifts = None
+        if state.input_means and "bias_compensation" in state.results:
+            from fxprune.passes.activation_importance import compensation_terms
+            shifts = {name.rpartition(".")[0]: shift for name, (_, shift) in compensation_terms(
+                state.gm, state.groups.kept_lookup(state.plan.keep_unit), state.input_means, state.groups).items()}
+        result = verify_pruned(state.gm, state.pruned, state.groups, state.plan, state.inputs, output_shifts=shifts)
         return dataclasses.replace(state, verification=result.as_dict())
 
 

@@ -46,9 +46,11 @@ class VerificationResult:
 class MaskedOriginal(torch.fx.Interpreter):
     """Runs the original graph with pruned channels zeroed wherever they are read."""
 
-    def __init__(self, gm: torch.fx.GraphModule, groups: ChannelGroups, keep_unit: np.ndarray, record: bool = False):
+    def __init__(self, gm: torch.fx.GraphModule, groups: ChannelGroups, keep_unit: np.ndarray, record: bool = False,
+                 output_shifts: Optional[Dict[str, torch.Tensor]] = None):
         super().__init__(gm)
         self.groups, self.keep_unit, self.record = groups, keep_unit, record
+        self.output_shifts = output_shifts or {}   # module -> added to its output (bias compensation)
         self.values: Dict[str, Any] = {}
         self._masks: Dict[bytes, torch.Tensor] = {}
 
@@ -87,6 +89,11 @@ class MaskedOriginal(torch.fx.Interpreter):
         if isinstance(arg, dict) and isinstance(value, dict):
             return type(value)({k: self.kept_only(v, arg[k]) for k, v in value.items()})
         return value
+
+    def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
+        out = super().call_module(target, args, kwargs)
+        shift = self.output_shifts.get(target)
+        return out if shift is None else out + shift.to(out.dtype)
 
     def run_node(self, n: torch.fx.Node) -> Any:
         fact = op_fact(n)
@@ -130,8 +137,11 @@ def masked_model_copy(gm: torch.fx.GraphModule, groups: ChannelGroups, keep_unit
 
 
 def verify_pruned(original: torch.fx.GraphModule, pruned: torch.fx.GraphModule, groups: ChannelGroups,
-                  plan: PrunePlan, example_inputs: Tuple[Any, ...], trials: int = 1, seed: int = 0) -> VerificationResult:
-    """Raise VerificationError unless pruned(x) == masked_original(x) in float64 on random inputs."""
+                  plan: PrunePlan, example_inputs: Tuple[Any, ...], trials: int = 1, seed: int = 0,
+                  output_shifts: Optional[Dict[str, torch.Tensor]] = None) -> VerificationResult:
+    """Raise VerificationError unless pruned(x) == masked_original(x) in float64 on random inputs.
+    output_shifts: {module: tensor} added to those modules' outputs in the reference (bias compensation:
+    the removed inputs read their calibration mean, not zero)."""
     masked = masked_model_copy(original, groups, plan.keep_unit)
     pruned64 = copy.deepcopy(pruned).double()
     generator = torch.Generator().manual_seed(seed)
@@ -141,7 +151,7 @@ def verify_pruned(original: torch.fx.GraphModule, pruned: torch.fx.GraphModule, 
     with torch.no_grad(), _flush_denormals():
         for _ in range(trials):
             inputs = tuple(_random_like(x, generator) for x in example_inputs)
-            ref = MaskedOriginal(masked, groups, plan.keep_unit).run(*inputs)
+            ref = MaskedOriginal(masked, groups, plan.keep_unit, output_shifts=output_shifts).run(*inputs)
             try:
                 got = pruned64(*inputs)
             except Exception:

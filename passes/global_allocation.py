@@ -72,7 +72,8 @@ class GlobalAllocation:
         sequence = np.lexsort((np.arange(len(values)), values))  # stable: ties keep group order
         chunks = _Chunks(np.concatenate(units_parts), begin[sequence], end[sequence],
                          np.concatenate(chunk_group)[sequence])
-        keep, smallest_refused = _shortest_prefix(chunks, groups.n_units, cost, self.budget)
+        keep, smallest_refused = _shortest_prefix(chunks, groups.n_units, cost, self.budget,
+                                                  partial=self.round_to == "auto")
         self._warn_if_short(groups, cost, keep, smallest_refused)
         return PrunePlan(keep)
 
@@ -119,8 +120,8 @@ class _Chunks:
         return self.flat[: len(chunk)][chunk < stop[self.group[chunk]]]
 
 
-def _shortest_prefix(chunks: _Chunks, n_units: int, cost: CostModel,
-                     budget: Budget) -> Tuple[np.ndarray, Optional[Tuple[float, int, int]]]:
+def _shortest_prefix(chunks: _Chunks, n_units: int, cost: CostModel, budget: Budget,
+                     partial: bool = False) -> Tuple[np.ndarray, Optional[Tuple[float, int, int]]]:
     """The first chunks (in removal order) whose removal meets the budget. The last one may be large (a
     ViT residual channel spans every block) and overshoot it by more than 0.5%: then its group stops
     there (its later chunks depend on it) and the prefix grows with the other groups' chunks instead.
@@ -157,15 +158,16 @@ def _shortest_prefix(chunks: _Chunks, n_units: int, cost: CostModel,
         if lo == 0 or best_slack < 0.005:
             break
         stop[chunks.group[lo - 1]] = lo - 1
-    return _add_back(chunks, best, *best_cut, cost, budget, dense)
+    return _add_back(chunks, best, *best_cut, cost, budget, dense, partial)
 
 
 def _add_back(chunks: _Chunks, keep: np.ndarray, k: int, stop: np.ndarray, cost: CostModel, budget: Budget,
-              dense: Dict[str, float]) -> Tuple[np.ndarray, Optional[Tuple[float, int, int]]]:
+              dense: Dict[str, float], partial: bool) -> Tuple[np.ndarray, Optional[Tuple[float, int, int]]]:
     """Chunks come off whole, so the cut can leave up to a chunk of the budget unused. Return removed
     chunks while they fit, most valuable first; only a group's last removed chunk may return (its
-    order is kept), after which the one before it may. Also returns the cheapest chunk that did not
-    fit, as (its share of the budgeted cost, group id, units)."""
+    order is kept), after which the one before it may. `partial`: then also parts of refused chunks
+    (see below). Also returns the cheapest step that did not fit, as (its share of the budgeted
+    cost, group id, units)."""
     index = np.arange(k)
     removed = index[index < stop[chunks.group[index]]]
     by_group: Dict[int, List[int]] = {}
@@ -173,22 +175,41 @@ def _add_back(chunks: _Chunks, keep: np.ndarray, k: int, stop: np.ndarray, cost:
         by_group.setdefault(int(chunks.group[i]), []).append(i)
     candidates = [-chunks_of[-1] for chunks_of in by_group.values()]  # a max-heap on removal order = value
     heapq.heapify(candidates)
-    state, refused = cost.tracker(keep), None
+    state, refused_chunks = cost.tracker(keep), []
     while candidates:
         i = -heapq.heappop(candidates)
         units = chunks.units(i)
-        values = state.if_changed(units, kept=True)
-        if budget_slack(budget, values, dense) < -1e-9:
-            tightest = min(budget.constraints(), key=lambda m: 1 - values[m] / (budget.constraints()[m] * dense[m]))
-            step = (values[tightest] - state.values[tightest]) / dense[tightest]
-            if refused is None or step < refused[0]:
-                refused = (step, int(chunks.group[i]), len(units))
+        if budget_slack(budget, state.if_changed(units, kept=True), dense) < -1e-9:
+            refused_chunks.append(i)
             continue                     # the group's earlier chunks stay out with it
         state.change(units, kept=True)
         chunks_of = by_group[int(chunks.group[i])]
         chunks_of.pop()
         if chunks_of:
             heapq.heappush(candidates, -chunks_of[-1])
+    if partial and budget_slack(budget, state.values, dense) > SHORTFALL_WARNING:
+        # round_to="auto" aligns widths where that costs little of the budget; here the steps it
+        # makes leave more than SHORTFALL_WARNING unused, so the most valuable units of the refused
+        # chunks may come back one at a time (most valuable chunk first)
+        for i in sorted(refused_chunks, reverse=True):
+            units = chunks.units(i)
+            for m in range(len(units) - 1, 0, -1):
+                if budget_slack(budget, state.if_changed(units[-m:], kept=True), dense) >= -1e-9:
+                    state.change(units[-m:], kept=True)
+                    break
+    refused = None
+    for i in refused_chunks:             # the cheapest step that still does not fit, for the warning
+        units = chunks.units(i)
+        units = units[~state.keep[units]][-1:] if partial else units
+        if not len(units):
+            continue
+        values = state.if_changed(units, kept=True)
+        if budget_slack(budget, values, dense) >= -1e-9:
+            continue
+        tightest = min(budget.constraints(), key=lambda m: 1 - values[m] / (budget.constraints()[m] * dense[m]))
+        step = (values[tightest] - state.values[tightest]) / dense[tightest]
+        if refused is None or step < refused[0]:
+            refused = (step, int(chunks.group[i]), len(units))
     return state.keep, refused
 
 

@@ -313,6 +313,8 @@ def cat(a, node: torch.fx.Node) -> Any:
     """Concatenation lays channel vectors side by side; the other dims must agree (unioned)."""
     tensors, dim = list(first_input(node)), argument(node, "dim", 0)
     spec = value_spec(node)
+    if isinstance(spec, TensorSpec) and spec.ndim > 1:   # torch.cat skips legacy empty 1-D tensors (an empty cache)
+        tensors = [t for t in tensors if not (isinstance(t, torch.fx.Node) and _legacy_empty(value_spec(t)))]
     maps = [a.tensor_map(t) if isinstance(t, torch.fx.Node) else None for t in tensors]
     if not isinstance(spec, TensorSpec) or any(m is None for m in maps):
         return a.opaque(node, "cat of unknown values")
@@ -335,6 +337,10 @@ def cat(a, node: torch.fx.Node) -> Any:
                 parts.append(fresh)
         cat_elements = np.concatenate(parts)
     return ChannelMap(tuple(cat_elements if d == dim else others[d] for d in range(spec.ndim)))
+
+
+def _legacy_empty(spec: Any) -> bool:
+    return isinstance(spec, TensorSpec) and tuple(spec.shape) == (0,)
 
 
 register(OpEntry("cat", cat), functions=[torch.cat, torch.concat])
