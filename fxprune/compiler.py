@@ -15,7 +15,8 @@ from .budget import Budget, as_budget
 from .errors import ConfigError, UnsupportedModelError
 from .importance import Importance, ImportanceData, resolve_importance
 from .ir import ChannelGroups, PrunePlan
-from .pipeline import (Allocate, AnalyseChannels, BiasCompensation, CompileState, CountCost, MeasureLatency, MeetMeasuredLatency,
+from .pipeline import (Allocate, AnalyseChannels, BiasCompensation, CompileState, CountCost, MeasureInputMeans,
+                       MeasureLatency, MeetMeasuredLatency,
                        PlanFromReport, PlanWhileTraining, Rewrite, Score, Trace, Verify, run_passes)
 from .report import build_report, module_slices as _module_slices
 from .tracing import check_capture, normalise_example_inputs, private_eval_copy
@@ -29,7 +30,7 @@ def compile(model: torch.nn.Module, budget: Union[float, Budget], *, example_inp
             round_to: Union[int, str] = "auto",
             min_channels: int = 1, verify: bool = True, allocation: Any = "global", keep_outputs: bool = True,
             leaf_modules: Sequence[Any] = (), data: Optional[Iterable[Any]] = None,
-            loss_fn: Optional[Callable] = None) -> torch.fx.GraphModule:
+            loss_fn: Optional[Callable] = None, bias_compensation: bool = False) -> torch.fx.GraphModule:
     """Prune `model` structurally to `budget` and return a new, smaller torch.fx.GraphModule.
 
     budget: fraction of the original FLOPs to keep, in (0, 1], or Budget(flops=..., params=...,
@@ -54,7 +55,10 @@ def compile(model: torch.nn.Module, budget: Union[float, Budget], *, example_inp
     verify: check in float64 that the result equals the original with the removed channels zeroed.
     leaf_modules: module types or names fx should not trace into (their channels are frozen).
     data, loss_fn: calibration batches (`x` or `(x, y)`) and loss(output, target) for importances that
-        need data ("taylor"; default loss cross-entropy). Weight-based importances ignore them.
+        need data ("taylor", "wanda", "flap"; default loss cross-entropy). Weight-based importances ignore them.
+    bias_compensation: FLAP's recovery without retraining (needs data): every linear layer that loses
+        inputs adds what they contributed on average over the calibration data to its bias (created
+        if absent); verification then compares against the masked original with those means.
 
     The model is never modified; the result is in eval mode and carries a report at
     `result.meta["fxprune"]`."""
@@ -66,8 +70,9 @@ def compile(model: torch.nn.Module, budget: Union[float, Budget], *, example_inp
     inputs = normalise_example_inputs(example_inputs)
     ignore_names = resolve_ignore(model, ignore)
     scorer = resolve_importance(importance)
-    if scorer.requires_data and data is None:
-        raise ConfigError(f"importance {scorer.name!r} needs calibration data: pass data=<iterable of (x, y) "
+    if (scorer.requires_data or bias_compensation) and data is None:
+        needs = "bias_compensation" if not scorer.requires_data else f"importance {scorer.name!r}"
+        raise ConfigError(f"{needs} needs calibration data: pass data=<iterable of (x, y) "
                           f"batches> (e.g. a DataLoader over a few hundred training images)")
     calibration = ImportanceData(data, loss_fn)
     if budget.latency is not None and (scorer.decides_widths or not isinstance(allocation, str)):
@@ -75,12 +80,13 @@ def compile(model: torch.nn.Module, budget: Union[float, Budget], *, example_inp
                           f"\"uniform\"); {scorer.name if scorer.decides_widths else allocation!r} plans by FLOPs")
     source = copy.deepcopy(model) if scorer.trains_model else model          # training never touches the user's
     allocate, latency = Allocate(allocation_pass, budget, round_to, min_channels), budget.latency
-    rebuild = [Rewrite(), BiasCompensation()]                                # (the latter only after "flap")
+    rebuild = [Rewrite(), BiasCompensation()]                          # the latter after MeasureInputMeans only
     passes = [
         Trace(leaf_modules),                                                 # fx graph of a private copy, with shapes
         AnalyseChannels(ignore_names, keep_outputs),                         # which channels must go together
         CountCost(),                                                         # FLOPs/params per kept unit
         *([MeasureLatency(budget.target)] if latency else []),               # latency tables on the target
+        *([MeasureInputMeans(calibration)] if bias_compensation else []),    # for bias compensation
         *([PlanWhileTraining(scorer, calibration, budget)] if scorer.decides_widths else [  # AOFP: masks learnt
             Score(scorer, calibration),                                      # importance of every unit
             allocate]),                                                      # which units stay
@@ -92,7 +98,7 @@ def compile(model: torch.nn.Module, budget: Union[float, Budget], *, example_inp
     importance_label = scorer.name if isinstance(importance, str) else repr(scorer)  # with its settings
     options = {"importance": importance_label, "allocation": getattr(allocation, "name", allocation),
                "round_to": round_to, "min_channels": min_channels, "ignore": sorted(ignore_names),
-               "keep_outputs": keep_outputs}
+               "keep_outputs": keep_outputs, "bias_compensation": bias_compensation}
     return _with_report(state, budget, options)
 
 

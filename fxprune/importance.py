@@ -24,11 +24,6 @@ from .errors import ConfigError, DataError, FxPruneError, first_line
 from .ir import ChannelGroups
 
 
-# a key of score_with_results' results holding {consumer weight: mean of its input per feature}
-# (tensors, for BiasCompensation): the Score pass moves it to the compile state, out of the report
-INPUT_MEANS = "input_means"
-
-
 @dataclass
 class ImportanceData:
     """Calibration (or training) data for an importance.

@@ -6,9 +6,9 @@ conv's channels: the consumer's weight columns), over the calibration batches:
   - wanda (Wanda-sp, Sun et al. 2023, as structured in An et al. 2024): position j scores
     ||X_j||_2 * sum_i |W_ij|, the weight magnitude scaled by the activation that multiplies it;
   - flap (FLAP, An et al. 2024, "WIFV"): position j scores Var(X_j) * ||W_:j||_2^2, how much the
-    layer's output fluctuates because of input j. With bias_compensation (FLAP's recovery without
-    retraining) the consumers' input means are handed to the rewrite (BiasCompensation): a removed
-    input is replaced by its calibration mean, folded into the consumer's bias.
+    layer's output fluctuates because of input j.
+FLAP's other half, bias compensation, works with any importance: compile(bias_compensation=True)
+measures the same statistics (input_means) and the BiasCompensation pass folds them into biases.
 A unit's score sums its positions over every consumer; a group with no consumer layer falls back to
 L1 so it still ranks. The model runs in eval mode; nothing is trained."""
 from __future__ import annotations
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.fx
 
-from fxprune.importance import INPUT_MEANS, Importance, ImportanceData, register_importance
+from fxprune.importance import Importance, ImportanceData, register_importance
 from fxprune.ir import ChannelGroups
 from fxprune.tracing import torch_layer_type
 from .importance_common import add_to_units, owner
@@ -104,11 +104,7 @@ class _ActivationImportance(Importance):
             if not scored[g.units].any():
                 scores[g.units] = fallback[g.units]
         log.info("%s importance from %d calibration batches over %d layers' inputs", self.name, n, len(stats.sum))
-        results = {"calibration_batches": n}
-        if getattr(self, "bias_compensation", False):   # linear consumers: a conv's padding reads zeros, not means
-            results[INPUT_MEANS] = {name: stats.mean(name) for name in stats.sum
-                                    if isinstance(stats.consumers[name], torch.nn.Linear)}
-        return scores, results
+        return scores, {"calibration_batches": n}
 
     def score(self, gm, groups, data=None) -> np.ndarray:
         return self.score_with_results(gm, groups, data)[0]
@@ -130,15 +126,19 @@ class WandaImportance(_ActivationImportance):
 class FluctuationImportance(_ActivationImportance):
     name = "flap"
 
-    def __init__(self, n_batches: int = 32, bias_compensation: bool = True):
-        super().__init__(n_batches)
-        self.bias_compensation = bias_compensation
-
     def position_scores(self, weight, stats, name):
         return (weight * weight).sum(dim=(0, 2)) * stats.variance(name)
 
-    def __repr__(self) -> str:
-        return f"FluctuationImportance(n_batches={self.n_batches}, bias_compensation={self.bias_compensation})"
+
+def input_means(gm: torch.fx.GraphModule, groups: ChannelGroups, data: ImportanceData,
+                n_batches: int = 32) -> Dict[str, torch.Tensor]:
+    """Per linear layer whose inputs a group slices: the mean of each input feature over the
+    calibration batches (a conv is left out: its zero padding would read zeros, not means)."""
+    stats = InputStatistics(gm, groups)
+    stats.consumers = {n: m for n, m in stats.consumers.items() if isinstance(m, torch.nn.Linear)}
+    n = stats.collect(gm, data, n_batches)
+    log.info("bias compensation: input means of %d linear layers from %d calibration batches", len(stats.sum), n)
+    return {name: stats.mean(name) for name in stats.sum}
 
 
 def compensation_terms(original: torch.nn.Module, keep_positions, means: Dict[str, torch.Tensor],

@@ -46,8 +46,8 @@ def test_activation_importances_prune_heads_and_mlp_and_verify(importance):
 
 def test_bias_compensation_adds_the_removed_inputs_mean_and_verifies_against_it():
     model = tiny_llama()
-    compensated = compile_llama(model, fxprune.FluctuationImportance(bias_compensation=True), ignore=["*embed_tokens"])
-    plain = compile_llama(model, fxprune.FluctuationImportance(bias_compensation=False), ignore=["*embed_tokens"])
+    compensated = compile_llama(model, "flap", bias_compensation=True, ignore=["*embed_tokens"])
+    plain = compile_llama(model, "flap", ignore=["*embed_tokens"])
     layers = compensated.meta["fxprune"]["bias_compensation"]["layers"]
     assert "model.layers.0.mlp.down_proj" in layers and "bias_compensation" not in plain.meta["fxprune"]
     down = compensated.get_submodule("model.layers.0.mlp.down_proj")
@@ -62,7 +62,7 @@ def test_bias_compensation_adds_the_removed_inputs_mean_and_verifies_against_it(
 def test_pruned_llama_generates_saves_and_reloads_in_a_fresh_process(tmp_path):
     from fxprune.export.huggingface import load_pruned, save_pruned, to_huggingface
     model = tiny_llama()
-    pruned = compile_llama(model)                  # heads, MLP and the hidden size, with bias compensation
+    pruned = compile_llama(model, "wanda", bias_compensation=True)   # heads, MLP and the hidden size
     hf = to_huggingface(model, pruned)
     ids = inputs()
     with torch.no_grad():

@@ -52,11 +52,13 @@ class LatencyStats:
 
 def measure_latency(onnx_files: Dict[str, str], input_shapes: Sequence[Sequence[int]], *,
                     batch_sizes: Sequence[int] = (1, 32), threads: Optional[int] = None, warmup: int = 5,
-                    runs: int = 30, max_seconds: Optional[float] = None, seed: int = 0) -> Dict[str, Dict[int, LatencyStats]]:
+                    runs: int = 30, max_seconds: Optional[float] = None, seed: int = 0,
+                    min_seconds: Optional[float] = None) -> Dict[str, Dict[int, LatencyStats]]:
     """Latency of each ONNX file per batch size. input_shapes: one shape per model input, its first
     dim replaced by the batch size. Models run interleaved, in an order rotated every round so no
     model always runs right after the same neighbour. max_seconds caps the timed rounds of one batch
-    size (at least 5 rounds run)."""
+    size (at least 5 rounds run); min_seconds keeps fast models running past `runs` rounds (up to 20x)
+    until that much time has passed, so their median is not a handful of noisy runs."""
     sessions = {name: ort_session(path, threads) for name, path in onnx_files.items()}
     names = list(sessions)
     rng = np.random.default_rng(seed)
@@ -71,7 +73,9 @@ def measure_latency(onnx_files: Dict[str, str], input_shapes: Sequence[Sequence[
                 sessions[name].run(None, feeds[name])
         times: Dict[str, List[float]] = {n: [] for n in names}
         start = time.perf_counter()
-        for r in range(runs):
+        for r in range(runs * (20 if min_seconds else 1)):
+            if r >= runs and time.perf_counter() - start >= (min_seconds or 0.0):
+                break
             for i in range(len(names)):
                 name = names[(i + r) % len(names)]
                 t0 = time.perf_counter()

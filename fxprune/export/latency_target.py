@@ -31,18 +31,21 @@ class OnnxRuntimeTarget:
     """onnxruntime CPU latency at `batch_size` with `threads` intra-op threads.
 
     layer_runs / model_runs: timed runs per measurement (the median counts; a layer stops early once
-    its runs pass layer_seconds_cap); cache_dir: where tables are kept (default $FXPRUNE_CACHE or
+    its runs pass layer_seconds_cap; whole models run at least model_min_seconds, at most
+    model_max_seconds, interleaved); cache_dir: where tables are kept (default $FXPRUNE_CACHE or
     ~/.cache/fxprune; None there and an unwritable home: in memory only)."""
 
     def __init__(self, batch_size: int = 1, threads: Optional[int] = None, *, layer_runs: int = 7,
-                 model_runs: int = 20, model_max_seconds: float = 30.0, layer_seconds_cap: float = 0.5,
+                 model_runs: int = 20, model_min_seconds: float = 5.0, model_max_seconds: float = 60.0,
+                 layer_seconds_cap: float = 0.5,
                  cache_dir: Optional[str] = None):
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.batch_size = batch_size
         self.threads = threads or physical_cores()
         self.layer_runs, self.model_runs = layer_runs, model_runs
-        self.model_max_seconds, self.layer_seconds_cap = model_max_seconds, layer_seconds_cap
+        self.model_min_seconds, self.model_max_seconds = model_min_seconds, model_max_seconds
+        self.layer_seconds_cap = layer_seconds_cap
         self.cache_dir = cache_dir or os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "fxprune")
         self._table: Optional[Dict[str, float]] = None
         self._exported: Dict[int, Tuple[torch.nn.Module, str]] = {}
@@ -127,7 +130,8 @@ class OnnxRuntimeTarget:
         files = {name: self._onnx_file(model, example_inputs) for name, model in models.items()}
         shapes = [list(t.shape) for t in example_inputs]
         stats = measure_latency(files, shapes, batch_sizes=(self.batch_size,), threads=self.threads, warmup=3,
-                                runs=self.model_runs, max_seconds=self.model_max_seconds)
+                                runs=self.model_runs, max_seconds=self.model_max_seconds,
+                                min_seconds=self.model_min_seconds)
         return {name: stats[name][self.batch_size].median_ms / 1e3 for name in models}
 
     def _onnx_file(self, model: torch.nn.Module, example_inputs) -> str:
