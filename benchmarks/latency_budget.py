@@ -64,7 +64,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 def run_one(name, model, flops_model, x, batch, threads, args) -> dict:
     big = batch * (17 if name.startswith("vit") else 4) > 64      # long runs: fewer of them
     target = OnnxRuntimeTarget(batch_size=batch, threads=threads, cache_dir=args.cache,
-                               model_runs=6 if big else 20, model_max_seconds=30.0 if big else 60.0)
+                               model_runs=6 if big else 20, model_warmup=1 if big else 3,
+                               model_max_seconds=30.0 if big else 60.0)
     start = time.perf_counter()
     pruned = fxprune.compile(model, fxprune.Budget(latency=args.budget, target=target), example_inputs=(x,),
                              verify=False)

@@ -43,7 +43,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--epochs", type=float, default=1.0)
-    parser.add_argument("--lr", type=float, default=0.02)
+    parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--data", default=None)
     parser.add_argument("--out", default="benchmarks/results/latency_cifar.json")
     args = parser.parse_args()

@@ -85,3 +85,9 @@ def test_load_pruned_refuses_a_plain_checkpoint(tmp_path):
     tiny_llama().save_pretrained(str(tmp_path))
     with pytest.raises(ValueError, match="save_pruned"):
         load_pruned(str(tmp_path))
+
+
+def test_bias_compensation_needs_calibration_data():
+    with pytest.raises(fxprune.ConfigError, match="bias_compensation needs calibration data"):
+        fxprune.compile(tiny_llama(), 0.6, example_inputs={"input_ids": inputs(), "use_cache": False},
+                        bias_compensation=True)

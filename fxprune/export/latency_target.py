@@ -30,20 +30,21 @@ CACHE_ENV = "FXPRUNE_CACHE"   # a folder for the latency tables (default ~/.cach
 class OnnxRuntimeTarget:
     """onnxruntime CPU latency at `batch_size` with `threads` intra-op threads.
 
-    layer_runs / model_runs: timed runs per measurement (the median counts; a layer stops early once
-    its runs pass layer_seconds_cap; whole models run at least model_min_seconds, at most
-    model_max_seconds, interleaved); cache_dir: where tables are kept (default $FXPRUNE_CACHE or
-    ~/.cache/fxprune; None there and an unwritable home: in memory only)."""
+    layer_runs / model_runs (after model_warmup untimed runs): timed runs per measurement (the median
+    counts; a layer stops early once its runs pass layer_seconds_cap; whole models run interleaved for
+    at least model_min_seconds and at most model_max_seconds); cache_dir: where tables are kept (default
+    $FXPRUNE_CACHE or ~/.cache/fxprune; an unwritable folder keeps them in memory only)."""
 
     def __init__(self, batch_size: int = 1, threads: Optional[int] = None, *, layer_runs: int = 7,
-                 model_runs: int = 20, model_min_seconds: float = 5.0, model_max_seconds: float = 60.0,
+                 model_runs: int = 20, model_warmup: int = 3, model_min_seconds: float = 5.0,
+                 model_max_seconds: float = 60.0,
                  layer_seconds_cap: float = 0.5,
                  cache_dir: Optional[str] = None):
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.batch_size = batch_size
         self.threads = threads or physical_cores()
-        self.layer_runs, self.model_runs = layer_runs, model_runs
+        self.layer_runs, self.model_runs, self.model_warmup = layer_runs, model_runs, model_warmup
         self.model_min_seconds, self.model_max_seconds = model_min_seconds, model_max_seconds
         self.layer_seconds_cap = layer_seconds_cap
         self.cache_dir = cache_dir or os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "fxprune")
@@ -111,8 +112,10 @@ class OnnxRuntimeTarget:
     def _time_layer(self, spec: LayerSpec, in_width: int, out_width: int) -> float:
         proto, feed = _layer_graph(spec, in_width, out_width, self.batch_size)
         session = ort_session(proto.SerializeToString(), self.threads)
+        t0 = time.perf_counter()
         session.run(None, feed)   # warm-up: first runs allocate and pick kernels
-        session.run(None, feed)
+        if time.perf_counter() - t0 < 0.05:
+            session.run(None, feed)
         times, start = [], time.perf_counter()
         for _ in range(self.layer_runs):
             t0 = time.perf_counter()
@@ -129,7 +132,8 @@ class OnnxRuntimeTarget:
         from .benchmark import measure_latency
         files = {name: self._onnx_file(model, example_inputs) for name, model in models.items()}
         shapes = [list(t.shape) for t in example_inputs]
-        stats = measure_latency(files, shapes, batch_sizes=(self.batch_size,), threads=self.threads, warmup=3,
+        stats = measure_latency(files, shapes, batch_sizes=(self.batch_size,), threads=self.threads,
+                                warmup=self.model_warmup,
                                 runs=self.model_runs, max_seconds=self.model_max_seconds,
                                 min_seconds=self.model_min_seconds)
         return {name: stats[name][self.batch_size].median_ms / 1e3 for name in models}
