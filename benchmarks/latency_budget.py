@@ -4,8 +4,9 @@ For every model, batch size and thread count: an OnnxRuntimeTarget at that batch
 count, `fxprune.compile(model, Budget(latency=B, target=...))` (its tables come from the disk cache
 when an earlier run measured them; the first build's time is recorded), then an independent check:
 the dense model, the latency-budget result and the FLOPs-budget result at the same B (defaults) are
-exported and timed interleaved in one onnxruntime process (fxprune.export.benchmark), and the
-measured latency ratios are reported with the ratio's distance from the budget.
+exported and timed interleaved in one onnxruntime process (fxprune.export.benchmark), three times with
+fresh sessions (a session's speed varies by several percent from one to the next), and the median
+latency ratios are reported with their distance from the budget.
 
     python benchmarks/latency_budget.py                                  # 3 models x b1,b32 x 1,2 threads
     python benchmarks/latency_budget.py --models resnet18 --batch-sizes 1 --threads 1
@@ -18,6 +19,8 @@ import argparse
 import json
 import logging
 import os
+import statistics
+import tempfile
 import time
 import warnings
 from typing import List, Optional
@@ -26,7 +29,7 @@ import torch
 import torchvision
 
 import fxprune
-from fxprune.export.benchmark import benchmark_onnxruntime
+from fxprune.export.benchmark import benchmark_onnxruntime, measure_latency
 from fxprune.export.latency_target import OnnxRuntimeTarget
 
 
@@ -38,6 +41,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--check-runs", type=int, default=30, help="timed runs of the independent check")
     parser.add_argument("--check-seconds", type=float, default=90.0, help="cap on the check's timed runs")
+    parser.add_argument("--check-repeats", type=int, default=3, help="independent checks (fresh onnxruntime "
+                        "sessions each); the median ratio is reported")
     parser.add_argument("--cache", help="latency table folder (default $FXPRUNE_CACHE or ~/.cache/fxprune)")
     parser.add_argument("--out", default="benchmarks/results/latency_budget.json")
     parser.add_argument("--append", action="store_true", help="add to the rows already in --out")
@@ -71,13 +76,22 @@ def run_one(name, model, flops_model, x, batch, threads, args) -> dict:
                              verify=False)
     seconds = time.perf_counter() - start
     report = pruned.meta["fxprune"]
-    check = benchmark_onnxruntime({"dense": model, "latency": pruned, "flops": flops_model}, (x,), name=name,
-                                  batch_sizes=(batch,), threads=threads, warmup=2 if big else 5,
-                                  runs=args.check_runs, max_seconds=args.check_seconds)
-    ms = {row.name: row.latency[batch].median_ms for row in check.rows}
+    with tempfile.TemporaryDirectory() as onnx_dir:
+        check = benchmark_onnxruntime({"dense": model, "latency": pruned, "flops": flops_model}, (x,), name=name,
+                                      batch_sizes=(batch,), threads=threads, warmup=2 if big else 5,
+                                      runs=args.check_runs, max_seconds=args.check_seconds, onnx_dir=onnx_dir)
+        repeats = [{row.name: row.latency[batch].median_ms for row in check.rows}]
+        files = {key: os.path.join(onnx_dir, f"{key}.onnx") for key in repeats[0]}
+        for _ in range(args.check_repeats - 1):   # fresh sessions: their speed varies more than runs within one
+            stats = measure_latency(files, [list(x.shape)], batch_sizes=(batch,), threads=threads,
+                                    warmup=2 if big else 5, runs=args.check_runs, max_seconds=args.check_seconds)
+            repeats.append({key: stats[key][batch].median_ms for key in files})
+    ratio = {key: statistics.median(r[key] / r["dense"] for r in repeats) for key in repeats[0]}
+    ms = {key: statistics.median(r[key] for r in repeats) for key in repeats[0]}
     latency = report["latency"]
     return {"model": name, "batch": batch, "threads": threads, "budget": args.budget,
-            "check_latency_ratio": ms["latency"] / ms["dense"], "check_flops_model_latency_ratio": ms["flops"] / ms["dense"],
+            "check_latency_ratio": ratio["latency"], "check_flops_model_latency_ratio": ratio["flops"],
+            "check_repeats": [{key: r[key] / r["dense"] for key in r} for r in repeats],
             "dense_ms": ms["dense"], "latency_model_ms": ms["latency"], "flops_model_ms": ms["flops"],
             "flops_ratio_of_latency_model": report["flops"]["ratio"],
             "flops_ratio_of_flops_model": flops_model.meta["fxprune"]["flops"]["ratio"],
