@@ -83,3 +83,19 @@ def test_exit_codes_for_bad_input(capsys):
 def test_analyze_prints_the_groups(capsys):
     assert main(["-q", "analyze", "resnet18", "--input-shape", "1,3,64,64"]) == EXIT_OK
     assert "prunable" in capsys.readouterr().out
+
+
+def test_prune_and_bench_to_a_latency_budget(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("FXPRUNE_CACHE", str(tmp_path / "cache"))
+    rc = main(["-q", "prune", "resnet18", "--latency", "0.6", "--input-shape", "1,3,64,64", "--threads", "1",
+               "--no-verify", "--no-bench", "--out", str(tmp_path / "out")])
+    assert rc == EXIT_OK
+    assert "latency: predicted" in capsys.readouterr().out
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["budget"]["latency"] == 0.6 and report["budget"]["flops"] is None
+    assert report["latency"]["rounds"] and (tmp_path / "cache" / "latency").is_dir()
+    rc = main(["-q", "bench", "resnet18", "--latency", "0.6", "--budgets", "0.5", "--input-shape", "1,3,64,64",
+               "--batch-sizes", "1", "--runs", "2", "--warmup", "1", "--threads", "1"])
+    assert rc == EXIT_OK
+    printed = capsys.readouterr().out
+    assert "latency@0.6: predicted" in printed and "measured" in printed

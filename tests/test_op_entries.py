@@ -215,6 +215,27 @@ def test_stack_couples_its_inputs_and_unbind_splits_them_again():
     assert len(prune_and_check(model)["q"]["out"]) < 8
 
 
+class CatAfterEmptyCache(nn.Module):
+    """A cache that starts as a legacy empty 1-D tensor (Hugging Face's DynamicLayer): torch.cat skips it."""
+
+    def __init__(self):
+        super().__init__()
+        self.tokens = Tokens()
+        self.proj = nn.Linear(16, 12)
+        self.register_buffer("cache", torch.tensor([]))
+        self.head = nn.Linear(12, 5)
+
+    def forward(self, x):
+        y = torch.cat([self.cache, self.proj(self.tokens(x))], dim=-2)
+        return self.head(y.mean(1))
+
+
+def test_cat_skips_a_legacy_empty_tensor():
+    model = CatAfterEmptyCache().eval()
+    assert groups_by_layer(model)["proj"][0]
+    assert len(prune_and_check(model)["proj"]["out"]) < 12
+
+
 class ShapeChecks(nn.Module):
     """timm-style input checks: torch._assert on the spatial size passes through; one on the channel
     count would fail after pruning, so the channels it reads are frozen."""
