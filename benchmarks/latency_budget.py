@@ -5,7 +5,8 @@ count, `fxprune.compile(model, Budget(latency=B, target=...))` (its tables come 
 when an earlier run measured them; the first build's time is recorded), then an independent check:
 the dense model, the latency-budget result and the FLOPs-budget result at the same B (defaults) are
 exported and timed interleaved in one onnxruntime process (fxprune.export.benchmark), three times with
-fresh sessions (a session's speed varies by several percent from one to the next), and the median
+fresh sessions (a session's speed varies by several percent from one to the next; twice where one run
+takes seconds), and the median
 latency ratios are reported with their distance from the budget.
 
     python benchmarks/latency_budget.py                                  # 3 models x b1,b32 x 1,2 threads
@@ -42,7 +43,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--check-runs", type=int, default=30, help="timed runs of the independent check")
     parser.add_argument("--check-seconds", type=float, default=90.0, help="cap on the check's timed runs")
     parser.add_argument("--check-repeats", type=int, default=3, help="independent checks (fresh onnxruntime "
-                        "sessions each); the median ratio is reported")
+                        "sessions each; one fewer for runs of seconds each); the median ratio is reported")
     parser.add_argument("--cache", help="latency table folder (default $FXPRUNE_CACHE or ~/.cache/fxprune)")
     parser.add_argument("--out", default="benchmarks/results/latency_budget.json")
     parser.add_argument("--append", action="store_true", help="add to the rows already in --out")
@@ -58,6 +59,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         flops_model = fxprune.compile(model, args.budget, example_inputs=(x,), verify=False)
         for batch in map(int, args.batch_sizes.split(",")):
             for threads in map(int, args.threads.split(",")):
+                if any((r["model"], r["batch"], r["threads"]) == (name, batch, threads) for r in rows):
+                    continue       # --append: measured in an earlier run
                 rows.append(run_one(name, model, flops_model, x, batch, threads, args))
                 print(line(rows[-1]), flush=True)
                 with open(args.out, "w") as fh:
@@ -82,7 +85,7 @@ def run_one(name, model, flops_model, x, batch, threads, args) -> dict:
                                       runs=args.check_runs, max_seconds=args.check_seconds, onnx_dir=onnx_dir)
         repeats = [{row.name: row.latency[batch].median_ms for row in check.rows}]
         files = {key: os.path.join(onnx_dir, f"{key}.onnx") for key in repeats[0]}
-        for _ in range(args.check_repeats - 1):   # fresh sessions: their speed varies more than runs within one
+        for _ in range(args.check_repeats - (2 if big else 1)):   # fresh sessions vary more than runs in one
             stats = measure_latency(files, [list(x.shape)], batch_sizes=(batch,), threads=threads,
                                     warmup=2 if big else 5, runs=args.check_runs, max_seconds=args.check_seconds)
             repeats.append({key: stats[key][batch].median_ms for key in files})

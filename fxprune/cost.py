@@ -49,7 +49,7 @@ class CostModel:
     def add_latency(self, model: LatencyModel) -> "CostModel":
         """A copy that also prices latency with `model` (the FLOPs and params terms are shared)."""
         new = copy.copy(self)
-        new._terms = {**self._terms, "latency": _LatencyTerms(model, self.n_units)}
+        new._terms = {**self._terms, "latency": _LatencyTerms(model, self.n_units, self.flops_terms)}
         new._dense, new.latency_model = {}, model
         return new
 
@@ -150,18 +150,35 @@ class _VectorisedTerms:
 
 
 class _LatencyTerms(_VectorisedTerms):
-    """A LatencyModel over the same slot machinery: one term per layer with factors [in, out], whose
-    total is the tables' interpolation at those counts, calibrated (see fxprune.latency)."""
+    """A LatencyModel over the same slot machinery. One term per timed layer, with factors [in, out],
+    is priced by its table; every FLOPs term of an op without a table (attention's q.k^T and .v, a
+    matmul between activations) is priced at the seconds per FLOP the tables measured at full width,
+    so a plan that removes heads (and their attention) is not mistaken for one that keeps them. The
+    sum is then calibrated (see fxprune.latency)."""
 
-    def __init__(self, model: LatencyModel, n_units: int):
-        super().__init__([Term(1.0, [layer.in_factor, layer.out_factor], layer.node) for layer in model.layers])
+    def __init__(self, model: LatencyModel, n_units: int, flops_terms: List[Term]):
+        timed = {layer.node for layer in model.layers}
+        untimed = [t for t in flops_terms if t.node not in timed]
+        self.n_tables = len(model.layers)
+        super().__init__([Term(1.0, [layer.in_factor, layer.out_factor], layer.node) for layer in model.layers]
+                         + untimed)
         self.model = model
         self.interpolate = TableInterpolator(model.tables)
-        self.tables_dense = self.tables_seconds(self.sizes_for(np.ones(n_units, dtype=bool)))
+        full = self.sizes_for(np.ones(n_units, dtype=bool))
+        tables_full = self.interpolate(full[self.term_starts[:self.n_tables]], full[self.term_starts[:self.n_tables] + 1])
+        timed_flops = _VectorisedTerms([t for t in flops_terms if t.node in timed])(np.ones(n_units, dtype=bool))
+        self.coef[self.n_tables:] *= tables_full / timed_flops if timed_flops else 0.0
+        self.tables_dense = self.tables_seconds(full)
+        model.untimed_share = 1 - tables_full / self.tables_dense if self.tables_dense else 0.0
 
     def tables_seconds(self, sizes: np.ndarray) -> float:
-        """The layers' seconds (uncalibrated) at these counts."""
-        return self.interpolate(sizes[self.term_starts], sizes[self.term_starts + 1])
+        """The timed layers' seconds at these counts, plus the untimed ops' (uncalibrated)."""
+        starts = self.term_starts[:self.n_tables]
+        seconds = self.interpolate(sizes[starts], sizes[starts + 1])
+        if len(self.coef) > self.n_tables:
+            products = np.multiply.reduceat(sizes, self.term_starts)[self.n_tables:]
+            seconds += float(np.dot(self.coef[self.n_tables:], products))
+        return seconds
 
     def total(self, sizes: np.ndarray) -> float:
         """In the tables' seconds at full width: the calibrated ratio (which changes as the model is

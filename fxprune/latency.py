@@ -11,9 +11,10 @@ This module only calls it, so the compiler core needs no runtime.
 The model (HALP, NetAdapt): every conv and linear layer whose op entry describes it (`latency_layer`)
 gets a table over a grid of its (input, output) widths, interpolated bilinearly between grid points
 (bilinear is exact for a cost that goes as in x out, so the table only has to carry the measured
-departures from it: blocked kernels, cache sizes). Layers of the same shape share a table. The sum over
-layers misses everything else (norms, activations, adds, the runtime's fixed cost), so the prediction
-of a keep vector's latency, as a fraction of the dense model's, is
+departures from it: blocked kernels, cache sizes). Layers of the same shape share a table. Ops with
+FLOPs but no table (attention's matmuls between activations) are priced at the seconds per FLOP the
+tables measured. The sum misses everything else (norms, activations, adds, the runtime's fixed
+cost), so the prediction of a keep vector's latency, as a fraction of the dense model's, is
 
     1 - s * (1 - tables(keep) / tables(dense))
 
@@ -104,6 +105,7 @@ class LatencyModel:
     measurements: List[Tuple[float, float]] = field(default_factory=list)  # (tables ratio, measured ratio)
     dense_seconds: Optional[float] = None
     table_seconds: float = 0.0          # wall time spent measuring tables (0 when all came from the cache)
+    untimed_share: float = 0.0          # of the dense prediction: ops without a table, priced by their FLOPs
 
     def fit(self, tables_ratio: float, measured_ratio: float) -> None:
         """One pruned model's measured latency ratio: s by least squares through (1, 1) over all of them."""
@@ -116,7 +118,7 @@ class LatencyModel:
     def as_dict(self) -> Dict[str, Any]:
         return {"target": self.target_key, "layers": len(self.layers), "tables": len({id(t) for t in self.tables}),
                 "slope": self.slope, "dense_ms": None if self.dense_seconds is None else 1e3 * self.dense_seconds,
-                "table_seconds": self.table_seconds,
+                "table_seconds": self.table_seconds, "untimed_share": self.untimed_share,
                 "measurements": [{"tables_ratio": p, "measured_ratio": r} for p, r in self.measurements]}
 
 

@@ -193,3 +193,30 @@ def test_onnxruntime_target_times_a_real_compile(tmp_path):
     assert 1 <= len(latency["rounds"]) <= 4 and latency["layers"] == 8 and latency["tables"] == 5
     assert all(r["dense_ms"] > 0 and r["pruned_ms"] > 0 for r in latency["rounds"])
     assert target.measured > 0
+
+
+class TinyAttention(nn.Module):
+    """Heads whose attention matmuls (no weights, no table) cost as much as the projections."""
+
+    def __init__(self, dim=64, heads=8):
+        super().__init__()
+        self.heads = heads
+        self.qkv, self.proj, self.head = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim), nn.Linear(dim, 10)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).reshape(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, d)
+        return self.head(self.proj(y).mean(1))
+
+
+def test_ops_without_a_table_are_priced_at_the_tables_seconds_per_flop():
+    target = SyntheticTarget(overhead=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruned = fxprune.compile(TinyAttention().eval(), fxprune.Budget(latency=0.6, target=target),
+                                 example_inputs=(torch.randn(1, 128, 64),), verify=False)
+    latency = pruned.meta["fxprune"]["latency"]
+    # 128 tokens: q.k^T and .v cost 2 x 128 x 128 x 64 MACs against the projections' 128 x 64 x 256
+    assert latency["untimed_share"] == pytest.approx(2 * 128 / (2 * 128 + 256 + 10 / 128 * 64 / 64), rel=0.1)
+    assert latency["tables"] == 3
