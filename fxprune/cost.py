@@ -75,7 +75,8 @@ class CostModel:
         return self.measure("params", keep_unit)
 
     def latency(self, keep_unit: np.ndarray) -> float:
-        """Predicted seconds on the LatencyModel's target (dense: its measured time)."""
+        """Predicted latency on the LatencyModel's target, in the tables' seconds (only ratios to the
+        dense value mean anything: the calibration scales everything but the dense model's time)."""
         return self.measure("latency", keep_unit)
 
     def latency_tables_ratio(self, keep_unit: np.ndarray) -> float:

@@ -288,21 +288,21 @@ class MeetMeasuredLatency(CompilerPass):
         model, want = state.cost.latency_model, self.budget.latency
         rounds: List[Tuple[CompileState, Dict[str, float]]] = []
 
-        def refitted(round_: Dict[str, float]) -> float:
-            return 1 - model.slope * (1 - round_["tables_ratio"])
+        def prediction(st: CompileState) -> float:   # the cost model reads the latest fit
+            return st.cost.latency(st.plan.keep_unit) / st.cost.dense()["latency"]
 
         for k in range(LATENCY_ROUNDS + 1):
             seconds = self.budget.target.model_seconds({"dense": state.gm, "pruned": state.pruned}, state.inputs)
             measured = seconds["pruned"] / seconds["dense"]
             tables_ratio = state.cost.latency_tables_ratio(state.plan.keep_unit)
-            predicted = state.cost.latency(state.plan.keep_unit) / state.cost.dense()["latency"]
+            predicted = prediction(state)
             rounds.append((state, {"predicted_ratio": predicted, "measured_ratio": measured, "tables_ratio": tables_ratio,
                                    "dense_ms": 1e3 * seconds["dense"], "pruned_ms": 1e3 * seconds["pruned"]}))
             model.fit(tables_ratio, measured)
             log.info("latency round %d: predicted %.1f%%, measured %.1f%% of the dense model's %.2f ms (budget %.1f%%; "
                      "refitted prediction %.1f%%)", k + 1, 100 * predicted, 100 * measured, 1e3 * seconds["dense"],
-                     100 * want, 100 * refitted(rounds[-1][1]))
-            if abs(refitted(rounds[-1][1]) - want) <= LATENCY_TOLERANCE * want or k == LATENCY_ROUNDS:
+                     100 * want, 100 * prediction(state))
+            if abs(prediction(state) - want) <= LATENCY_TOLERANCE * want or k == LATENCY_ROUNDS:
                 break
             try:
                 planned = self.allocate.run(state)
@@ -314,8 +314,8 @@ class MeetMeasuredLatency(CompilerPass):
             state = planned
             for p in self.rebuild:      # the rewrite (and bias compensation) of the new plan
                 state = p.run(state)
-        for _, r in rounds:
-            r["refitted_ratio"] = refitted(r)
+        for st, r in rounds:
+            r["refitted_ratio"] = prediction(st)
         below = [r for r in rounds if r[1]["refitted_ratio"] <= want * (1 + LATENCY_TOLERANCE)]
         state, chosen = (max(below, key=lambda r: r[1]["refitted_ratio"]) if below else
                          min(rounds, key=lambda r: r[1]["refitted_ratio"]))
