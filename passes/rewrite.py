@@ -85,6 +85,7 @@ class PruneRewrite(PassBase):
                     _copy_tensor(get_attr(gm, node.target), copies)
         graph.lint()
         pruned = torch.fx.GraphModule(root, graph, class_name="Pruned" + type(gm).__name__)
+        pruned.training = gm.training      # its layers are copies in their own mode; the wrapper follows gm
         return PassResult(pruned, True)
 
     def sliced_tensors(self, gm: torch.fx.GraphModule, entries: Dict[torch.fx.Node, Any]) -> Dict[str, torch.Tensor]:

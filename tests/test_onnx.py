@@ -110,3 +110,13 @@ def test_benchmark_table_json_and_plot(tmp_path):
 
 def test_physical_cores_is_positive():
     assert 1 <= physical_cores() <= (torch.get_num_threads() + 256)
+
+
+def test_export_leaves_every_layer_in_its_own_mode(tmp_path):
+    """A model whose wrapper is in train mode but whose layers are in eval mode (a GraphModule built
+    from eval layers) keeps them so: restoring with train(True) would switch BatchNorm to batch
+    statistics."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).eval()
+    model.training = True
+    export_onnx(model, (torch.randn(1, 3, 8, 8),), str(tmp_path / "m.onnx"))
+    assert model.training and not model[1].training

@@ -48,7 +48,7 @@ def export_onnx(model: torch.nn.Module, example_inputs, path: str, *, opset: int
     import onnx
     inputs = normalise_example_inputs(example_inputs)
     input_names = [f"input{i}" if len(inputs) > 1 else "input" for i in range(len(inputs))]
-    was_training = model.training
+    modes = {m: m.training for m in model.modules()}   # restored one by one: train(mode) would set them all
     model.eval()
     try:
         # Grad mode stays on: under no_grad nn.MultiheadAttention takes its fused fast path
@@ -61,7 +61,8 @@ def export_onnx(model: torch.nn.Module, example_inputs, path: str, *, opset: int
                               output_names=["output"], dynamo=False, do_constant_folding=True,
                               dynamic_axes={n: {0: "batch"} for n in input_names + ["output"]} if dynamic_batch else None)
     finally:
-        model.train(was_training)
+        for m, training in modes.items():
+            m.training = training
     proto = onnx.load(path)
     if cleanup:
         proto = cleanup_onnx(proto)
