@@ -358,7 +358,7 @@ class BiasCompensation(CompilerPass):
                                     state.groups)
         kept_positions = state.groups.kept_lookup(state.plan.keep_unit)
         with torch.no_grad():
-            for name, (_, shift) in shifts.items():
+            for name, shift in shifts.items():
                 rows = state.groups.param_slices[name].get(0)
                 if rows is not None:     # the layer's own outputs were pruned too
                     shift = shift[torch.as_tensor(kept_positions(rows))]
@@ -380,7 +380,7 @@ class Verify(CompilerPass):
         shifts = None
         if state.input_means and "bias_compensation" in state.results:
             from fxprune.passes.activation_importance import compensation_terms
-            shifts = {name.rpartition(".")[0]: shift for name, (_, shift) in compensation_terms(
+            shifts = {name.rpartition(".")[0]: shift for name, shift in compensation_terms(
                 state.gm, state.groups.kept_lookup(state.plan.keep_unit), state.input_means, state.groups).items()}
         result = verify_pruned(state.gm, state.pruned, state.groups, state.plan, state.inputs, output_shifts=shifts)
         return dataclasses.replace(state, verification=result.as_dict())

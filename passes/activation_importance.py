@@ -14,7 +14,7 @@ L1 so it still ranks. The model runs in eval mode; nothing is trained."""
 from __future__ import annotations
 
 import logging
-from typing import Dict, Tuple
+from typing import Dict
 
 import numpy as np
 import torch
@@ -142,9 +142,9 @@ def input_means(gm: torch.fx.GraphModule, groups: ChannelGroups, data: Importanc
 
 
 def compensation_terms(original: torch.nn.Module, keep_positions, means: Dict[str, torch.Tensor],
-                       groups: ChannelGroups) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
-    """Per consumer weight: (removed positions, W[:, removed] summed over the kernel @ mean[removed]),
-    the bias shift that keeps the consumer's output mean when those inputs go."""
+                       groups: ChannelGroups) -> Dict[str, torch.Tensor]:
+    """Per linear layer's weight that lost inputs: W[:, removed] @ mean[removed], the bias shift that
+    keeps the layer's output mean when those inputs go (at the original output width)."""
     shifts = {}
     for name, mean in means.items():
         elements = groups.param_slices[name][1]
@@ -155,5 +155,5 @@ def compensation_terms(original: torch.nn.Module, keep_positions, means: Dict[st
         module, _ = owner(original, name)
         w = module.weight.detach().double()
         index = torch.as_tensor(removed)
-        shifts[name] = (index, w[:, index] @ mean[index])
+        shifts[name] = w[:, index] @ mean[index]
     return shifts
