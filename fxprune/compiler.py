@@ -80,7 +80,7 @@ def compile(model: torch.nn.Module, budget: Union[float, Budget], *, example_inp
                           f"\"uniform\"); {scorer.name if scorer.decides_widths else allocation!r} plans by FLOPs")
     source = copy.deepcopy(model) if scorer.trains_model else model          # training never touches the user's
     allocate, latency = Allocate(allocation_pass, budget, round_to, min_channels), budget.latency
-    rebuild = [Rewrite(), BiasCompensation()]                          # the latter after MeasureInputMeans only
+    rebuild = [Rewrite(), *([BiasCompensation()] if bias_compensation else [])]
     passes = [
         Trace(leaf_modules),                                                 # fx graph of a private copy, with shapes
         AnalyseChannels(ignore_names, keep_outputs),                         # which channels must go together
