@@ -25,7 +25,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch.fx
@@ -103,7 +103,6 @@ class LatencyModel:
     target_key: str
     slope: float = 1.0                  # s: the share of the dense latency that follows the tables
     measurements: List[Tuple[float, float]] = field(default_factory=list)  # (tables ratio, measured ratio)
-    dense_seconds: Optional[float] = None
     table_seconds: float = 0.0          # wall time spent measuring tables (0 when all came from the cache)
     untimed_share: float = 0.0          # of the dense prediction: ops without a table, priced by their FLOPs
 
@@ -117,8 +116,7 @@ class LatencyModel:
 
     def as_dict(self) -> Dict[str, Any]:
         return {"target": self.target_key, "layers": len(self.layers), "tables": len({id(t) for t in self.tables}),
-                "slope": self.slope, "dense_ms": None if self.dense_seconds is None else 1e3 * self.dense_seconds,
-                "table_seconds": self.table_seconds, "untimed_share": self.untimed_share,
+                "slope": self.slope, "table_seconds": self.table_seconds, "untimed_share": self.untimed_share,
                 "measurements": [{"tables_ratio": p, "measured_ratio": r} for p, r in self.measurements]}
 
 

@@ -319,7 +319,6 @@ class MeetMeasuredLatency(CompilerPass):
         below = [r for r in rounds if r[1]["refitted_ratio"] <= want * (1 + LATENCY_TOLERANCE)]
         state, chosen = (max(below, key=lambda r: r[1]["refitted_ratio"]) if below else
                          min(rounds, key=lambda r: r[1]["refitted_ratio"]))
-        model.dense_seconds = float(np.median([r["dense_ms"] for _, r in rounds])) / 1e3
         met = chosen["refitted_ratio"] <= want * (1 + LATENCY_TOLERANCE)
         results = {**model.as_dict(), **chosen, "budget": want, "met": met, "rounds": [r for _, r in rounds]}
         if not met:
