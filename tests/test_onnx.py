@@ -120,3 +120,44 @@ def test_export_leaves_every_layer_in_its_own_mode(tmp_path):
     model.training = True
     export_onnx(model, (torch.randn(1, 3, 8, 8),), str(tmp_path / "m.onnx"))
     assert model.training and not model[1].training
+
+
+class _PositionsFromArange(torch.nn.Module):
+    """Computes, from no input at all, a value through an op the ONNX exporter cannot translate
+    (torch.diff, as Hugging Face's packed-sequence mask does), then uses it with the input."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(6, 6)
+
+    def forward(self, x):
+        positions = torch.arange(x.shape[-1] + 1, dtype=torch.float32) * 0 + torch.arange(7.0) ** 2
+        batch_sized = torch.arange(x.shape[0], dtype=torch.float32)[:, None]    # must stay dynamic
+        return self.proj(x) + torch.diff(positions)[:6] + batch_sized
+
+
+def test_values_computed_from_no_input_are_folded_before_export(tmp_path):
+    x = torch.randn(1, 6)
+    gm = fxprune.compile(_PositionsFromArange().eval(), 1.0, example_inputs=(x,), verify=False)
+    before = dict(gm.named_buffers())
+    path = export_onnx(gm, (x,), str(tmp_path / "m.onnx"))
+    assert dict(gm.named_buffers()).keys() == before.keys()     # the caller's module is untouched
+    assert "Diff" not in {n.op_type for n in onnx.load(path).graph.node}
+    assert compare_with_torch(gm, path, (x,), batch=3).max_rel_error < 1e-5   # another batch size
+
+
+class _TracedAtOneBatch(torch.nn.Module):
+    """Indexes a batch-1 table with arange(batch), as Hugging Face's mask code does: the graph runs only
+    at the batch it was traced with."""
+
+    def forward(self, x):
+        return x + torch.ones(1, 6)[torch.arange(x.shape[0])]
+
+
+def test_a_graph_that_runs_at_one_batch_exports_with_that_batch_fixed(tmp_path, caplog):
+    x = torch.randn(1, 6)
+    gm = fxprune.compile(_TracedAtOneBatch(), 1.0, example_inputs=(x,), verify=False)
+    path = export_onnx(gm, (x,), str(tmp_path / "m.onnx"))
+    assert "fixed batch" in caplog.text
+    assert onnx.load(path).graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
+    assert compare_with_torch(gm, path, (x,)).batch == 1

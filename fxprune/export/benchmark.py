@@ -66,7 +66,7 @@ def measure_latency(onnx_files: Dict[str, str], input_shapes: Sequence[Sequence[
     for batch in batch_sizes:
         feeds = {}
         for name, session in sessions.items():
-            feeds[name] = {i.name: rng.standard_normal((batch, *shape[1:])).astype(np.float32)
+            feeds[name] = {i.name: _random_feed(i.type, (batch, *shape[1:]), rng)
                            for i, shape in zip(session.get_inputs(), input_shapes)}
         for _ in range(warmup):
             for name in names:
@@ -87,6 +87,17 @@ def measure_latency(onnx_files: Dict[str, str], input_shapes: Sequence[Sequence[
             result[name][batch] = LatencyStats.of(times[name])
         log.info("batch %d: %s", batch, ", ".join(f"{n} {result[n][batch].median_ms:.2f} ms" for n in names))
     return result
+
+
+def _random_feed(onnx_type: str, shape, rng: np.random.Generator) -> np.ndarray:
+    """Random floats for a float input; zeros for an integer one (token ids, indices: zero is always a
+    valid index, and latency does not depend on which one)."""
+    if "float" in onnx_type or "double" in onnx_type:
+        dtype = {"tensor(float16)": np.float16, "tensor(double)": np.float64}.get(onnx_type, np.float32)
+        return rng.standard_normal(shape).astype(dtype)
+    if "bool" in onnx_type:
+        return np.ones(shape, dtype=bool)
+    return np.zeros(shape, dtype=np.int32 if onnx_type == "tensor(int32)" else np.int64)
 
 
 @dataclass

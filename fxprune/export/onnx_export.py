@@ -48,6 +48,12 @@ def export_onnx(model: torch.nn.Module, example_inputs, path: str, *, opset: int
     import onnx
     inputs = normalise_example_inputs(example_inputs)
     input_names = [f"input{i}" if len(inputs) > 1 else "input" for i in range(len(inputs))]
+    if isinstance(model, torch.fx.GraphModule):
+        model, runs_at_other_batches = fold_input_independent(model, inputs, dynamic_batch=dynamic_batch)
+        if dynamic_batch and not runs_at_other_batches:
+            log.warning("fxprune: the graph runs only at the example's batch size %d (it was traced with the "
+                        "batch fixed); the ONNX file gets a fixed batch dimension", inputs[0].shape[0])
+            dynamic_batch = False
     modes = {m: m.training for m in model.modules()}   # restored one by one: train(mode) would set them all
     model.eval()
     try:
@@ -71,6 +77,103 @@ def export_onnx(model: torch.nn.Module, example_inputs, path: str, *, opset: int
     return path
 
 
+# Ops whose value differs between calls with the same arguments: never folded.
+_NONDETERMINISTIC = ("rand", "randn", "randint", "randperm", "rand_like", "randn_like", "randint_like",
+                     "bernoulli", "multinomial", "normal", "poisson", "dropout", "empty", "empty_like")
+# Reads of a tensor's metadata, not its values.
+_METADATA_ATTRIBUTES = ("shape", "device", "dtype", "ndim", "is_cuda", "layout")
+_METADATA_METHODS = ("size", "dim", "numel", "get_device")
+
+
+def fold_input_independent(gm: torch.fx.GraphModule, inputs: Tuple, *,
+                           dynamic_batch: bool = True) -> Tuple[torch.fx.GraphModule, bool]:
+    """A copy of `gm` (sharing its parameters) in which every tensor that depends on no input value and
+    (with `dynamic_batch`) not on the batch size is a buffer. Traced models build position ids, causal
+    and packed-sequence masks and rotary tables from the input's shape; with the shape fixed those
+    are constants, and folding them keeps ops the exporter cannot translate (Hugging Face's mask code
+    uses torch.diff) out of the ONNX graph. Batch invariance is checked by running the graph at three
+    batch sizes. Returns the folded copy (`gm` itself when nothing folds) and whether the graph ran at
+    the other batch sizes (False: it was traced with its batch fixed, and is folded for that batch)."""
+    candidates = _value_independent_nodes(gm.graph)
+    if not any(n.op != "get_attr" for n in candidates):
+        return gm, True
+    runs = [_capture(gm, inputs, candidates)]
+    runs_at_other_batches = True
+    if dynamic_batch and inputs and all(isinstance(t, torch.Tensor) and t.dim() for t in inputs):
+        batch = inputs[0].shape[0]
+        try:
+            runs += [_capture(gm, _random_like(inputs, other, seed=1), candidates) for other in (batch + 1, 2 * batch + 5)]
+        except Exception:   # e.g. Hugging Face's masks index a batch-1 tensor with arange(batch)
+            runs_at_other_batches = False
+            runs = runs[:1]
+    invariant = {n for n in candidates if n.op == "get_attr" or all(_same(runs[0][n], run[n]) for run in runs[1:])}
+    frontier = [n for n in invariant if n.op != "get_attr" and isinstance(runs[0][n], torch.Tensor)
+                and any(user not in invariant for user in n.users)]
+    if not frontier:
+        return gm, runs_at_other_batches
+    graph = torch.fx.Graph()
+    copies: dict = {}
+    graph.output(graph.graph_copy(gm.graph, copies))
+    folded = torch.fx.GraphModule(gm, graph)
+    for i, node in enumerate(frontier):
+        name = f"_folded_constant_{i}"
+        folded.register_buffer(name, runs[0][node].detach().clone())
+        with graph.inserting_before(copies[node]):
+            copies[node].replace_all_uses_with(graph.get_attr(name))
+    graph.eliminate_dead_code()
+    folded.recompile()
+    return folded, runs_at_other_batches
+
+
+def _value_independent_nodes(graph: torch.fx.Graph) -> set:
+    """Nodes whose value is fixed by the parameters and the inputs' shapes (not the inputs' values)."""
+    independent = set()
+    for node in graph.nodes:
+        if node.op == "get_attr":
+            independent.add(node)
+        elif node.op == "call_function" and node.target is getattr and len(node.args) > 1 \
+                and node.args[1] in _METADATA_ATTRIBUTES:
+            independent.add(node)
+        elif node.op == "call_method" and node.target in _METADATA_METHODS:
+            independent.add(node)
+        elif node.op in ("call_function", "call_method", "call_module") \
+                and all(arg in independent for arg in node.all_input_nodes) \
+                and _target_name(node) not in _NONDETERMINISTIC:
+            independent.add(node)
+    return independent
+
+
+def _capture(gm: torch.fx.GraphModule, inputs: Tuple, nodes: set) -> dict:
+    """The values `nodes` take when gm runs on `inputs`."""
+    values = {}
+
+    class _Recorder(torch.fx.Interpreter):
+        def run_node(self, node):
+            value = super().run_node(node)
+            if node in nodes and node.op != "get_attr":
+                values[node] = value
+            return value
+
+    with torch.no_grad():
+        _Recorder(gm).run(*inputs)
+    return values
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape \
+            and a.dtype == b.dtype and bool(torch.equal(a, b))
+    try:
+        return bool(a == b)
+    except Exception:   # values without a plain equality (e.g. tensors inside containers) are not folded
+        return False
+
+
+def _target_name(node: torch.fx.Node) -> str:
+    target = node.target
+    return target if isinstance(target, str) else getattr(target, "__name__", str(target))
+
+
 def cleanup_onnx(proto):
     """Fold constants, drop dead nodes and sort topologically (onnx-graphsurgeon). The exporter
     leaves shape arithmetic (Shape->Gather->Concat chains for reshapes) that ORT would otherwise
@@ -91,15 +194,20 @@ def cleanup_onnx(proto):
 def compare_with_torch(model: torch.nn.Module, onnx_path: str, example_inputs, *, batch: int = 2,
                        rtol: float = 1e-4, seed: int = 0) -> OnnxCheck:
     """Run the ONNX file in onnxruntime and the model in torch on the same random inputs (batch
-    `batch`, so the dynamic batch dim is exercised); raise OnnxMismatchError when the largest
+    `batch`, so the dynamic batch dim is exercised; a file exported with a fixed batch is checked at
+    that batch); raise OnnxMismatchError when the largest
     difference exceeds rtol times the largest output magnitude."""
-    inputs = _random_like(normalise_example_inputs(example_inputs), batch, seed)
     session = ort_session(onnx_path, threads=None)
+    exported_batch = session.get_inputs()[0].shape[0] if session.get_inputs()[0].shape else None
+    if isinstance(exported_batch, int):     # exported with a fixed batch: check at that one
+        batch = exported_batch
+    inputs = _random_like(normalise_example_inputs(example_inputs), batch, seed)
     feeds = {i.name: t.numpy() for i, t in zip(session.get_inputs(), inputs)}
     got = session.run(None, feeds)
     with torch.no_grad():
         expected = model.eval()(*inputs)
-    expected = [expected] if isinstance(expected, torch.Tensor) else list(expected)
+    # the exporter flattens nested outputs (tuples, dicts such as Hugging Face's) to their tensors, in order
+    expected = [t for t in torch.utils._pytree.tree_leaves(expected) if isinstance(t, torch.Tensor)]
     if len(got) != len(expected):
         raise OnnxMismatchError(f"{onnx_path}: onnxruntime returned {len(got)} outputs, torch {len(expected)}")
     max_abs, scale = 0.0, 0.0
