@@ -6,7 +6,7 @@ channels; the hidden size is kept: ignore=["*embed_tokens"]), every importance (
 flap) with and without bias compensation, against Torch-Pruning's LLM recipe (its examples/LLMs:
 MetaPruner, group L2 magnitude, heads and hidden size at the same ratio, round_to=4) with its ratio
 searched to the same non-embedding parameter count. Every model's held-out perplexity is measured
-before and after the same short recovery (AdamW, next-byte loss, same batches for all), and the dense,
+before and after the same short recovery (AdamW at 2e-4, next-byte loss, the same batches for all), and the dense,
 best-fxprune and Torch-Pruning models are timed in onnxruntime at batch 1 x 128 tokens.
 
     python benchmarks/llm.py                       # trains the LM on first use (~35 min), then ~30 min
@@ -42,7 +42,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--ratios", default="0.2,0.5", help="fractions of the non-embedding parameters to remove")
     parser.add_argument("--importances", default="l1,taylor,wanda,flap")
     parser.add_argument("--calibration", type=int, default=64, help="calibration sequences of 128 bytes")
-    parser.add_argument("--recovery-steps", type=int, default=30)
+    parser.add_argument("--recovery-steps", type=int, default=40)
     parser.add_argument("--eval-bytes", type=int, default=100_000)
     parser.add_argument("--no-peer", action="store_true")
     parser.add_argument("--checkpoint", help="the small LM (default: the cache; trained there if absent)")
@@ -57,7 +57,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     rng = np.random.default_rng(1)
     calibration = [next(small_lm.batches(train, 1, SEQ, rng)) for _ in range(args.calibration)]
     example = {"input_ids": calibration[0][0], "use_cache": False}
-    recovery = [next(small_lm.batches(train, 8, SEQ, np.random.default_rng(2))) for _ in range(args.recovery_steps)]
+    recovery_batches = small_lm.batches(train, 8, SEQ, np.random.default_rng(2))
+    recovery = [next(recovery_batches) for _ in range(args.recovery_steps)]
 
     def ppl(model) -> float:
         return small_lm.perplexity(model, held, max_tokens=args.eval_bytes)
@@ -114,8 +115,10 @@ def measure(model, ppl, recovery, embedding) -> dict:
               "ppl": ppl(model)}
     if recovery:
         tuned = copy.deepcopy(model).train()
-        optimizer = torch.optim.AdamW(tuned.parameters(), lr=5e-4, weight_decay=0.0)
-        for x, y in recovery:
+        optimizer = torch.optim.AdamW(tuned.parameters(), lr=2e-4, weight_decay=0.0)
+        for step, (x, y) in enumerate(recovery):
+            for group in optimizer.param_groups:     # a 5-step warm-up: Adam's first steps are full-size
+                group["lr"] = 2e-4 * min(1.0, (step + 1) / 5)
             loss = torch.nn.functional.cross_entropy(tuned(x, use_cache=False).logits.reshape(-1, 256), y.reshape(-1))
             optimizer.zero_grad()
             loss.backward()

@@ -55,6 +55,7 @@ class CompileState:
     pruned: Optional[torch.fx.GraphModule] = None       # the new, smaller GraphModule
     verification: Optional[Dict[str, Any]] = None       # pruned == masked original, in float64
     input_means: Optional[Dict[str, torch.Tensor]] = None  # calibration means of linear layers' inputs
+    output_shifts: Optional[Dict[str, torch.Tensor]] = None  # bias compensation added, by module (float64)
     results: Dict[str, Any] = field(default_factory=dict)   # JSON-able results for the report, by pass
     seconds: Dict[str, float] = field(default_factory=dict)  # wall time of every pass
 
@@ -347,7 +348,7 @@ class BiasCompensation(CompilerPass):
     what those inputs contributed on average over the calibration data (W[:, removed] @ mean[removed]).
     The masked original it is verified against reads those means where the removed inputs were."""
 
-    name, requires, produces, changes_graph = "bias_compensation", ("gm", "groups", "plan", "pruned"), ("pruned",), True
+    name, requires, produces, changes_graph = "bias_compensation", ("gm", "groups", "plan", "pruned"), ("pruned", "output_shifts"), True
 
     def run(self, state: CompileState) -> CompileState:
         if not state.input_means:
@@ -356,18 +357,24 @@ class BiasCompensation(CompilerPass):
         shifts = compensation_terms(state.gm, state.groups.kept_lookup(state.plan.keep_unit), state.input_means,
                                     state.groups)
         kept_positions = state.groups.kept_lookup(state.plan.keep_unit)
+        applied = {}
         with torch.no_grad():
             for name, shift in shifts.items():
+                layer = name.rpartition(".")[0]
                 rows = state.groups.param_slices[name].get(0)
-                if rows is not None:     # the layer's own outputs were pruned too
-                    shift = shift[torch.as_tensor(kept_positions(rows))]
-                module = state.pruned.get_submodule(name.rpartition(".")[0])
+                kept_rows = torch.as_tensor(kept_positions(rows)) if rows is not None else torch.arange(len(shift))
+                module, original = state.pruned.get_submodule(layer), state.gm.get_submodule(layer)
                 if module.bias is None:
                     module.bias = torch.nn.Parameter(torch.zeros(module.out_features, dtype=module.weight.dtype),
                                                      requires_grad=module.weight.requires_grad)
-                module.bias += shift.to(module.bias.dtype)
-        return dataclasses.replace(state, results=_add(state.results, "bias_compensation",
-                                                         {"layers": sorted(n.rpartition(".")[0] for n in shifts)}))
+                module.bias += shift[kept_rows].to(module.bias.dtype)
+                # The reference adds what the bias actually gained, rounding included (the shift in float64
+                # would leave a rounding difference that the float64 check can see on trained models).
+                before = original.bias.detach().double()[kept_rows] if original.bias is not None else 0.0
+                applied[layer] = shift.clone()
+                applied[layer][kept_rows] = module.bias.detach().double() - before
+        return dataclasses.replace(state, output_shifts=applied, results=_add(
+            state.results, "bias_compensation", {"layers": sorted(applied)}))
 
 
 class Verify(CompilerPass):
@@ -376,12 +383,8 @@ class Verify(CompilerPass):
     name, requires, produces = "verify", ("gm", "pruned", "groups", "plan"), ("verification",)
 
     def run(self, state: CompileState) -> CompileState:
-        shifts = None
-        if state.input_means and "bias_compensation" in state.results:
-            from fxprune.passes.activation_importance import compensation_terms
-            shifts = {name.rpartition(".")[0]: shift for name, shift in compensation_terms(
-                state.gm, state.groups.kept_lookup(state.plan.keep_unit), state.input_means, state.groups).items()}
-        result = verify_pruned(state.gm, state.pruned, state.groups, state.plan, state.inputs, output_shifts=shifts)
+        result = verify_pruned(state.gm, state.pruned, state.groups, state.plan, state.inputs,
+                               output_shifts=state.output_shifts)
         return dataclasses.replace(state, verification=result.as_dict())
 
 

@@ -155,12 +155,13 @@ def verify_pruned(original: torch.fx.GraphModule, pruned: torch.fx.GraphModule, 
             try:
                 got = pruned64(*inputs)
             except Exception:
-                raise VerificationError(_localise(masked, pruned64, groups, plan, inputs, float("inf"), 0.0)) from None
+                raise VerificationError(_localise(masked, pruned64, groups, plan, inputs, float("inf"), 0.0,
+                                                  output_shifts)) from None
             err, scale = _max_error(ref, got)
             tol = 1e-7 * max(1.0, scale)
             worst, scale_seen, tol_seen = max(worst, err), max(scale_seen, scale), tol
             if not err <= tol:
-                raise VerificationError(_localise(masked, pruned64, groups, plan, inputs, err, tol))
+                raise VerificationError(_localise(masked, pruned64, groups, plan, inputs, err, tol, output_shifts))
     return VerificationResult(worst, scale_seen, tol_seen, trials)
 
 
@@ -195,9 +196,9 @@ def _max_error(ref: Any, got: Any) -> Tuple[float, float]:
     return err, scale
 
 
-def _localise(masked, pruned64, groups, plan, inputs, err, tol) -> str:
+def _localise(masked, pruned64, groups, plan, inputs, err, tol, output_shifts=None) -> str:
     """Find the first node whose pruned value differs from the masked one at the kept positions."""
-    reference = MaskedOriginal(masked, groups, plan.keep_unit, record=True)
+    reference = MaskedOriginal(masked, groups, plan.keep_unit, record=True, output_shifts=output_shifts)
     reference.run(*inputs)
     recorder = _Recorder(pruned64)
     try:
@@ -219,6 +220,7 @@ def _localise(masked, pruned64, groups, plan, inputs, err, tol) -> str:
         if ref.shape != got.shape:
             return (f"fxprune internal error: {describe_node(node)} has shape {tuple(got.shape)} after pruning, "
                     f"expected {tuple(ref.shape)}{_groups_of(groups, node.name)}")
+        ref, got = ref.double(), got.double()     # bool and integer values too
         node_err = float((ref - got).abs().max()) if ref.numel() else 0.0
         if node_err > 1e-7 * max(1.0, float(ref.abs().max()) if ref.numel() else 0.0):
             return (f"fxprune internal error: pruned model differs from the masked original (max error {err:.3g} > "

@@ -91,3 +91,28 @@ def test_bias_compensation_needs_calibration_data():
     with pytest.raises(fxprune.ConfigError, match="bias_compensation needs calibration data"):
         fxprune.compile(tiny_llama(), 0.6, example_inputs={"input_ids": inputs(), "use_cache": False},
                         bias_compensation=True)
+
+
+class _CancellingHead(torch.nn.Module):
+    """fc2's bias is large and fc3 takes the difference of its two outputs, so a float32 rounding of
+    fc2's compensated bias is large against the output: what a trained LM's logits showed."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2, self.fc3 = torch.nn.Linear(8, 16), torch.nn.Linear(16, 2), torch.nn.Linear(2, 1)
+        with torch.no_grad():
+            self.fc2.bias.fill_(3e4)
+            self.fc3.weight.copy_(torch.tensor([[1.0, -1.0]]))
+
+    def forward(self, x):
+        return self.fc3(self.fc2(torch.relu(self.fc1(x))))
+
+
+def test_bias_compensation_is_verified_with_the_rounding_the_float32_bias_got():
+    x = torch.randn(4, 8)
+    data = [(torch.randn(4, 8) + 3.0, torch.zeros(4, 1)) for _ in range(4)]    # means far from zero
+    pruned = fxprune.compile(_CancellingHead(), fxprune.Budget(params=0.6), example_inputs=(x,), importance="flap",
+                             data=data, bias_compensation=True, round_to=1, ignore=["fc2"])
+    assert pruned.meta["fxprune"]["verification"]["passed"]
+    assert pruned.fc2.in_features < 16
