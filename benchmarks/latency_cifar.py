@@ -2,9 +2,12 @@
 CIFAR-10 ResNet-20.
 
 1. `fxprune.compile(dense, Budget(latency=B, target=OnnxRuntimeTarget(batch, threads)))`;
-2. a FLOPs budget searched (bisection, each candidate timed against the dense model in onnxruntime)
-   until its result measures the latency the latency-budget result measured;
-3. both timed once more, interleaved with the dense model;
+2. FLOPs-budget results over a grid of budgets, timed together with the dense and the latency-budget
+   model (all interleaved, in --sessions fresh onnxruntime sessions, median ratio per model): the one
+   whose latency is closest to the latency-budget model's is its equal-latency rival. One timing per
+   candidate, as a bisection does, is not enough here: the same model in a new session moves by
+   several percent;
+3. the pair timed again, in new sessions, as an independent check of the match;
 4. each fine-tuned the same way (same epochs, learning rate, data order and seed) for every seed, and
    measured on the 10,000 test images.
 
@@ -23,6 +26,7 @@ import statistics
 import sys
 import warnings
 
+import numpy as np
 import torch
 
 import fxprune
@@ -44,6 +48,9 @@ def main() -> int:
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--grid", type=float, nargs=3, default=(0.2, 0.46, 0.02), metavar=("FROM", "TO", "STEP"),
+                        help="FLOPs budgets tried for the equal-latency FLOPs model")
+    parser.add_argument("--sessions", type=int, default=3, help="fresh onnxruntime sessions per timing")
     parser.add_argument("--data", default=None)
     parser.add_argument("--out", default="benchmarks/results/latency_cifar.json")
     args = parser.parse_args()
@@ -56,12 +63,14 @@ def main() -> int:
     target = OnnxRuntimeTarget(batch_size=args.batch, threads=args.threads, model_runs=30)
 
     latency_model = fxprune.compile(dense, fxprune.Budget(latency=args.budget, target=target), example_inputs=(x,))
-    wanted = latency_model.meta["fxprune"]["latency"]["measured_ratio"]
-    flops_model, search = same_latency_flops_model(dense, x, target, wanted)
-    final = target.model_seconds({"dense": dense, "latency": latency_model, "flops": flops_model}, (x,))
-    timing = {name: final[name] / final["dense"] for name in ("latency", "flops")}
-    print(f"measured latency (interleaved, batch {args.batch}, {args.threads} thread(s)): latency-budget model "
-          f"{timing['latency']:.3f}, FLOPs-budget model {timing['flops']:.3f} of the dense model")
+    budgets = [round(b, 3) for b in np.arange(args.grid[0], args.grid[1] + 1e-9, args.grid[2])]
+    flops_model, search = same_latency_flops_model(dense, x, target, latency_model, budgets, args.sessions)
+    check = interleaved_ratios(target, {"dense": dense, "latency": latency_model, "flops": flops_model}, x,
+                               args.sessions)
+    timing = {name: statistics.median(check[name]) for name in ("latency", "flops")}
+    print(f"independent check (interleaved, {args.sessions} fresh sessions, batch {args.batch}, {args.threads} "
+          f"thread(s)): latency-budget model {timing['latency']:.3f}, FLOPs-budget model {timing['flops']:.3f} "
+          f"of the dense model", flush=True)
 
     test = CIFAR10Loader("test", batch_size=500, path=args.data)
     rows = {"dense": {"top1": evaluate(dense, test)["top1"]}}
@@ -88,26 +97,33 @@ def main() -> int:
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"budget": args.budget, "target": target.key, "epochs": args.epochs, "lr": args.lr, "rows": rows,
-                   "flops_search": search, "latency_report": latency_model.meta["fxprune"]["latency"]}, f, indent=1)
+                   "flops_search": search, "check_ratios": check, "latency_report": latency_model.meta["fxprune"]["latency"]}, f, indent=1)
     print(f"\nwrote {args.out}")
     return 0
 
 
-def same_latency_flops_model(dense, x, target, wanted: float, steps: int = 7):
-    """The FLOPs budget whose result measures `wanted` of the dense latency (bisection on the budget)."""
-    lo, hi, tried, best = 0.05, 1.0, [], None
-    for _ in range(steps):
-        budget = (lo + hi) / 2
-        model = fxprune.compile(dense, budget, example_inputs=(x,))
-        seconds = target.model_seconds({"dense": dense, "candidate": model}, (x,))
-        ratio = seconds["candidate"] / seconds["dense"]
-        tried.append({"flops_budget": budget, "latency_ratio": ratio})
-        if best is None or abs(ratio - wanted) < abs(best[1] - wanted):
-            best = (model, ratio)
-        if abs(ratio - wanted) <= 0.01:
-            break
-        lo, hi = (budget, hi) if ratio < wanted else (lo, budget)
-    return best[0], tried
+def interleaved_ratios(target, models, x, sessions: int):
+    """Each model's latency over the dense model's, once per fresh set of onnxruntime sessions."""
+    ratios = {name: [] for name in models if name != "dense"}
+    for _ in range(sessions):
+        seconds = target.model_seconds(models, (x,))
+        for name in ratios:
+            ratios[name].append(seconds[name] / seconds["dense"])
+    return ratios
+
+
+def same_latency_flops_model(dense, x, target, latency_model, budgets, sessions: int):
+    """The FLOPs-budget result (one per budget in `budgets`) whose median measured latency is closest
+    to the latency-budget model's, all timed in the same interleaved runs."""
+    candidates = {f"{b:.3f}": fxprune.compile(dense, b, example_inputs=(x,)) for b in budgets}
+    ratios = interleaved_ratios(target, {"dense": dense, "latency": latency_model, **candidates}, x, sessions)
+    medians = {name: statistics.median(r) for name, r in ratios.items()}
+    chosen = min(candidates, key=lambda name: abs(medians[name] - medians["latency"]))
+    search = [{"flops_budget": float(name), "latency_ratios": ratios[name], "chosen": name == chosen}
+              for name in candidates]
+    print(f"latency-budget model: {medians['latency']:.3f} of the dense latency; FLOPs budgets: "
+          + ", ".join(f"{name} -> {medians[name]:.3f}" for name in candidates) + f"; chosen {chosen}", flush=True)
+    return candidates[chosen], search + [{"latency_budget_model": ratios["latency"]}]
 
 
 if __name__ == "__main__":

@@ -220,3 +220,24 @@ def test_ops_without_a_table_are_priced_at_the_tables_seconds_per_flop():
     # 128 tokens: q.k^T and .v cost 2 x 128 x 128 x 64 MACs against the projections' 128 x 64 x 256
     assert latency["untimed_share"] == pytest.approx(2 * 128 / (2 * 128 + 256 + 10 / 128 * 64 / 64), rel=0.1)
     assert latency["tables"] == 3
+
+
+def test_a_whole_model_measurement_is_the_median_over_fresh_sessions(tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    from fxprune.export import benchmark
+    from fxprune.export.benchmark import LatencyStats
+    from fxprune.export.latency_target import OnnxRuntimeTarget
+    session_ms = iter([10.0, 30.0, 11.0])      # one session an outlier: the median ignores it
+    calls = []
+
+    def fake_measure(files, shapes, *, batch_sizes, max_seconds, min_seconds, **_):
+        calls.append((max_seconds, min_seconds))
+        ms = next(session_ms)
+        return {name: {batch_sizes[0]: LatencyStats.of([ms / 1e3])} for name in files}
+
+    monkeypatch.setattr(benchmark, "measure_latency", fake_measure)
+    target = OnnxRuntimeTarget(threads=1, model_min_seconds=6.0, model_max_seconds=30.0, cache_dir=str(tmp_path))
+    seconds = target.model_seconds({"dense": WideNet().eval()}, example())
+    assert seconds["dense"] == pytest.approx(0.011) and calls == [(10.0, 2.0)] * 3
+    with pytest.raises(ValueError, match="model_sessions"):
+        OnnxRuntimeTarget(model_sessions=0)

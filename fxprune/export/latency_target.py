@@ -32,12 +32,15 @@ class OnnxRuntimeTarget:
 
     layer_runs / model_runs (after model_warmup untimed runs): timed runs per measurement (the median
     counts; a layer stops early once its runs pass layer_seconds_cap; whole models run interleaved for
-    at least model_min_seconds and at most model_max_seconds); cache_dir: where tables are kept (default
-    $FXPRUNE_CACHE or ~/.cache/fxprune; an unwritable folder keeps them in memory only)."""
+    at least model_min_seconds and at most model_max_seconds, split over model_sessions fresh sets of
+    onnxruntime sessions: the same model differs by several percent from one session to the next, more
+    than between runs of one session, so a measurement takes the median over sessions); cache_dir:
+    where tables are kept (default $FXPRUNE_CACHE or ~/.cache/fxprune; an unwritable folder keeps them
+    in memory only)."""
 
     def __init__(self, batch_size: int = 1, threads: Optional[int] = None, *, layer_runs: int = 7,
                  model_runs: int = 20, model_warmup: int = 3, model_min_seconds: float = 5.0,
-                 model_max_seconds: float = 60.0,
+                 model_max_seconds: float = 60.0, model_sessions: int = 3,
                  layer_seconds_cap: float = 0.5,
                  cache_dir: Optional[str] = None):
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -46,6 +49,9 @@ class OnnxRuntimeTarget:
         self.threads = threads or physical_cores()
         self.layer_runs, self.model_runs, self.model_warmup = layer_runs, model_runs, model_warmup
         self.model_min_seconds, self.model_max_seconds = model_min_seconds, model_max_seconds
+        if not isinstance(model_sessions, int) or model_sessions < 1:
+            raise ValueError(f"model_sessions must be a positive integer, got {model_sessions!r}")
+        self.model_sessions = model_sessions
         self.layer_seconds_cap = layer_seconds_cap
         self.cache_dir = cache_dir or os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "fxprune")
         self._table: Optional[Dict[str, float]] = None
@@ -127,16 +133,20 @@ class OnnxRuntimeTarget:
 
     # ------------------------------------------------------------------ whole models
     def model_seconds(self, models: Dict[str, torch.nn.Module], example_inputs: Tuple[Any, ...]) -> Dict[str, float]:
-        """Median seconds of each model at the target's batch size, timed interleaved (each model is
-        exported to ONNX once per target object)."""
+        """Seconds of each model at the target's batch size, timed interleaved in model_sessions fresh
+        sets of sessions: the median over sessions of each session's median (each model is exported to
+        ONNX once per target object)."""
         from .benchmark import measure_latency
         files = {name: self._onnx_file(model, example_inputs) for name, model in models.items()}
         shapes = [list(t.shape) for t in example_inputs]
-        stats = measure_latency(files, shapes, batch_sizes=(self.batch_size,), threads=self.threads,
-                                warmup=self.model_warmup,
-                                runs=self.model_runs, max_seconds=self.model_max_seconds,
-                                min_seconds=self.model_min_seconds)
-        return {name: stats[name][self.batch_size].median_ms / 1e3 for name in models}
+        per_session = []
+        for _ in range(self.model_sessions):
+            stats = measure_latency(files, shapes, batch_sizes=(self.batch_size,), threads=self.threads,
+                                    warmup=self.model_warmup, runs=self.model_runs,
+                                    max_seconds=self.model_max_seconds / self.model_sessions,
+                                    min_seconds=self.model_min_seconds / self.model_sessions)
+            per_session.append({name: stats[name][self.batch_size].median_ms / 1e3 for name in models})
+        return {name: float(np.median([s[name] for s in per_session])) for name in models}
 
     def _onnx_file(self, model: torch.nn.Module, example_inputs) -> str:
         if id(model) not in self._exported:
