@@ -15,7 +15,7 @@ from .budget import Budget, as_budget
 from .errors import ConfigError, UnsupportedModelError
 from .importance import Importance, ImportanceData, resolve_importance
 from .ir import ChannelGroups, PrunePlan
-from .pipeline import (Allocate, AnalyseChannels, BiasCompensation, CompileState, CountCost, MeasureInputMeans,
+from .pipeline import (Allocate, AnalyseChannels, BiasCompensation, CompileState, CountCost,
                        MeasureLatency, MeetMeasuredLatency,
                        PlanFromReport, PlanWhileTraining, Rewrite, Score, Trace, Verify, run_passes)
 from .report import build_report, module_slices as _module_slices
@@ -80,13 +80,12 @@ def compile(model: torch.nn.Module, budget: Union[float, Budget], *, example_inp
                           f"\"uniform\"); {scorer.name if scorer.decides_widths else allocation!r} plans by FLOPs")
     source = copy.deepcopy(model) if scorer.trains_model else model          # training never touches the user's
     allocate, latency = Allocate(allocation_pass, budget, round_to, min_channels), budget.latency
-    rebuild = [Rewrite(), *([BiasCompensation()] if bias_compensation else [])]
+    rebuild = [Rewrite(), *([BiasCompensation(calibration)] if bias_compensation else [])]
     passes = [
         Trace(leaf_modules),                                                 # fx graph of a private copy, with shapes
         AnalyseChannels(ignore_names, keep_outputs),                         # which channels must go together
         CountCost(),                                                         # FLOPs/params per kept unit
         *([MeasureLatency(budget.target)] if latency else []),               # latency tables on the target
-        *([MeasureInputMeans(calibration)] if bias_compensation else []),    # for bias compensation
         *([PlanWhileTraining(scorer, calibration, budget)] if scorer.decides_widths else [  # AOFP: masks learnt
             Score(scorer, calibration),                                      # importance of every unit
             allocate]),                                                      # which units stay

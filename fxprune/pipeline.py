@@ -54,7 +54,6 @@ class CompileState:
     plan: Optional[PrunePlan] = None                    # which units stay
     pruned: Optional[torch.fx.GraphModule] = None       # the new, smaller GraphModule
     verification: Optional[Dict[str, Any]] = None       # pruned == masked original, in float64
-    input_means: Optional[Dict[str, torch.Tensor]] = None  # calibration means of linear layers' inputs
     output_shifts: Optional[Dict[str, torch.Tensor]] = None  # bias compensation added, by module (float64)
     results: Dict[str, Any] = field(default_factory=dict)   # JSON-able results for the report, by pass
     seconds: Dict[str, float] = field(default_factory=dict)  # wall time of every pass
@@ -329,34 +328,21 @@ class MeetMeasuredLatency(CompilerPass):
         return dataclasses.replace(state, results=_add(state.results, "latency", results))
 
 
-class MeasureInputMeans(CompilerPass):
-    """The calibration mean of every input feature of the linear layers a group slices (for
-    BiasCompensation)."""
+class BiasCompensation(CompilerPass):
+    """FLAP's recovery without retraining: each linear layer that lost inputs gets, added to its bias,
+    what those inputs contributed on average over the calibration data (W[:, removed] @ mean[removed]),
+    measured layer by layer with the earlier layers already pruned and compensated. The masked
+    original it is verified against adds the same shifts."""
 
-    name, requires, produces = "measure_input_means", ("gm", "groups"), ("input_means",)
+    name, requires, produces, changes_graph = "bias_compensation", ("gm", "groups", "plan", "pruned"), ("pruned", "output_shifts"), True
 
     def __init__(self, data: ImportanceData):
         self.data = data
 
     def run(self, state: CompileState) -> CompileState:
-        from fxprune.passes.activation_importance import input_means
-        return dataclasses.replace(state, input_means=input_means(state.gm, state.groups, self.data))
-
-
-class BiasCompensation(CompilerPass):
-    """FLAP's recovery without retraining: each linear layer that lost inputs gets, added to its bias,
-    what those inputs contributed on average over the calibration data (W[:, removed] @ mean[removed]).
-    The masked original it is verified against reads those means where the removed inputs were."""
-
-    name, requires, produces, changes_graph = "bias_compensation", ("gm", "groups", "plan", "pruned"), ("pruned", "output_shifts"), True
-
-    def run(self, state: CompileState) -> CompileState:
-        if not state.input_means:
-            return state
-        from fxprune.passes.activation_importance import compensation_terms
-        shifts = compensation_terms(state.gm, state.groups.kept_lookup(state.plan.keep_unit), state.input_means,
-                                    state.groups)
+        from fxprune.passes.activation_importance import compensation_shifts
         kept_positions = state.groups.kept_lookup(state.plan.keep_unit)
+        shifts = compensation_shifts(state.gm, state.groups, kept_positions, self.data)
         applied = {}
         with torch.no_grad():
             for name, shift in shifts.items():

@@ -8,7 +8,7 @@ conv's channels: the consumer's weight columns), over the calibration batches:
   - flap (FLAP, An et al. 2024, "WIFV"): position j scores Var(X_j) * ||W_:j||_2^2, how much the
     layer's output fluctuates because of input j.
 FLAP's other half, bias compensation, works with any importance: compile(bias_compensation=True)
-measures the same statistics (input_means) and the BiasCompensation pass folds them into biases.
+measures the same statistics (compensation_shifts) and the BiasCompensation pass folds them into biases.
 A unit's score sums its positions over every consumer; a group with no consumer layer falls back to
 L1 so it still ranks. The model runs in eval mode; nothing is trained."""
 from __future__ import annotations
@@ -130,30 +130,51 @@ class FluctuationImportance(_ActivationImportance):
         return (weight * weight).sum(dim=(0, 2)) * stats.variance(name)
 
 
-def input_means(gm: torch.fx.GraphModule, groups: ChannelGroups, data: ImportanceData,
-                n_batches: int = 32) -> Dict[str, torch.Tensor]:
-    """Per linear layer whose inputs a group slices: the mean of each input feature over the
-    calibration batches (a conv is left out: its zero padding would read zeros, not means)."""
+def compensation_shifts(gm: torch.fx.GraphModule, groups: ChannelGroups, keep_positions, data: ImportanceData,
+                        n_batches: int = 32) -> Dict[str, torch.Tensor]:
+    """FLAP's bias compensation, layer by layer as FLAP computes it: per linear layer that loses input
+    features, W[:, removed] @ mean[removed] (float64, at the layer's original output width), the bias
+    shift that keeps its output mean. Layers are taken in graph order, and each one's input means
+    are measured with every earlier such layer already pruned (its removed inputs zeroed) and
+    compensated: means from the dense model let every layer's error pile onto the next one's (a
+    trained LM lost perplexity that way). A conv is left out: its zero padding would read zeros, not
+    means. Keys are weight names ("layer.weight")."""
     stats = InputStatistics(gm, groups)
-    stats.consumers = {n: m for n, m in stats.consumers.items() if isinstance(m, torch.nn.Linear)}
-    n = stats.collect(gm, data, n_batches)
-    log.info("bias compensation: input means of %d linear layers from %d calibration batches", len(stats.sum), n)
-    return {name: stats.mean(name) for name in stats.sum}
-
-
-def compensation_terms(original: torch.nn.Module, keep_positions, means: Dict[str, torch.Tensor],
-                       groups: ChannelGroups) -> Dict[str, torch.Tensor]:
-    """Per linear layer's weight that lost inputs: W[:, removed] @ mean[removed], the bias shift that
-    keeps the layer's output mean when those inputs go (at the original output width)."""
-    shifts = {}
-    for name, mean in means.items():
+    layers = {n: m for n, m in stats.consumers.items() if isinstance(m, torch.nn.Linear)}
+    removed: Dict[str, torch.Tensor] = {}
+    for name in layers:
         elements = groups.param_slices[name][1]
-        kept = keep_positions(elements)
-        if len(kept) == len(elements):
-            continue
-        removed = np.setdiff1d(np.arange(len(elements)), kept)
-        module, _ = owner(original, name)
-        w = module.weight.detach().double()
-        index = torch.as_tensor(removed)
-        shifts[name] = w[:, index] @ mean[index]
+        gone = np.setdiff1d(np.arange(len(elements)), keep_positions(elements))
+        if len(gone):
+            removed[name] = torch.as_tensor(gone)
+    order = {node.target: i for i, node in enumerate(gm.graph.nodes) if node.op == "call_module"}
+    pending = sorted(removed, key=lambda n: order.get(n.rpartition(".")[0], len(order)))
+    shifts: Dict[str, torch.Tensor] = {}
+    hooks = []
+    try:
+        for name in pending:
+            stats.consumers = {name: layers[name]}
+            stats.n, stats.sum, stats.sumsq = {name: 0.0}, {}, {}
+            n = stats.collect(gm, data, n_batches)
+            weight = layers[name].weight.detach().double()
+            shifts[name] = weight[:, removed[name]] @ stats.mean(name)[removed[name]]
+            hooks += _pruned_and_compensated(layers[name], removed[name], shifts[name])
+        log.info("bias compensation: %d linear layers, each from %d calibration batches", len(shifts),
+                 n if pending else 0)
+    finally:
+        for hook in hooks:
+            hook.remove()
     return shifts
+
+
+def _pruned_and_compensated(layer: torch.nn.Linear, removed: torch.Tensor, shift: torch.Tensor):
+    """Hooks that make `layer` compute what its pruned, compensated version computes."""
+    def drop_inputs(module, args):
+        x = args[0].clone()
+        x[..., removed] = 0
+        return (x, *args[1:])
+
+    def add_shift(module, args, out):
+        return out + shift.to(out.dtype)
+
+    return [layer.register_forward_pre_hook(drop_inputs), layer.register_forward_hook(add_shift)]
