@@ -107,8 +107,8 @@ def fold_input_independent(gm: torch.fx.GraphModule, inputs: Tuple, *,
             runs_at_other_batches = False
             runs = runs[:1]
     invariant = {n for n in candidates if n.op == "get_attr" or all(_same(runs[0][n], run[n]) for run in runs[1:])}
-    frontier = [n for n in invariant if n.op != "get_attr" and isinstance(runs[0][n], torch.Tensor)
-                and any(user not in invariant for user in n.users)]
+    frontier = [n for n in gm.graph.nodes if n in invariant and n.op != "get_attr"
+                and isinstance(runs[0][n], torch.Tensor) and any(user not in invariant for user in n.users)]
     if not frontier:
         return gm, runs_at_other_batches
     graph = torch.fx.Graph()
