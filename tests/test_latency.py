@@ -241,3 +241,46 @@ def test_a_whole_model_measurement_is_the_median_over_fresh_sessions(tmp_path, m
     assert seconds["dense"] == pytest.approx(0.011) and calls == [(10.0, 2.0)] * 3
     with pytest.raises(ValueError, match="model_sessions"):
         OnnxRuntimeTarget(model_sessions=0)
+
+
+class NarrowNet(nn.Module):
+    """16- and 32-channel layers, where round_to="auto" alone moves widths in steps of 2 and 4."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+        self.c3, self.c4 = nn.Conv2d(16, 32, 3, padding=1), nn.Conv2d(32, 32, 3, padding=1)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.c2(torch.relu(self.c1(x))))
+        x = torch.relu(self.c4(torch.relu(self.c3(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+class SmoothTarget(SyntheticTarget):
+    """Cost proportional to the widths: no blocks, so a narrower layer is always cheaper."""
+    key = "synthetic-smooth"
+
+    def layer_seconds(self, spec, widths):
+        full = layer_cost(spec, 8 * spec.in_channels, 8 * spec.out_channels, self.batch_size)
+        return [full * i * (1 if spec.depthwise else o) / (spec.in_channels * (1 if spec.depthwise else spec.out_channels))
+                for i, o in widths]
+
+
+def conv_widths(model):
+    return [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)]
+
+
+def test_auto_rounding_aligns_widths_only_where_the_tables_show_alignment_pays():
+    x = (torch.randn(1, 3, 16, 16),)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        blocked_result = fxprune.compile(NarrowNet().eval(), fxprune.Budget(latency=0.5, target=SyntheticTarget(0.0)),
+                                         example_inputs=x)
+        smooth_result = fxprune.compile(NarrowNet().eval(), fxprune.Budget(latency=0.5, target=SmoothTarget(0.0)),
+                                        example_inputs=x)
+    assert blocked_result.meta["fxprune"]["latency"]["aligned_layers"] > 0
+    assert all(w % 8 == 0 for w in conv_widths(blocked_result)) and conv_widths(blocked_result) != [16, 16, 32, 32]
+    assert smooth_result.meta["fxprune"]["latency"]["aligned_layers"] == 0
+    assert any(w % 8 for w in conv_widths(smooth_result))     # steps of 2 and 4, as round_to="auto" gives
