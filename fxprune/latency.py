@@ -21,7 +21,6 @@ cost), so the prediction of a keep vector's latency, as a fraction of the dense 
 with s fitted to whole-model timings of pruned models (s = 1 before any: the tables alone)."""
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import time
@@ -35,14 +34,6 @@ log = logging.getLogger("fxprune")
 
 # the grid of each layer dim, as fractions of its full width (then aligned: see width_grid)
 GRID_FRACTIONS = (0.125, 0.25, 0.5, 0.75, 1.0)
-# Blocked kernels (onnxruntime's NCHWc convolutions work on 8 channels at a time on AVX2) run a width
-# that is not a multiple of their block no faster, often slower, than the next multiple up: on the CPU
-# here a 3x3 conv at 32x32 takes 3.5 ms at 16 channels and 5.4 ms at 15. In a whole graph such a layer
-# also costs layout reorders around it, which no single-layer table sees. A table therefore times its
-# layer one channel narrower than its (aligned) full width too: when that saves less than half of what
-# a cost proportional to the widths would, alignment pays, and round_to="auto" keeps the groups the
-# layer carries at multiples of ALIGNMENT channels.
-ALIGNMENT = 8
 
 
 @dataclass(frozen=True)
@@ -91,29 +82,14 @@ class LatencyTable:
     in_widths: List[int]
     out_widths: List[int]
     seconds: np.ndarray                  # (len(in_widths), len(out_widths))
-    misaligned_ratio: float = 0.0        # seconds one channel narrower (in and out) / at full width (0: not timed)
-
-    @property
-    def alignment_pays(self) -> bool:
-        w_in, w_out = self.in_widths[-1], self.out_widths[-1]
-        proportional = (w_in - 1) / w_in * ((w_out - 1) / w_out if not self.spec.depthwise else 1.0)
-        return self.misaligned_ratio > 1 - (1 - proportional) / 2
 
     @staticmethod
     def measure(spec: LayerSpec, target: Any) -> "LatencyTable":
         in_widths = width_grid(spec.in_channels)
         out_widths = [1] if spec.depthwise else width_grid(spec.out_channels)
         points = [(i, i if spec.depthwise else o) for i in in_widths for o in out_widths]
-        full = (spec.in_channels, spec.in_channels if spec.depthwise else spec.out_channels)
-        aligned = all(w % ALIGNMENT == 0 and w > ALIGNMENT for w in full)
-        if aligned:     # one point more: the layer one channel narrower than its aligned full width
-            points.append((full[0] - 1, full[1] - 1))
         seconds = np.asarray(target.layer_seconds(spec, points), dtype=np.float64)
-        misaligned_ratio = 0.0
-        if aligned:
-            misaligned_ratio, seconds = float(seconds[-1] / seconds[-2]) if seconds[-2] > 0 else 0.0, seconds[:-1]
-        return LatencyTable(spec, in_widths, out_widths, seconds.reshape(len(in_widths), len(out_widths)),
-                            misaligned_ratio)
+        return LatencyTable(spec, in_widths, out_widths, seconds.reshape(len(in_widths), len(out_widths)))
 
 
 @dataclass
@@ -138,16 +114,8 @@ class LatencyModel:
         if (x > 1e-6).any():
             self.slope = float(np.clip(np.dot(x, y) / np.dot(x, x), 0.05, 2.0))
 
-    @functools.cached_property
-    def aligned_units(self) -> np.ndarray:
-        """Units carried by a channel dim of a layer whose table says alignment pays."""
-        units = [factor for layer, table in zip(self.layers, self.tables) if table.alignment_pays
-                 for factor in (layer.in_factor, layer.out_factor) if isinstance(factor, np.ndarray)]
-        return np.unique(np.concatenate(units)) if units else np.zeros(0, dtype=np.int64)
-
     def as_dict(self) -> Dict[str, Any]:
         return {"target": self.target_key, "layers": len(self.layers), "tables": len({id(t) for t in self.tables}),
-                "aligned_layers": sum(t.alignment_pays for t in self.tables),
                 "slope": self.slope, "table_seconds": self.table_seconds, "untimed_share": self.untimed_share,
                 "measurements": [{"tables_ratio": p, "measured_ratio": r} for p, r in self.measurements]}
 

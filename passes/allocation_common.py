@@ -1,7 +1,7 @@
 """Shared rules of the allocation passes: which kept counts a group may take."""
 from __future__ import annotations
 
-from typing import Any, Dict, List, Union
+from typing import Dict, List, Union
 
 import numpy as np
 
@@ -19,28 +19,16 @@ AUTO_ALIGN, AUTO_MIN_CHOICES = 8, 8
 RoundTo = Union[int, str]
 
 
-def group_round_to(groups: ChannelGroups, group: ChannelGroup, round_to: RoundTo, cost: Any = None) -> int:
+def group_round_to(groups: ChannelGroups, group: ChannelGroup, round_to: RoundTo) -> int:
     """The step (in units) a group's kept count moves by: round_to itself, or "auto" resolved from the
-    group's size and the channels one unit spans. Under a latency budget, a group that a layer whose
-    latency table says alignment pays (fxprune.latency.ALIGNMENT) carries moves in whole blocks of
-    channels however few choices that leaves: on such a target a misaligned width is slower than the
-    aligned one above it."""
+    group's size and the channels one unit spans."""
     if round_to != "auto":
         return int(round_to)
     width = _channels_per_unit(groups, group)
     step = 1
     while 2 * step * width <= AUTO_ALIGN and group.size / (2 * step) >= AUTO_MIN_CHOICES:
         step *= 2
-    if alignment_pays(group, cost):
-        from fxprune.latency import ALIGNMENT
-        step = max(step, -(-ALIGNMENT // width))
     return step
-
-
-def alignment_pays(group: ChannelGroup, cost: Any) -> bool:
-    """Whether the cost's latency tables found a layer carrying the group slower one channel narrower."""
-    model = getattr(cost, "latency_model", None)
-    return model is not None and bool(np.isin(group.units, model.aligned_units).any())
 
 
 def _channels_per_unit(groups: ChannelGroups, group: ChannelGroup) -> int:

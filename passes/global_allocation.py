@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import heapq
 import warnings
-from typing import Dict, List, Optional, Set, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -20,7 +20,7 @@ from fxprune.budget import LABELS, Budget
 from fxprune.cost import CostModel
 from fxprune.errors import BudgetError, NoPrunableChannelsError
 from fxprune.ir import ChannelGroups, PrunePlan
-from .allocation_common import (alignment_pays, allowed_kept_counts, budget_slack, group_round_to, normalised_importance,
+from .allocation_common import (allowed_kept_counts, budget_slack, group_round_to, normalised_importance,
                                 protected_units, removal_order, slack_of, within_budget_unpruned)
 
 
@@ -51,7 +51,7 @@ class GlobalAllocation:
         units_parts, begin, end, chunk_group, chunk_value, offset = [], [], [], [], [], 0
         for g in groups.groups:
             order = removal_order(g, protected, norm)
-            counts = allowed_kept_counts(g, int(protected[g.units].sum()), group_round_to(groups, g, self.round_to, cost),
+            counts = allowed_kept_counts(g, int(protected[g.units].sum()), group_round_to(groups, g, self.round_to),
                                          self.min_channels)
             ends = g.size - np.asarray(counts[1:], dtype=np.int64)  # units removed after each chunk
             if not len(ends):
@@ -72,9 +72,8 @@ class GlobalAllocation:
         sequence = np.lexsort((np.arange(len(values)), values))  # stable: ties keep group order
         chunks = _Chunks(np.concatenate(units_parts), begin[sequence], end[sequence],
                          np.concatenate(chunk_group)[sequence])
-        # round_to="auto" may give back parts of chunks, except in groups kept aligned for latency
-        partial = {g.id for g in groups.groups if not alignment_pays(g, cost)} if self.round_to == "auto" else set()
-        keep, smallest_refused = _shortest_prefix(chunks, groups.n_units, cost, self.budget, partial)
+        keep, smallest_refused = _shortest_prefix(chunks, groups.n_units, cost, self.budget,
+                                                  partial=self.round_to == "auto")
         self._warn_if_short(groups, cost, keep, smallest_refused)
         return PrunePlan(keep)
 
@@ -122,7 +121,7 @@ class _Chunks:
 
 
 def _shortest_prefix(chunks: _Chunks, n_units: int, cost: CostModel, budget: Budget,
-                     partial: Set[int] = frozenset()) -> Tuple[np.ndarray, Optional[Tuple[float, int, int]]]:
+                     partial: bool = False) -> Tuple[np.ndarray, Optional[Tuple[float, int, int]]]:
     """The first chunks (in removal order) whose removal meets the budget. The last one may be large (a
     ViT residual channel spans every block) and overshoot it by more than 0.5%: then its group stops
     there (its later chunks depend on it) and the prefix grows with the other groups' chunks instead.
@@ -163,11 +162,11 @@ def _shortest_prefix(chunks: _Chunks, n_units: int, cost: CostModel, budget: Bud
 
 
 def _add_back(chunks: _Chunks, keep: np.ndarray, k: int, stop: np.ndarray, cost: CostModel, budget: Budget,
-              dense: Dict[str, float], partial: Set[int]) -> Tuple[np.ndarray, Optional[Tuple[float, int, int]]]:
+              dense: Dict[str, float], partial: bool) -> Tuple[np.ndarray, Optional[Tuple[float, int, int]]]:
     """Chunks come off whole, so the cut can leave up to a chunk of the budget unused. Return removed
     chunks while they fit, most valuable first; only a group's last removed chunk may return (its
-    order is kept), after which the one before it may. `partial`: groups whose refused chunks may
-    also come back in part (see below). Also returns the cheapest step that did not fit, as (its share of the budgeted
+    order is kept), after which the one before it may. `partial`: then also parts of refused chunks
+    (see below). Also returns the cheapest step that did not fit, as (its share of the budgeted
     cost, group id, units)."""
     index = np.arange(k)
     removed = index[index < stop[chunks.group[index]]]
@@ -193,8 +192,6 @@ def _add_back(chunks: _Chunks, keep: np.ndarray, k: int, stop: np.ndarray, cost:
         # makes leave more than SHORTFALL_WARNING unused, so the most valuable units of the refused
         # chunks may come back one at a time (most valuable chunk first)
         for i in sorted(refused_chunks, reverse=True):
-            if int(chunks.group[i]) not in partial:
-                continue
             units = chunks.units(i)
             for m in range(len(units) - 1, 0, -1):
                 if budget_slack(budget, state.if_changed(units[-m:], kept=True), dense) >= -1e-9:
@@ -203,7 +200,7 @@ def _add_back(chunks: _Chunks, keep: np.ndarray, k: int, stop: np.ndarray, cost:
     refused = None
     for i in refused_chunks:             # the cheapest step that still does not fit, for the warning
         units = chunks.units(i)
-        units = units[~state.keep[units]][-1:] if int(chunks.group[i]) in partial else units
+        units = units[~state.keep[units]][-1:] if partial else units
         if not len(units):
             continue
         values = state.if_changed(units, kept=True)

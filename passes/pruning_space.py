@@ -69,7 +69,7 @@ class PruningSpace:
         for g in groups.groups:
             if not g.prunable:
                 continue
-            counts = allowed_kept_counts(g, int(protected[g.units].sum()), group_round_to(groups, g, round_to, cost),
+            counts = allowed_kept_counts(g, int(protected[g.units].sum()), group_round_to(groups, g, round_to),
                                          min_channels)
             levels = sorted({min(counts, key=lambda c: (abs(c - r * g.size), -c)) for r in keep_ratios})
             if len(levels) < 2:

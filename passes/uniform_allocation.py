@@ -27,7 +27,7 @@ class UniformAllocation:
         norm = normalised_importance(groups, scores)
         protected = protected_units(groups, norm)
         orders = [removal_order(g, protected, norm) for g in groups.groups]
-        allowed = [allowed_kept_counts(g, int(protected[g.units].sum()), group_round_to(groups, g, self.round_to, cost),
+        allowed = [allowed_kept_counts(g, int(protected[g.units].sum()), group_round_to(groups, g, self.round_to),
                                        self.min_channels)
                    for g in groups.groups]
         full = np.ones(groups.n_units, dtype=bool)
