@@ -30,16 +30,22 @@ log = logging.getLogger("fxprune")
 
 
 
+def consumer_layers(gm: torch.fx.GraphModule, groups: ChannelGroups) -> Dict[str, torch.nn.Module]:
+    """Linear and conv layers whose input features a group slices, by weight name."""
+    consumers: Dict[str, torch.nn.Module] = {}
+    for name, dims in groups.param_slices.items():
+        module, local = owner(gm, name)
+        if local == "weight" and 1 in dims and torch_layer_type(module) in (
+                torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d):
+            consumers[name] = module
+    return consumers
+
+
 class InputStatistics:
     """Per consumer weight: count, sum and sum of squares of each input feature, in float64."""
 
-    def __init__(self, gm: torch.fx.GraphModule, groups: ChannelGroups):
-        self.consumers: Dict[str, torch.nn.Module] = {}
-        for name, dims in groups.param_slices.items():
-            module, local = owner(gm, name)
-            if local == "weight" and 1 in dims and torch_layer_type(module) in (
-                    torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d):
-                self.consumers[name] = module
+    def __init__(self, consumers: Dict[str, torch.nn.Module]):
+        self.consumers = consumers
         self.n: Dict[str, float] = {n: 0.0 for n in self.consumers}
         self.sum: Dict[str, torch.Tensor] = {}
         self.sumsq: Dict[str, torch.Tensor] = {}
@@ -88,7 +94,7 @@ class _ActivationImportance(Importance):
         raise NotImplementedError
 
     def score_with_results(self, gm: torch.fx.GraphModule, groups: ChannelGroups, data: ImportanceData = None):
-        stats = InputStatistics(gm, groups)
+        stats = InputStatistics(consumer_layers(gm, groups))
         n = stats.collect(gm, data or ImportanceData(), self.n_batches)
         scores, scored = np.zeros(groups.n_units), np.zeros(groups.n_units, dtype=bool)
         for name in stats.consumers:
@@ -139,8 +145,7 @@ def compensation_shifts(gm: torch.fx.GraphModule, groups: ChannelGroups, keep_po
     compensated: means from the dense model let every layer's error pile onto the next one's (a
     trained LM lost perplexity that way). A conv is left out: its zero padding would read zeros, not
     means. Keys are weight names ("layer.weight")."""
-    stats = InputStatistics(gm, groups)
-    layers = {n: m for n, m in stats.consumers.items() if isinstance(m, torch.nn.Linear)}
+    layers = {n: m for n, m in consumer_layers(gm, groups).items() if isinstance(m, torch.nn.Linear)}
     removed: Dict[str, torch.Tensor] = {}
     for name in layers:
         elements = groups.param_slices[name][1]
@@ -153,8 +158,7 @@ def compensation_shifts(gm: torch.fx.GraphModule, groups: ChannelGroups, keep_po
     hooks = []
     try:
         for name in pending:
-            stats.consumers = {name: layers[name]}
-            stats.n, stats.sum, stats.sumsq = {name: 0.0}, {}, {}
+            stats = InputStatistics({name: layers[name]})
             n = stats.collect(gm, data, n_batches)
             weight = layers[name].weight.detach().double()
             shifts[name] = weight[:, removed[name]] @ stats.mean(name)[removed[name]]
