@@ -3,7 +3,8 @@ CIFAR-10 ResNet-20.
 
 1. `fxprune.compile(dense, Budget(latency=B, target=OnnxRuntimeTarget(batch, threads)))`;
 2. FLOPs-budget results over a grid of budgets, timed together with the dense and the latency-budget
-   model (all interleaved, in --sessions fresh onnxruntime sessions, median ratio per model): the one
+   model (all interleaved; --sessions timings, each itself the target's median over its own fresh
+   onnxruntime sessions; the median ratio per model counts): the one
    whose latency is closest to the latency-budget model's is its equal-latency rival. One timing per
    candidate, as a bisection does, is not enough here: the same model in a new session moves by
    several percent;
@@ -50,7 +51,7 @@ def main() -> int:
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--grid", type=float, nargs=3, default=(0.2, 0.46, 0.02), metavar=("FROM", "TO", "STEP"),
                         help="FLOPs budgets tried for the equal-latency FLOPs model")
-    parser.add_argument("--sessions", type=int, default=3, help="fresh onnxruntime sessions per timing")
+    parser.add_argument("--sessions", type=int, default=3, help="timings per comparison (each the target's median over model_sessions fresh sessions)")
     parser.add_argument("--data", default=None)
     parser.add_argument("--out", default="benchmarks/results/latency_cifar.json")
     args = parser.parse_args()
@@ -68,7 +69,7 @@ def main() -> int:
     check = interleaved_ratios(target, {"dense": dense, "latency": latency_model, "flops": flops_model}, x,
                                args.sessions)
     timing = {name: statistics.median(check[name]) for name in ("latency", "flops")}
-    print(f"independent check (interleaved, {args.sessions} fresh sessions, batch {args.batch}, {args.threads} "
+    print(f"independent check (interleaved, {args.sessions} timings, batch {args.batch}, {args.threads} "
           f"thread(s)): latency-budget model {timing['latency']:.3f}, FLOPs-budget model {timing['flops']:.3f} "
           f"of the dense model", flush=True)
 
@@ -103,7 +104,8 @@ def main() -> int:
 
 
 def interleaved_ratios(target, models, x, sessions: int):
-    """Each model's latency over the dense model's, once per fresh set of onnxruntime sessions."""
+    """Each model's latency over the dense model's, `sessions` times (each a target.model_seconds call:
+    a median over the target's own fresh sessions)."""
     ratios = {name: [] for name in models if name != "dense"}
     for _ in range(sessions):
         seconds = target.model_seconds(models, (x,))
