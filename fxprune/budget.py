@@ -45,6 +45,21 @@ class Budget:
 
 
 MEASURES = ("flops", "params", "latency")
+
+# round_to="auto": a group moves in steps of up to AUTO_ALIGN channels (CPU/GPU kernels work on blocks of
+# 8 or 16), but never so coarsely that it has fewer than AUTO_MIN_CHOICES widths to choose from: a
+# 64-channel layer or wider moves 8 at a time, a 32-channel one 4, a 16-channel one 2, and a unit that is
+# already 8 channels wide (an attention head) 1 unit. 8 choices measured best of 4/8/16 on both ends:
+# MobileNetV2's latency (as round_to=8) and the CIFAR ResNet-20's accuracy (benchmarks/defaults_cifar.py).
+AUTO_ALIGN, AUTO_MIN_CHOICES = 8, 8
+
+
+def auto_step(size: int, channels_per_unit: int = 1) -> int:
+    """The step, in units, of round_to="auto" for a group of `size` units each `channels_per_unit` wide."""
+    step = 1
+    while 2 * step * channels_per_unit <= AUTO_ALIGN and size / (2 * step) >= AUTO_MIN_CHOICES:
+        step *= 2
+    return step
 LABELS = {"flops": "FLOPs", "params": "params", "latency": "latency"}
 
 

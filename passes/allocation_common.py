@@ -5,17 +5,11 @@ from typing import Dict, List, Union
 
 import numpy as np
 
-from fxprune.budget import Budget
+from fxprune.budget import Budget, auto_step
 from fxprune.cost import CostModel
 from fxprune.ir import ChannelGroup, ChannelGroups, ChannelMap
 
 
-# round_to="auto": a group moves in steps of up to AUTO_ALIGN channels (CPU/GPU kernels work on blocks of
-# 8 or 16), but never so coarsely that it has fewer than AUTO_MIN_CHOICES widths to choose from: a
-# 64-channel layer or wider moves 8 at a time, a 32-channel one 4, a 16-channel one 2, and a unit that is
-# already 8 channels wide (an attention head) 1 unit. 8 choices measured best of 4/8/16 on both ends:
-# MobileNetV2's latency (as round_to=8) and the CIFAR ResNet-20's accuracy (benchmarks/defaults_cifar.py).
-AUTO_ALIGN, AUTO_MIN_CHOICES = 8, 8
 RoundTo = Union[int, str]
 
 
@@ -24,11 +18,7 @@ def group_round_to(groups: ChannelGroups, group: ChannelGroup, round_to: RoundTo
     group's size and the channels one unit spans."""
     if round_to != "auto":
         return int(round_to)
-    width = _channels_per_unit(groups, group)
-    step = 1
-    while 2 * step * width <= AUTO_ALIGN and group.size / (2 * step) >= AUTO_MIN_CHOICES:
-        step *= 2
-    return step
+    return auto_step(group.size, _channels_per_unit(groups, group))
 
 
 def _channels_per_unit(groups: ChannelGroups, group: ChannelGroup) -> int:

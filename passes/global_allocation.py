@@ -72,8 +72,9 @@ class GlobalAllocation:
         sequence = np.lexsort((np.arange(len(values)), values))  # stable: ties keep group order
         chunks = _Chunks(np.concatenate(units_parts), begin[sequence], end[sequence],
                          np.concatenate(chunk_group)[sequence])
+        # partial chunks leave the widths round_to="auto" chose; a latency table measured only those
         keep, smallest_refused = _shortest_prefix(chunks, groups.n_units, cost, self.budget,
-                                                  partial=self.round_to == "auto")
+                                                  partial=self.round_to == "auto" and self.budget.latency is None)
         self._warn_if_short(groups, cost, keep, smallest_refused)
         return PrunePlan(keep)
 
@@ -138,6 +139,16 @@ def _shortest_prefix(chunks: _Chunks, n_units: int, cost: CostModel, budget: Bud
     def slack(keep: np.ndarray) -> float:
         return slack_of(cost, keep, budget, dense)
 
+    if "latency" in budget.constraints():
+        # latency is not monotone along the order (a width off a kernel's channel blocking can cost more
+        # than the wider aligned one), so bisection could stop at any of its crossings: the first
+        # prefix that fits keeps the most importance
+        slacks = []
+        for k in range(len(chunks) + 1):
+            slacks.append(slack(keep_after(k)))
+            if slacks[-1] >= -1e-9:
+                return _add_back(chunks, keep_after(k), k, stop, cost, budget, dense, partial)
+        raise BudgetError(unreachable_message(cost, keep_after(int(np.argmax(slacks))), budget))
     if slack(keep_after(len(chunks))) < -1e-9:
         raise BudgetError(unreachable_message(cost, keep_after(len(chunks)), budget))
     best, best_slack, lo = None, np.inf, 0
@@ -176,15 +187,21 @@ def _add_back(chunks: _Chunks, keep: np.ndarray, k: int, stop: np.ndarray, cost:
     candidates = [-chunks_of[-1] for chunks_of in by_group.values()]  # a max-heap on removal order = value
     heapq.heapify(candidates)
     state, refused_chunks = cost.tracker(keep), []
+    # latency is not additive: a chunk may not fit alone and yet fit with the chunks removed before it
+    # (16 -> 24 channels back on a blocked kernel can cost less than 16 -> 20)
+    steps_together = len(chunks) if "latency" in budget.constraints() else 1
     while candidates:
         i = -heapq.heappop(candidates)
-        units = chunks.units(i)
-        if budget_slack(budget, state.if_changed(units, kept=True), dense) < -1e-9:
+        chunks_of = by_group[int(chunks.group[i])]
+        for n in range(1, min(steps_together, len(chunks_of)) + 1):
+            units = np.concatenate([chunks.units(c) for c in chunks_of[-n:]])
+            if budget_slack(budget, state.if_changed(units, kept=True), dense) >= -1e-9:
+                break
+        else:
             refused_chunks.append(i)
             continue                     # the group's earlier chunks stay out with it
         state.change(units, kept=True)
-        chunks_of = by_group[int(chunks.group[i])]
-        chunks_of.pop()
+        del chunks_of[-n:]
         if chunks_of:
             heapq.heappush(candidates, -chunks_of[-1])
     if partial and budget_slack(budget, state.values, dense) > SHORTFALL_WARNING:

@@ -33,6 +33,7 @@ def layer_cost(spec: LayerSpec, in_width: int, out_width: int, batch: int) -> fl
 
 class SyntheticTarget:
     key = "synthetic-blocked-8"
+    cost = staticmethod(layer_cost)
 
     def __init__(self, overhead: float = 0.25, batch_size: int = 1):
         self.overhead, self.batch_size = overhead, batch_size
@@ -40,7 +41,7 @@ class SyntheticTarget:
 
     def layer_seconds(self, spec, widths):
         self.layer_calls.append(spec)
-        return [layer_cost(spec, i, o, self.batch_size) for i, o in widths]
+        return [self.cost(spec, i, o, self.batch_size) for i, o in widths]
 
     def model_seconds(self, models, inputs):
         self.model_calls += 1
@@ -57,10 +58,10 @@ class SyntheticTarget:
                 depthwise = module.groups > 1
                 spec = LayerSpec("conv", tuple(x.shape), module.out_channels, module.kernel_size, module.stride,
                                  module.padding, module.dilation, depthwise)
-                total[0] += layer_cost(spec, x.shape[1], module.out_channels, self.batch_size)
+                total[0] += self.cost(spec, x.shape[1], module.out_channels, self.batch_size)
             else:
                 spec = LayerSpec("linear", tuple(x.shape), module.out_features)
-                total[0] += layer_cost(spec, x.shape[-1], module.out_features, self.batch_size)
+                total[0] += self.cost(spec, x.shape[-1], module.out_features, self.batch_size)
 
         for m in model.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
@@ -97,7 +98,7 @@ def example():
 
 def test_width_grid_is_aligned_and_ends_at_full_width():
     assert width_grid(128) == [16, 32, 64, 96, 128]
-    assert width_grid(16) == [2, 4, 8, 12, 16]
+    assert width_grid(16) == [2, 4, 6, 8, 10, 12, 14, 16]   # narrow: every round_to="auto" width
     assert all(w % 8 == 0 for w in width_grid(200)) and width_grid(200)[-1] == 200
 
 
@@ -241,3 +242,63 @@ def test_a_whole_model_measurement_is_the_median_over_fresh_sessions(tmp_path, m
     assert seconds["dense"] == pytest.approx(0.011) and calls == [(10.0, 2.0)] * 3
     with pytest.raises(ValueError, match="model_sessions"):
         OnnxRuntimeTarget(model_sessions=0)
+
+
+def off_block_cost(spec: LayerSpec, in_width: int, out_width: int, batch: int) -> float:
+    """layer_cost, where a width off the 8-channel blocking falls back to a slower kernel (1.6x)."""
+    def penalty(width: int) -> float:
+        return 1.0 if width % 8 == 0 else 1.6
+    return layer_cost(spec, in_width, out_width, batch) * penalty(in_width) * penalty(out_width)
+
+
+class OffBlockTarget(SyntheticTarget):
+    """Narrow layers as onnxruntime runs them: 10 channels can cost more than 16."""
+    key = "synthetic-off-block"
+    cost = staticmethod(off_block_cost)
+
+
+class NarrowNet(nn.Module):
+    """ResNet-20's shape in small: 16 then 32 channels, residual pairs."""
+
+    def __init__(self):
+        super().__init__()
+        def pair(c):
+            return nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(),
+                                 nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c))
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.stage1 = nn.ModuleList([pair(16), pair(16)])
+        self.down = nn.Sequential(nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.BatchNorm2d(32), nn.ReLU())
+        self.stage2 = nn.ModuleList([pair(32), pair(32)])
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for block in self.stage1:
+            x = torch.relu(x + block(x))
+        x = self.down(x)
+        for block in self.stage2:
+            x = torch.relu(x + block(x))
+        return self.head(x.mean((2, 3)))
+
+
+def test_a_latency_budget_keeps_more_flops_than_any_flops_budget_of_no_more_latency():
+    # Latency is not monotone along the removal order here (10 channels cost more than 16). The
+    # allocation must still find the plan a FLOPs budget would give at that latency and spend what is
+    # left of the budget: never keep fewer FLOPs than a FLOPs-budget result of no more latency.
+    target = OffBlockTarget(overhead=0.0)
+    model = NarrowNet().eval()
+    x = (torch.randn(1, 3, 16, 16),)
+
+    def latency(pruned):
+        seconds = target.model_seconds({"dense": model, "pruned": pruned}, x)
+        return seconds["pruned"] / seconds["dense"]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        by_latency = fxprune.compile(model, fxprune.Budget(latency=0.5, target=target), example_inputs=x, verify=False)
+        by_flops = [fxprune.compile(model, f, example_inputs=x, verify=False) for f in np.arange(0.05, 0.62, 0.05)]
+    reached = latency(by_latency)
+    assert reached <= 0.5 * 1.02
+    rivals = [p.meta["fxprune"]["flops"]["ratio"] for p in by_flops if latency(p) <= reached]
+    assert rivals, "no FLOPs budget of the grid reaches the latency result's latency"
+    assert by_latency.meta["fxprune"]["flops"]["ratio"] >= max(rivals) - 1e-9, (reached, rivals)
