@@ -196,6 +196,31 @@ def test_onnxruntime_target_times_a_real_compile(tmp_path):
     assert target.measured > 0
 
 
+def test_torch_target_times_layers_and_models_and_caches_its_tables(tmp_path):
+    from fxprune.export.latency_target import TorchTarget
+    target = TorchTarget("cpu", batch_size=2, layer_runs=3, model_runs=2, model_rounds=3, cache_dir=str(tmp_path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruned = fxprune.compile(WideNet().eval(), fxprune.Budget(latency=0.6, target=target),
+                                 example_inputs=example(), verify=False)
+    latency = pruned.meta["fxprune"]["latency"]
+    assert latency["target"] == target.key and "torch" in target.key and "batch2" in target.key
+    assert all(r["dense_ms"] > 0 and r["pruned_ms"] > 0 for r in latency["rounds"])
+    assert target.measured > 0
+    again = TorchTarget("cpu", batch_size=2, layer_runs=3, cache_dir=str(tmp_path))
+    spec = LayerSpec("conv", (1, 16, 8, 8), 16, (3, 3), (1, 1), (1, 1), (1, 1))
+    fresh = again.layer_seconds(spec, [(8, 8)])
+    assert again.measured == 1 and again.layer_seconds(spec, [(8, 8)]) == fresh and again.cached == 1
+
+
+def test_torch_target_refuses_cuda_without_a_gpu():
+    from fxprune.export.latency_target import TorchTarget
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(ValueError, match="no CUDA device"):
+        TorchTarget("cuda")
+
+
 class TinyAttention(nn.Module):
     """Heads whose attention matmuls (no weights, no table) cost as much as the projections."""
 
