@@ -34,6 +34,16 @@ from fxprune.export.benchmark import benchmark_onnxruntime, measure_latency
 from fxprune.export.latency_target import OnnxRuntimeTarget
 
 
+def models_and_flops_results(names: List[str], budget: float):
+    """Per torchvision model name (random weights, seed 0): (name, model, example input, its FLOPs-budget
+    result at `budget`), the rival every latency-budget result is timed against."""
+    for name in names:
+        torch.manual_seed(0)
+        model = getattr(torchvision.models, name)().eval()
+        x = torch.randn(1, 3, 224, 224)
+        yield name, model, x, fxprune.compile(model, budget, example_inputs=(x,), verify=False)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default="resnet50,mobilenet_v2,vit_b_16")
@@ -52,11 +62,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="[fxprune] %(message)s")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     rows = json.load(open(args.out))["rows"] if args.append and os.path.exists(args.out) else []
-    for name in args.models.split(","):
-        torch.manual_seed(0)
-        model = getattr(torchvision.models, name)().eval()
-        x = torch.randn(1, 3, 224, 224)
-        flops_model = fxprune.compile(model, args.budget, example_inputs=(x,), verify=False)
+    for name, model, x, flops_model in models_and_flops_results(args.models.split(","), args.budget):
         for batch in map(int, args.batch_sizes.split(",")):
             for threads in map(int, args.threads.split(",")):
                 if any((r["model"], r["batch"], r["threads"]) == (name, batch, threads) for r in rows):

@@ -22,10 +22,10 @@ import warnings
 from typing import List, Optional
 
 import torch
-import torchvision
 
 import fxprune
 from fxprune.export.latency_target import TorchTarget
+from latency_budget import models_and_flops_results   # benchmarks/ is on the path when run as a script
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -43,11 +43,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="[fxprune] %(message)s")
     dtype = getattr(torch, args.dtype)
     rows = []
-    for name in args.models.split(","):
-        torch.manual_seed(0)
-        model = getattr(torchvision.models, name)().eval()
-        x = torch.randn(1, 3, 224, 224)
-        flops_model = fxprune.compile(model, args.budget, example_inputs=(x,), verify=False)
+    for name, model, x, flops_model in models_and_flops_results(args.models.split(","), args.budget):
         for batch in map(int, args.batch_sizes.split(",")):
             row = {"model": name, "batch": batch, "dtype": args.dtype, "budget": args.budget}
             try:
