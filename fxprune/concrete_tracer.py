@@ -88,7 +88,26 @@ class _ValueAttribute(Attribute, _ValueProxy):
     """`x.shape`, `x.view`, ...: fx's lazy attribute proxy, with a value."""
 
 
-class ConcreteShapeTracer(torch.fx.Tracer):
+class TracesThroughUnheldModules(torch.fx.Tracer):
+    """A module the forward calls but the model does not hold is traced through, like the code it wraps.
+    Libraries wrap plain functions in module objects at import time (transformers' hub kernels make
+    `apply_rotary_pos_emb` a global nn.Module); fx would record a call_module with no name in the model
+    and fail. One holding parameters or buffers cannot be traced through (its tensors would have no name
+    in the graph) and is refused, naming its type."""
+
+    def call_module(self, m: torch.nn.Module, forward, args, kwargs):
+        try:
+            self.path_of_module(m)
+        except NameError:
+            if next(m.parameters(), None) is not None or next(m.buffers(), None) is not None:
+                raise TraceError(f"the forward calls a {type(m).__qualname__} that is not a submodule of the model "
+                                 f"and holds parameters or buffers: register it as a submodule (assign it to an "
+                                 f"attribute of a module) so its weights have a name") from None
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+
+class ConcreteShapeTracer(TracesThroughUnheldModules):
     """torch.fx.Tracer whose proxies carry their value on the example inputs (see the module doc).
 
     inputs: {forward parameter name: example value}."""

@@ -15,7 +15,7 @@ import torch
 import torch.fx
 from torch.fx._lazy_graph_module import _LazyGraphModule
 
-from .concrete_tracer import DataDependentControlFlow, trace_with_values
+from .concrete_tracer import DataDependentControlFlow, TracesThroughUnheldModules, trace_with_values
 from .errors import ExampleInputsError, UnsupportedModelError, describe_node
 
 VALUE_KEY = "fxprune.value"
@@ -31,7 +31,7 @@ class TensorSpec:
         return len(self.shape)
 
 
-class _Tracer(torch.fx.Tracer):
+class _Tracer(TracesThroughUnheldModules):
     """symbolic_trace's tracer, plus user-chosen leaf modules (kept opaque, hence frozen)."""
 
     def __init__(self, leaf_modules: Sequence[Any] = ()):

@@ -108,3 +108,42 @@ def test_keyword_example_inputs_and_decorated_forward():
     assert pruned(input_ids=ids, attention_mask=mask)["logits"].shape == expected.shape
     with pytest.raises(fxprune.ExampleInputsError, match="names"):
         fxprune.compile(model, 0.7, example_inputs={0: ids})
+
+
+class _GlobalGate(nn.Module):
+    """A function a library wrapped in a module object at import time (as transformers' hub kernels do
+    with apply_rotary_pos_emb): called by the forward, held by no module of the model."""
+
+    def forward(self, x, gate):
+        return x * torch.sigmoid(gate)
+
+
+GLOBAL_GATE = _GlobalGate()
+GLOBAL_LINEAR = nn.Linear(8, 8)
+
+
+class CallsAnUnheldModule(nn.Module):
+    def __init__(self, unheld):
+        super().__init__()
+        self.unheld = [unheld]   # a list: not registered as a submodule
+        self.up = nn.Linear(8, 16)
+        self.gate = nn.Linear(8, 16)
+        self.down = nn.Linear(16, 8)
+
+    def forward(self, x):
+        return self.down(self.unheld[0](self.up(x), self.gate(x)) if self.unheld[0] is GLOBAL_GATE
+                         else self.up(self.unheld[0](x)))
+
+
+def test_a_module_the_model_does_not_hold_is_traced_through_and_its_channels_prune():
+    model = CallsAnUnheldModule(GLOBAL_GATE).eval()
+    x = torch.randn(2, 8)
+    pruned = fxprune.compile(model, 0.5, example_inputs=(x,), round_to=1)
+    assert pruned.meta["fxprune"]["verification"]["passed"]
+    assert pruned.down.in_features < 16    # the gated product is understood, not frozen as an opaque call
+
+
+def test_an_unheld_module_with_weights_is_refused_by_name():
+    model = CallsAnUnheldModule(GLOBAL_LINEAR).eval()
+    with pytest.raises(fxprune.UnsupportedModelError, match="Linear that is not a submodule"):
+        fxprune.compile(model, 0.5, example_inputs=(torch.randn(2, 8),))
