@@ -35,6 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import small_lm  # noqa: E402
 
 SEQ = small_lm.SEQ_LEN
+ACTIVATION_IMPORTANCES = {"wanda": fxprune.WandaImportance, "flap": fxprune.FluctuationImportance}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -42,6 +43,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--ratios", default="0.2,0.5", help="fractions of the non-embedding parameters to remove")
     parser.add_argument("--importances", default="l1,taylor,wanda,flap")
     parser.add_argument("--calibration", type=int, default=64, help="calibration sequences of 128 bytes")
+    parser.add_argument("--calibration-batches", type=int, default=32,
+                        help="of those, how many the activation importances and bias compensation read")
     parser.add_argument("--recovery-steps", type=int, default=40)
     parser.add_argument("--eval-bytes", type=int, default=100_000)
     parser.add_argument("--no-peer", action="store_true")
@@ -79,9 +82,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         for importance in args.importances.split(","):
             for compensation in (False, True):
                 start = time.perf_counter()
-                pruned = fxprune.compile(dense, fxprune.Budget(params=keep), example_inputs=example, importance=importance,
+                scorer = ACTIVATION_IMPORTANCES[importance](args.calibration_batches) \
+                    if importance in ACTIVATION_IMPORTANCES else importance
+                pruned = fxprune.compile(dense, fxprune.Budget(params=keep), example_inputs=example, importance=scorer,
                                          data=calibration, loss_fn=loss_fn, ignore=["*embed_tokens"],
-                                         bias_compensation=compensation)
+                                         bias_compensation=args.calibration_batches if compensation else False)
                 seconds = time.perf_counter() - start
                 model = to_huggingface(dense, pruned)
                 row = {"method": f"fxprune {importance}" + (" +bias comp." if compensation else ""), "ratio": ratio,

@@ -30,7 +30,7 @@ def compile(model: torch.nn.Module, budget: Union[float, Budget], *, example_inp
             round_to: Union[int, str] = "auto",
             min_channels: int = 1, verify: bool = True, allocation: Any = "global", keep_outputs: bool = True,
             leaf_modules: Sequence[Any] = (), data: Optional[Iterable[Any]] = None,
-            loss_fn: Optional[Callable] = None, bias_compensation: bool = False) -> torch.fx.GraphModule:
+            loss_fn: Optional[Callable] = None, bias_compensation: Union[bool, int] = False) -> torch.fx.GraphModule:
     """Prune `model` structurally to `budget` and return a new, smaller torch.fx.GraphModule.
 
     budget: fraction of the original FLOPs to keep, in (0, 1], or Budget(flops=..., params=...,
@@ -58,7 +58,8 @@ def compile(model: torch.nn.Module, budget: Union[float, Budget], *, example_inp
         need data ("taylor", "wanda", "flap"; default loss cross-entropy). Weight-based importances ignore them.
     bias_compensation: FLAP's recovery without retraining (needs data): every linear layer that loses
         inputs adds what they contributed on average over the calibration data to its bias (created
-        if absent); verification then compares against the masked original with those means.
+        if absent); verification then compares against the masked original with those means. True
+        measures the means on 32 calibration batches, an integer on that many.
 
     The model is never modified; the result is in eval mode and carries a report at
     `result.meta["fxprune"]`."""
@@ -80,7 +81,10 @@ def compile(model: torch.nn.Module, budget: Union[float, Budget], *, example_inp
                           f"\"uniform\"); {scorer.name if scorer.decides_widths else allocation!r} plans by FLOPs")
     source = copy.deepcopy(model) if scorer.trains_model else model          # training never touches the user's
     allocate, latency = Allocate(allocation_pass, budget, round_to, min_channels), budget.latency
-    rebuild = [Rewrite(), *([BiasCompensation(calibration)] if bias_compensation else [])]
+    compensation_batches = (32 if bias_compensation is True else
+                            _positive_int(bias_compensation, "bias_compensation (True or a number of batches)")
+                            if bias_compensation is not False else 0)
+    rebuild = [Rewrite(), *([BiasCompensation(calibration, compensation_batches)] if compensation_batches else [])]
     passes = [
         Trace(leaf_modules),                                                 # fx graph of a private copy, with shapes
         AnalyseChannels(ignore_names, keep_outputs),                         # which channels must go together

@@ -336,13 +336,13 @@ class BiasCompensation(CompilerPass):
 
     name, requires, produces, changes_graph = "bias_compensation", ("gm", "groups", "plan", "pruned"), ("pruned", "output_shifts"), True
 
-    def __init__(self, data: ImportanceData):
-        self.data = data
+    def __init__(self, data: ImportanceData, n_batches: int = 32):
+        self.data, self.n_batches = data, n_batches
 
     def run(self, state: CompileState) -> CompileState:
         from fxprune.passes.activation_importance import compensation_shifts
         kept_positions = state.groups.kept_lookup(state.plan.keep_unit)
-        shifts = compensation_shifts(state.gm, state.groups, kept_positions, self.data)
+        shifts = compensation_shifts(state.gm, state.groups, kept_positions, self.data, self.n_batches)
         applied = {}
         with torch.no_grad():
             for name, shift in shifts.items():

@@ -1,5 +1,6 @@
 """Width pruning of language models: activation importances (wanda, flap with bias compensation),
 and pruned Hugging Face models that generate, save and reload in a fresh process."""
+import functools
 import subprocess
 import sys
 import warnings
@@ -116,3 +117,15 @@ def test_bias_compensation_is_verified_with_the_rounding_the_float32_bias_got():
                              data=data, bias_compensation=True, round_to=1, ignore=["fc2"])
     assert pruned.meta["fxprune"]["verification"]["passed"]
     assert pruned.fc2.in_features < 16
+
+
+def test_bias_compensation_takes_a_number_of_calibration_batches():
+    x = torch.randn(4, 8)
+    data = [(torch.randn(4, 8) + 3.0 * k, torch.zeros(4, 1)) for k in range(4)]    # each batch a different mean
+    compile_with = functools.partial(fxprune.compile, _CancellingHead(), fxprune.Budget(params=0.6), example_inputs=(x,),
+                                     importance="flap", data=data, round_to=1, ignore=["fc2"])
+    first, every = compile_with(bias_compensation=1), compile_with(bias_compensation=4)
+    assert first.meta["fxprune"]["verification"]["passed"] and every.meta["fxprune"]["verification"]["passed"]
+    assert not torch.equal(first.fc2.bias, every.fc2.bias)     # the means of 1 and of 4 batches differ
+    with pytest.raises(fxprune.ConfigError, match="bias_compensation"):
+        compile_with(bias_compensation=0)
