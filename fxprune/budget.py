@@ -46,12 +46,15 @@ class Budget:
 
 MEASURES = ("flops", "params", "latency")
 
-# round_to="auto": a group moves in steps of up to AUTO_ALIGN channels (CPU/GPU kernels work on blocks of
-# 8 or 16), but never so coarsely that it has fewer than AUTO_MIN_CHOICES widths to choose from: a
-# 64-channel layer or wider moves 8 at a time, a 32-channel one 4, a 16-channel one 2, and a unit that is
-# already 8 channels wide (an attention head) 1 unit. 8 choices measured best of 4/8/16 on both ends:
-# MobileNetV2's latency (as round_to=8) and the CIFAR ResNet-20's accuracy (benchmarks/defaults_cifar.py).
+# round_to="auto": a group moves in steps of up to AUTO_ALIGN channels, but never so coarsely that it has
+# fewer than AUTO_MIN_CHOICES widths to choose from: a 32-channel group moves 4 at a time, a 16-channel one
+# 2, and a unit already 8 channels wide (an attention head) 1 unit. A group of WIDE_CHANNELS or more moves
+# WIDE_ALIGN at a time: onnxruntime's blocked convolutions work on 16 channels with AVX-512 (8 with AVX2), and
+# at half the FLOPs resnet50 in steps of 8 ran 8 % slower per FLOP than in steps of 16 on an AVX-512 CPU
+# (benchmarks/latency.py). 8 choices for narrow groups measured best of 4/8/16 for the CIFAR ResNet-20's
+# accuracy (benchmarks/defaults_cifar.py).
 AUTO_ALIGN, AUTO_MIN_CHOICES = 8, 8
+WIDE_CHANNELS, WIDE_ALIGN = 64, 16
 
 
 def auto_step(size: int, channels_per_unit: int = 1) -> int:
@@ -59,6 +62,8 @@ def auto_step(size: int, channels_per_unit: int = 1) -> int:
     step = 1
     while 2 * step * channels_per_unit <= AUTO_ALIGN and size / (2 * step) >= AUTO_MIN_CHOICES:
         step *= 2
+    if size * channels_per_unit >= WIDE_CHANNELS:
+        step = max(step, WIDE_ALIGN // channels_per_unit)
     return step
 LABELS = {"flops": "FLOPs", "params": "params", "latency": "latency"}
 

@@ -35,7 +35,7 @@ log = logging.getLogger("fxprune")
 
 # the grid of each layer dim, as fractions of its full width (then aligned: see width_grid)
 GRID_FRACTIONS = (0.125, 0.25, 0.5, 0.75, 1.0)
-MAX_EXACT_WIDTHS = 12   # a dim with at most this many round_to="auto" widths has all of them measured
+MAX_EXACT_WIDTHS = 8    # a dim with at most this many round_to="auto" widths has all of them measured
 
 
 @dataclass(frozen=True)

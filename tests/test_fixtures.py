@@ -204,8 +204,8 @@ def test_params_budget_and_both():
 
 
 def test_default_round_to_follows_each_groups_width():
-    """round_to="auto": wide groups move 8 channels at a time, narrow ones finely (>= 8 choices), and a
-    unit that spans 8 channels (a head) one unit at a time."""
+    """round_to="auto": groups of 64 channels or more move 16 at a time (AVX-512 kernels' blocks), narrow
+    ones finely (>= 8 choices), and a unit that spans 8 channels (a head) one unit at a time."""
     from fxprune.compiler import _analyse
     from fxprune.passes.allocation_common import group_round_to
 
@@ -213,14 +213,14 @@ def test_default_round_to_follows_each_groups_width():
                          nn.ReLU(), nn.Conv2d(16, 4, 1)).eval()
     _, groups = _analyse(wide, (example_input(),), set(), ())
     steps = {g.name: group_round_to(groups, g, "auto") for g in groups.groups}
-    assert steps == {"_0": 8, "_2": 8, "_4": 2, "_6": 1}
+    assert steps == {"_0": 16, "_2": 16, "_4": 2, "_6": 1}
     _, heads = _analyse(FIXTURES["HeadReshape"]().eval(), (example_input(),), set(), ())
     (qkv,) = [g for g in heads.groups if g.name == "qkv"]  # 3 heads of 8 channels: one head at a time
     assert group_round_to(heads, qkv, "auto") == 1
     pruned = fxprune.compile(wide, 0.5, example_inputs=(example_input(),))
     assert pruned.meta["fxprune"]["options"]["round_to"] == "auto"
     kept = {g["name"]: g["kept"] for g in pruned.meta["fxprune"]["groups"]}
-    assert kept["_0"] % 8 == 0 and kept["_2"] % 8 == 0 and kept["_4"] % 2 == 0 and kept["_0"] < 256
+    assert kept["_0"] % 16 == 0 and kept["_2"] % 16 == 0 and kept["_4"] % 2 == 0 and kept["_0"] < 256
 
 
 @pytest.mark.parametrize("allocation", ["global", "global_per_flop", "uniform"])

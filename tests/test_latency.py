@@ -97,7 +97,8 @@ def example():
 
 
 def test_width_grid_is_aligned_and_ends_at_full_width():
-    assert width_grid(128) == [16, 32, 64, 96, 128]
+    assert width_grid(256) == [32, 64, 128, 192, 256]
+    assert width_grid(128) == [16, 32, 48, 64, 80, 96, 112, 128]   # at most 8 auto widths: all of them
     assert width_grid(16) == [2, 4, 6, 8, 10, 12, 14, 16]   # narrow: every round_to="auto" width
     assert all(w % 8 == 0 for w in width_grid(200)) and width_grid(200)[-1] == 200
 
@@ -201,8 +202,9 @@ def test_torch_target_times_layers_and_models_and_caches_its_tables(tmp_path):
     target = TorchTarget("cpu", batch_size=2, layer_runs=3, model_runs=2, model_rounds=3, cache_dir=str(tmp_path))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        pruned = fxprune.compile(WideNet().eval(), fxprune.Budget(latency=0.6, target=target),
-                                 example_inputs=example(), verify=False)
+        # a loose budget: on a busy CPU small layers are dominated by per-call overhead
+        pruned = fxprune.compile(WideNet().eval(), fxprune.Budget(latency=0.95, target=target),
+                                 example_inputs=(torch.randn(1, 3, 32, 32),), verify=False)
     latency = pruned.meta["fxprune"]["latency"]
     assert latency["target"] == target.key and "torch" in target.key and "batch2" in target.key
     assert all(r["dense_ms"] > 0 and r["pruned_ms"] > 0 for r in latency["rounds"])
