@@ -66,6 +66,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     def ppl(model) -> float:
         return small_lm.perplexity(model, held, max_tokens=args.eval_bytes)
 
+    fidelity_inputs = torch.from_numpy(held[: 64 * SEQ].reshape(64, SEQ))
+    with torch.no_grad():
+        dense_logits = small_lm.logits_of(dense(fidelity_inputs, use_cache=False)).double()
+
+    def fidelity(model) -> dict:
+        """How far the pruned model's next-byte predictions are from the dense model's on the first 64
+        held-out windows: KL(dense || pruned) per token and the mean squared difference of the logits
+        (bias compensation lowers the second, the squared error it is built to shrink, not the first)."""
+        with torch.no_grad():
+            logits = small_lm.logits_of(model(fidelity_inputs, use_cache=False)).double()
+        kl = torch.nn.functional.kl_div(logits.log_softmax(-1), dense_logits.log_softmax(-1), log_target=True,
+                                        reduction="none").sum(-1).mean()
+        return {"kl_from_dense": kl.item(), "logit_mse": ((logits - dense_logits) ** 2).mean().item()}
+
     def loss_fn(output, target):
         logits = small_lm.logits_of(output)
         return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
@@ -90,7 +104,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 seconds = time.perf_counter() - start
                 model = to_huggingface(dense, pruned)
                 row = {"method": f"fxprune {importance}" + (" +bias comp." if compensation else ""), "ratio": ratio,
-                       "compile_seconds": seconds, **measure(model, ppl, recovery, embedding)}
+                       "compile_seconds": seconds, **fidelity(model),
+                       **measure(model, ppl, recovery, embedding)}
                 rows.append(row)
                 print(line(row), flush=True)
                 if ratio not in best or row["ppl"] < best[ratio][0]["ppl"]:
@@ -99,7 +114,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             target = best[ratio][0]["non_embedding_params"]
             model, tp_ratio = torch_pruning_llm(dense, calibration[0][0], target, embedding)
             row = {"method": "Torch-Pruning (its LLM example)", "ratio": ratio, "tp_pruning_ratio": tp_ratio,
-                   **measure(model, ppl, recovery, embedding)}
+                   **fidelity(model), **measure(model, ppl, recovery, embedding)}
             rows.append(row)
             print(line(row), flush=True)
             best[ratio] = best[ratio] + (model,)
@@ -190,7 +205,8 @@ def latency(dense, best, example) -> dict:
 def line(row: dict) -> str:
     recovered = f", after recovery {row['ppl_recovered']:.3f}" if "ppl_recovered" in row else ""
     return (f"{row['method']:<34s} remove {row['ratio']:.0%}: {row['non_embedding_params']} non-embedding params, "
-            f"perplexity {row['ppl']:.3f}{recovered}")
+            f"perplexity {row['ppl']:.3f}{recovered}; KL from dense {row['kl_from_dense']:.4f}, "
+            f"logit MSE {row['logit_mse']:.4f}")
 
 
 if __name__ == "__main__":
