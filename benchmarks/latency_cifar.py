@@ -78,7 +78,9 @@ def main() -> int:
     for name, model in (("latency budget", latency_model), ("FLOPs budget", flops_model)):
         report = model.meta["fxprune"]
         rows[name] = {"flops_ratio": report["flops"]["ratio"], "params_ratio": report["params"]["ratio"],
-                      "latency_ratio": timing["latency" if name.startswith("latency") else "flops"], "top1": []}
+                      "latency_ratio": timing["latency" if name.startswith("latency") else "flops"],
+                      "conv_widths": [m.out_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d)],
+                      "top1": []}
         for seed in map(int, args.seeds.split(",")):
             train = CIFAR10Loader("train", batch_size=128, shuffle=True, augment=True, seed=seed, path=args.data)
             config = FinetuneConfig(epochs=args.epochs, lr=args.lr, seed=seed, log_every=0)
