@@ -105,6 +105,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 model = to_huggingface(dense, pruned)
                 row = {"method": f"fxprune {importance}" + (" +bias comp." if compensation else ""), "ratio": ratio,
                        "compile_seconds": seconds, **fidelity(model),
+                       "removed_inputs_mean_share": pruned.meta["fxprune"].get("bias_compensation", {}).get(
+                           "removed_inputs_mean_share"),
                        **measure(model, ppl, recovery, embedding)}
                 rows.append(row)
                 print(line(row), flush=True)
@@ -206,7 +208,13 @@ def line(row: dict) -> str:
     recovered = f", after recovery {row['ppl_recovered']:.3f}" if "ppl_recovered" in row else ""
     return (f"{row['method']:<34s} remove {row['ratio']:.0%}: {row['non_embedding_params']} non-embedding params, "
             f"perplexity {row['ppl']:.3f}{recovered}; KL from dense {row['kl_from_dense']:.4f}, "
-            f"logit MSE {row['logit_mse']:.4f}")
+            f"logit MSE {row['logit_mse']:.4f}" + _mean_share(row))
+
+
+def _mean_share(row: dict) -> str:
+    """The compensated layers' range of 'share of the removed inputs' second moment that is their mean'."""
+    shares = list((row.get("removed_inputs_mean_share") or {}).values())
+    return f"; removed inputs' mean share {min(shares):.3f}-{max(shares):.3f}" if shares else ""
 
 
 if __name__ == "__main__":

@@ -342,7 +342,7 @@ class BiasCompensation(CompilerPass):
     def run(self, state: CompileState) -> CompileState:
         from fxprune.passes.activation_importance import compensation_shifts
         kept_positions = state.groups.kept_lookup(state.plan.keep_unit)
-        shifts = compensation_shifts(state.gm, state.groups, kept_positions, self.data, self.n_batches)
+        shifts, mean_share = compensation_shifts(state.gm, state.groups, kept_positions, self.data, self.n_batches)
         applied = {}
         with torch.no_grad():
             for name, shift in shifts.items():
@@ -360,7 +360,8 @@ class BiasCompensation(CompilerPass):
                 applied[layer] = shift.clone()
                 applied[layer][kept_rows] = module.bias.detach().double() - before
         return dataclasses.replace(state, output_shifts=applied, results=_add(
-            state.results, "bias_compensation", {"layers": sorted(applied)}))
+            state.results, "bias_compensation", {"layers": sorted(applied), "removed_inputs_mean_share": {
+                name.rpartition(".")[0]: share for name, share in mean_share.items()}}))
 
 
 class Verify(CompilerPass):

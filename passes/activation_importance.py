@@ -14,7 +14,7 @@ L1 so it still ranks. The model runs in eval mode; nothing is trained."""
 from __future__ import annotations
 
 import logging
-from typing import Dict
+from typing import Dict, Tuple
 
 import numpy as np
 import torch
@@ -137,14 +137,18 @@ class FluctuationImportance(_ActivationImportance):
 
 
 def compensation_shifts(gm: torch.fx.GraphModule, groups: ChannelGroups, keep_positions, data: ImportanceData,
-                        n_batches: int = 32) -> Dict[str, torch.Tensor]:
+                        n_batches: int = 32) -> Tuple[Dict[str, torch.Tensor], Dict[str, float]]:
     """FLAP's bias compensation, layer by layer as FLAP computes it: per linear layer that loses input
     features, W[:, removed] @ mean[removed] (float64, at the layer's original output width), the bias
     shift that keeps its output mean. Layers are taken in graph order, and each one's input means
     are measured with every earlier such layer already pruned (its removed inputs zeroed) and
     compensated: means from the dense model let every layer's error pile onto the next one's (a
     trained LM lost perplexity that way). A conv is left out: its zero padding would read zeros, not
-    means. Keys are weight names ("layer.weight")."""
+    means. Keys are weight names ("layer.weight").
+
+    Also returns, per layer, the share of the removed inputs' second moment that is their mean,
+    sum_j ||W_:j||^2 mean_j^2 / sum_j ||W_:j||^2 E[x_j^2] over removed j: the most a constant can restore
+    of what they carried (were the inputs uncorrelated). Near zero, compensation has little to give."""
     layers = {n: m for n, m in consumer_layers(gm, groups).items() if isinstance(m, torch.nn.Linear)}
     removed: Dict[str, torch.Tensor] = {}
     for name in layers:
@@ -155,6 +159,7 @@ def compensation_shifts(gm: torch.fx.GraphModule, groups: ChannelGroups, keep_po
     order = {node.target: i for i, node in enumerate(gm.graph.nodes) if node.op == "call_module"}
     pending = sorted(removed, key=lambda n: order.get(n.rpartition(".")[0], len(order)))
     shifts: Dict[str, torch.Tensor] = {}
+    mean_share: Dict[str, float] = {}
     hooks = []
     try:
         for name in pending:
@@ -162,13 +167,17 @@ def compensation_shifts(gm: torch.fx.GraphModule, groups: ChannelGroups, keep_po
             n = stats.collect(gm, data, n_batches)
             weight = layers[name].weight.detach().double()
             shifts[name] = weight[:, removed[name]] @ stats.mean(name)[removed[name]]
+            column_energy = (weight[:, removed[name]] ** 2).sum(0)
+            second_moment = (column_energy * stats.sumsq[name][removed[name]] / max(stats.n[name], 1.0)).sum()
+            mean_share[name] = float((column_energy * stats.mean(name)[removed[name]] ** 2).sum() /
+                                     second_moment.clamp_min(1e-300))
             hooks += _pruned_and_compensated(layers[name], removed[name], shifts[name])
         log.info("bias compensation: %d linear layers, each from %d calibration batches", len(shifts),
                  n if pending else 0)
     finally:
         for hook in hooks:
             hook.remove()
-    return shifts
+    return shifts, mean_share
 
 
 def _pruned_and_compensated(layer: torch.nn.Linear, removed: torch.Tensor, shift: torch.Tensor):

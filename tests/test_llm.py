@@ -129,3 +129,33 @@ def test_bias_compensation_takes_a_number_of_calibration_batches():
     assert not torch.equal(first.fc2.bias, every.fc2.bias)     # the means of 1 and of 4 batches differ
     with pytest.raises(fxprune.ConfigError, match="bias_compensation"):
         compile_with(bias_compensation=0)
+
+
+class _ConstantChannels(torch.nn.Module):
+    """fc1's first 8 outputs ignore the input (zero weight rows, bias 2): constant channels with a mean
+    and no fluctuation, the case FLAP's compensation restores exactly."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2 = torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)
+        with torch.no_grad():
+            self.fc1.weight[:8] = 0
+            self.fc1.bias[:8] = 2.0
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def test_bias_compensation_restores_constant_channels_exactly_and_reports_their_mean_share():
+    model = _ConstantChannels()
+    data = [(torch.randn(16, 8), torch.zeros(16, 4)) for _ in range(4)]
+    compile_with = functools.partial(fxprune.compile, model, fxprune.Budget(params=0.75), example_inputs=(data[0][0],),
+                                     importance="flap", data=data, round_to=1)
+    compensated, plain = compile_with(bias_compensation=True), compile_with()
+    assert compensated.fc2.in_features == plain.fc2.in_features <= 12    # flap removed the constant channels
+    share = compensated.meta["fxprune"]["bias_compensation"]["removed_inputs_mean_share"]["fc2"]
+    assert share == pytest.approx(1.0)          # all they carried was their mean
+    x = torch.randn(32, 8)                      # inputs compensation never saw
+    torch.testing.assert_close(compensated(x), model(x))
+    assert not torch.allclose(plain(x), model(x), atol=1e-3)
