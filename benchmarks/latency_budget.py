@@ -4,10 +4,11 @@ For every model, batch size and thread count: an OnnxRuntimeTarget at that batch
 count, `fxprune.compile(model, Budget(latency=B, target=...))` (its tables come from the disk cache
 when an earlier run measured them; the first build's time is recorded), then an independent check:
 the dense model, the latency-budget result and the FLOPs-budget result at the same B (defaults) are
-exported and timed interleaved in one onnxruntime process (fxprune.export.benchmark), three times with
-fresh sessions (a session's speed varies by several percent from one to the next; twice where one run
-takes seconds), and the median
-latency ratios are reported with their distance from the budget.
+exported and timed interleaved in one onnxruntime process (fxprune.export.benchmark), for about 1.5 s
+of the dense model each time, three times with fresh sessions (a session's speed varies by several
+percent from one to the next; twice where one run takes seconds, seven times where it takes under
+20 ms, whose sessions vary most), and the median latency ratios are reported with their distance from
+the budget.
 
     python benchmarks/latency_budget.py                                  # 3 models x b1,b32 x 1,2 threads
     python benchmarks/latency_budget.py --models resnet18 --batch-sizes 1 --threads 1
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import statistics
 import tempfile
@@ -50,10 +52,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--budget", type=float, default=0.5)
     parser.add_argument("--batch-sizes", default="1,32")
     parser.add_argument("--threads", default="1,2")
-    parser.add_argument("--check-runs", type=int, default=30, help="timed runs of the independent check")
+    parser.add_argument("--check-runs", type=int, default=None, help="timed runs of the independent check "
+                        "(default: about 1.5 s of the dense model, 30 to 300 runs)")
     parser.add_argument("--check-seconds", type=float, default=90.0, help="cap on the check's timed runs")
-    parser.add_argument("--check-repeats", type=int, default=3, help="independent checks (fresh onnxruntime "
-                        "sessions each; one fewer for runs of seconds each); the median ratio is reported")
+    parser.add_argument("--check-repeats", type=int, default=None, help="independent checks in fresh onnxruntime "
+                        "sessions, the median ratio reported (default 3; 2 for runs of seconds each; 7 for a dense "
+                        "run under 20 ms, where one fresh session differs from the next by up to 15 %% here)")
     parser.add_argument("--cache", help="latency table folder (default $FXPRUNE_CACHE or ~/.cache/fxprune)")
     parser.add_argument("--out", default="benchmarks/results/latency_budget.json")
     parser.add_argument("--append", action="store_true", help="add to the rows already in --out")
@@ -85,15 +89,18 @@ def run_one(name, model, flops_model, x, batch, threads, args) -> dict:
                              verify=False)
     seconds = time.perf_counter() - start
     report = pruned.meta["fxprune"]
+    dense_seconds = report["latency"]["rounds"][-1]["dense_ms"] / 1e3
+    runs = args.check_runs or min(300, max(30, math.ceil(1.5 / dense_seconds)))
+    repeats_wanted = args.check_repeats or (2 if big else 7 if dense_seconds < 0.02 else 3)
     with tempfile.TemporaryDirectory() as onnx_dir:
         check = benchmark_onnxruntime({"dense": model, "latency": pruned, "flops": flops_model}, (x,), name=name,
                                       batch_sizes=(batch,), threads=threads, warmup=2 if big else 5,
-                                      runs=args.check_runs, max_seconds=args.check_seconds, onnx_dir=onnx_dir)
+                                      runs=runs, max_seconds=args.check_seconds, onnx_dir=onnx_dir)
         repeats = [{row.name: row.latency[batch].median_ms for row in check.rows}]
         files = {key: os.path.join(onnx_dir, f"{key}.onnx") for key in repeats[0]}
-        for _ in range(args.check_repeats - (2 if big else 1)):   # fresh sessions vary more than runs in one
+        for _ in range(repeats_wanted - 1):   # fresh sessions vary more than runs in one
             stats = measure_latency(files, [list(x.shape)], batch_sizes=(batch,), threads=threads,
-                                    warmup=2 if big else 5, runs=args.check_runs, max_seconds=args.check_seconds)
+                                    warmup=2 if big else 5, runs=runs, max_seconds=args.check_seconds)
             repeats.append({key: stats[key][batch].median_ms for key in files})
     ratio = {key: statistics.median(r[key] / r["dense"] for r in repeats) for key in repeats[0]}
     ms = {key: statistics.median(r[key] for r in repeats) for key in repeats[0]}
