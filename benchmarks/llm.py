@@ -73,7 +73,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     def fidelity(model) -> dict:
         """How far the pruned model's next-byte predictions are from the dense model's on the first 64
         held-out windows: KL(dense || pruned) per token and the mean squared difference of the logits
-        (bias compensation lowers the second, the squared error it is built to shrink, not the first)."""
+        (the error bias compensation's mean shift is built to shrink, which need not move the first)."""
         with torch.no_grad():
             logits = small_lm.logits_of(model(fidelity_inputs, use_cache=False)).double()
         kl = torch.nn.functional.kl_div(logits.log_softmax(-1), dense_logits.log_softmax(-1), log_target=True,

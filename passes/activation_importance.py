@@ -80,8 +80,11 @@ class InputStatistics:
     def norm(self, name: str) -> torch.Tensor:
         return self.sumsq[name].sqrt()
 
+    def mean_square(self, name: str) -> torch.Tensor:
+        return self.sumsq[name] / max(self.n[name], 1.0)
+
     def variance(self, name: str) -> torch.Tensor:
-        return (self.sumsq[name] / max(self.n[name], 1.0) - self.mean(name) ** 2).clamp_min(0)
+        return (self.mean_square(name) - self.mean(name) ** 2).clamp_min(0)
 
 
 class _ActivationImportance(Importance):
@@ -165,12 +168,12 @@ def compensation_shifts(gm: torch.fx.GraphModule, groups: ChannelGroups, keep_po
         for name in pending:
             stats = InputStatistics({name: layers[name]})
             n = stats.collect(gm, data, n_batches)
-            weight = layers[name].weight.detach().double()
-            shifts[name] = weight[:, removed[name]] @ stats.mean(name)[removed[name]]
-            column_energy = (weight[:, removed[name]] ** 2).sum(0)
-            second_moment = (column_energy * stats.sumsq[name][removed[name]] / max(stats.n[name], 1.0)).sum()
-            mean_share[name] = float((column_energy * stats.mean(name)[removed[name]] ** 2).sum() /
-                                     second_moment.clamp_min(1e-300))
+            columns = layers[name].weight.detach().double()[:, removed[name]]
+            mean = stats.mean(name)[removed[name]]
+            shifts[name] = columns @ mean
+            column_energy = (columns ** 2).sum(0)
+            second_moment = (column_energy * stats.mean_square(name)[removed[name]]).sum()
+            mean_share[name] = float((column_energy * mean ** 2).sum() / second_moment.clamp_min(1e-300))
             hooks += _pruned_and_compensated(layers[name], removed[name], shifts[name])
         log.info("bias compensation: %d linear layers, each from %d calibration batches", len(shifts),
                  n if pending else 0)
