@@ -3,8 +3,8 @@
 Runs the traced graph once, on the meta device where every op has a meta kernel (falling back to real
 tensors otherwise), and records for every node a frozen `TensorSpec` (or a tuple of them) in
 `node.meta["fxprune.value"]`. Wrong example inputs fail here, with the node that could not run.
-Layers whose output shape the op registry knows (`meta_shape`) are not interpreted: on meta their
-kernels are Python decompositions that cost more than a conv."""
+Layers and ops whose output shape the op registry knows (`meta_shape`) are not interpreted: on meta
+their kernels are Python decompositions that cost more than a conv."""
 from __future__ import annotations
 
 from typing import Any, Optional, Tuple
@@ -29,7 +29,7 @@ class ShapePropagation(torch.fx.Interpreter):
 
     def run_node(self, n: torch.fx.Node) -> Any:
         self.failed_node = n
-        result = self.known_shape(n) if self.meta and n.op == "call_module" else None
+        result = self.known_shape(n) if self.meta and n.op in ("call_module", "call_function", "call_method") else None
         if result is None:
             result = super().run_node(n)
         n.meta[VALUE_KEY] = spec_of(result)

@@ -433,3 +433,43 @@ def test_attention_mask_with_a_bias_per_head_is_pruned_with_the_heads():
     kept_heads = len(modules["qkv"]["out"]) // 24 if "qkv" in modules else 3
     kept_biases = len(modules["bias"]["params"]["weight"]["1"]) if "bias" in modules else 3
     assert kept_biases == kept_heads
+
+
+@pytest.mark.parametrize("left, right", [
+    (torch.randn(2, 3, 4), torch.randn(3, 1)),                  # broadcasting, one dtype
+    (torch.randn(2, 3), 2),                                      # float tensor and int
+    (torch.randn(2, 3), 0.5),                                    # float tensor and float
+    (torch.arange(6).view(2, 3), 0.5),                           # int tensor and float: promotes
+    (torch.arange(6).view(2, 3), torch.randn(3)),                # int and float tensors: promotes
+    (torch.ones(2, 3, dtype=torch.bool), 1),                     # bool and int: promotes
+    (torch.randn(2, 3, dtype=torch.float64), torch.randn(3)),   # two float dtypes
+])
+@pytest.mark.parametrize("op", ["add", "mul", "sub_method"])
+def test_shape_propagation_of_arithmetic_matches_the_kernels(left, right, op):
+    """add/sub/mul have a shape rule that skips their meta kernels: it must give what the kernels give,
+    falling back to them wherever types promote."""
+    from fxprune.shape_prop import propagate_shapes
+    from fxprune.tracing import value_spec
+
+    class Arithmetic(nn.Module):
+        def __init__(self, other):
+            super().__init__()
+            self.other = other
+
+        def forward(self, x):
+            if op == "add":
+                return x + self.other
+            if op == "mul":
+                return torch.mul(x, self.other)
+            return x.sub(self.other)
+
+    if isinstance(right, torch.Tensor):
+        right = nn.Parameter(right, requires_grad=False) if right.is_floating_point() else right
+    model = Arithmetic(right)
+    if op == "sub_method" and left.dtype == torch.bool:
+        pytest.skip("torch refuses bool subtraction")
+    expected = model(left)
+    gm = torch.fx.symbolic_trace(model)
+    propagate_shapes(gm, (left,))
+    node = next(n for n in gm.graph.nodes if n.op in ("call_function", "call_method"))
+    assert value_spec(node).shape == tuple(expected.shape) and value_spec(node).dtype == expected.dtype

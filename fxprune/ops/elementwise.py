@@ -76,7 +76,27 @@ def elementwise(a, node: torch.fx.Node) -> Any:
     return ChannelMap(tuple(out))
 
 
-register(OpEntry("binary elementwise", elementwise, positionwise=True),
+_ARITHMETIC = {torch.add, torch.sub, torch.mul, operator.add, operator.sub, operator.mul, "add", "sub", "mul"}
+
+
+def broadcast_meta(node: torch.fx.Node, args: tuple, kwargs: dict) -> Any:
+    """meta_shape of out-of-place add/sub/mul over tensors of one dtype (and numbers that keep it):
+    the broadcast shape. Their meta kernels are Python decompositions that cost more than a conv
+    (every residual add of a ResNet); anything else (mixed dtypes, other ops) runs the kernel."""
+    if node.target not in _ARITHMETIC or len(args) != 2 or set(kwargs) - {"alpha"}:
+        return None
+    tensors = [x for x in args if isinstance(x, torch.Tensor)]
+    if not tensors or any(t.dtype != tensors[0].dtype or t.device.type != "meta" for t in tensors):
+        return None
+    dtype = tensors[0].dtype
+    numbers_keep_dtype = all(isinstance(x, torch.Tensor) or (type(x) is int and dtype != torch.bool) or
+                             (type(x) is float and dtype.is_floating_point) for x in (*args, *kwargs.values()))
+    if not numbers_keep_dtype:
+        return None
+    return torch.empty(torch.broadcast_shapes(*(t.shape for t in tensors)), dtype=dtype, device="meta")
+
+
+register(OpEntry("binary elementwise", elementwise, positionwise=True, meta_shape=broadcast_meta),
          functions=[torch.add, torch.sub, torch.mul, torch.div, torch.maximum, torch.minimum, torch.where, torch.pow,
                     torch.true_divide, torch.rsub, torch.fmod, torch.remainder, torch.floor_divide, torch.eq, torch.ne,
                     torch.lt, torch.le, torch.gt, torch.ge, torch.logical_and, torch.logical_or, torch.lerp,
@@ -112,7 +132,8 @@ def _positions(a, x: Any) -> tuple:
         else (None,) * len(value_spec(x) or ())
 
 
-register(OpEntry("Python operator", python_operator, accepts_channel_counts=True, positionwise=True),
+register(OpEntry("Python operator", python_operator, accepts_channel_counts=True, positionwise=True,
+                 meta_shape=broadcast_meta),
          functions=[operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv, operator.mod,
                     operator.pow, operator.neg, operator.pos, operator.invert, operator.eq, operator.ne, operator.lt,
                     operator.le, operator.gt, operator.ge, operator.and_, operator.or_, operator.xor, operator.iadd,
