@@ -50,10 +50,12 @@ def module_slices(groups: ChannelGroups, keep: np.ndarray) -> Dict[str, Any]:
     `out`/`in` (dims 0 and 1 of its weight) for the common case."""
     modules: Dict[str, Any] = {}
     kept_positions = groups.kept_lookup(keep)
+    # one list per channel array: a conv's output channels are also its BN's four parameters' channels
+    kept_list = once_per_array(lambda elements: kept_positions(elements).tolist())
     for name, dims in sorted(groups.param_slices.items()):
         module, _, local = name.rpartition(".")
         entry = modules.setdefault(module, {"params": {}})
-        kept = {int(d): kept_positions(e).tolist() for d, e in dims.items()}
+        kept = {int(d): kept_list(e) for d, e in dims.items()}
         if all(len(v) == len(dims[d]) for d, v in kept.items()):
             continue
         entry["params"][local] = {str(d): v for d, v in kept.items()}
