@@ -231,11 +231,18 @@ class Allocate(CompilerPass):
 
     def run(self, state: CompileState) -> CompileState:
         _check_budget_measurable(state.groups, state.cost, self.budget)
-        if hasattr(self.allocation, "bind"):  # a search also needs the graph, to build its candidates
-            bound = self.allocation.bind(self.budget, self.round_to, self.min_channels, state.gm)
-        else:
-            bound = self.allocation(self.budget, self.round_to, self.min_channels)
-        plan = bound.run(state.groups, state.cost, state.scores)
+        bound = self._bind(self.round_to, state.gm)
+        try:
+            plan = bound.run(state.groups, state.cost, state.scores)
+        except BudgetError as exc:
+            if self.round_to != "auto":
+                raise
+            # "auto" steps are a preference for aligned widths; when they cannot reach the budget
+            # (a group whose smallest aligned width is still too costly), one-channel steps may
+            log.warning("fxprune: round_to=\"auto\" cannot meet the budget (%s); allocating in one-channel "
+                        "steps (round_to=1)", str(exc).splitlines()[0])
+            bound = self._bind(1, state.gm)
+            plan = bound.run(state.groups, state.cost, state.scores)
         missed = _missed(plan, state.cost, self.budget)
         if missed:  # the allocation passes guarantee the budget: this is a bug, never a silent miss
             raise BudgetError(f"fxprune internal error: the allocation returned a plan that keeps {', '.join(missed)}; "
@@ -244,6 +251,12 @@ class Allocate(CompilerPass):
         if getattr(bound, "result", None) is not None:  # a search: every sample it measured, rho*, the best
             results = _add(results, "search", bound.result.as_dict())
         return dataclasses.replace(state, plan=plan, results=results)
+
+
+    def _bind(self, round_to: Any, gm: torch.fx.GraphModule) -> Any:
+        if hasattr(self.allocation, "bind"):  # a search also needs the graph, to build its candidates
+            return self.allocation.bind(self.budget, round_to, self.min_channels, gm)
+        return self.allocation(self.budget, round_to, self.min_channels)
 
 
 class PlanFromReport(CompilerPass):

@@ -313,3 +313,21 @@ def test_cost_tracker_equals_full_evaluation(name):
         keep = trial
         assert np.array_equal(tracker.keep, keep)
         assert tracker.values == pytest.approx(expected, rel=1e-12)
+
+
+def test_auto_steps_fall_back_to_one_channel_when_they_cannot_meet_the_budget(caplog):
+    """Two 64-channel groups move 16 at a time under round_to="auto", so they cannot go below 16 channels
+    (9% of the FLOPs here); a 5% budget needs finer steps. "auto" is a preference, not a limit: compile
+    falls back to one-channel steps and says so. round_to=16 asked for explicitly still refuses."""
+    import logging
+
+    model = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(64, 10, 3, padding=1)).eval()
+    with caplog.at_level(logging.WARNING, logger="fxprune"):
+        pruned = fxprune.compile(model, 0.05, example_inputs=(example_input(),))
+    assert pruned.meta["fxprune"]["flops"]["ratio"] <= 0.05
+    kept = sorted(g["kept"] for g in pruned.meta["fxprune"]["groups"] if g["size"] == 64)
+    assert kept[0] < 16
+    assert any("one-channel steps" in r.getMessage() for r in caplog.records)
+    with pytest.raises(fxprune.BudgetError):
+        fxprune.compile(model, 0.05, example_inputs=(example_input(),), round_to=16)
