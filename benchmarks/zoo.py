@@ -21,7 +21,8 @@ Torch-Pruning (same architecture and weights, on its own deep copy)
 
 speed ratio = Torch-Pruning seconds / fxprune compile seconds (verify=False), each the median of
 --repeat timed runs taken alternately (fxprune, Torch-Pruning, fxprune, ...) so that machine noise
-falls on both alike: above 1 means fxprune is faster.
+falls on both alike, each after collecting the garbage of the one before (untimed): above 1 means
+fxprune is faster.
 
 Run from the repository root:
 
@@ -210,17 +211,23 @@ def run_torch_pruning(model: torch.nn.Module, x: torch.Tensor, target: float) ->
 def time_side_by_side(row: Dict[str, Any], model: torch.nn.Module, tp_model: torch.nn.Module, x: torch.Tensor,
                       budget: float, repeat: int) -> None:
     """Timed runs of both tools, alternating (fxprune, Torch-Pruning, fxprune, ...) so that machine
-    noise falls on both alike; each tool's median goes into its result."""
+    noise falls on both alike; each tool's median goes into its result. The garbage of the run before
+    (the other tool's objects and cycles) is collected before each run, untimed, as timeit does:
+    otherwise one tool's run pays for collecting the other's."""
     fx, tpr = row["fxprune"], row["torch_pruning"]
     fx_runs, tp_runs = [], []
     for _ in range(repeat):
         if fx.get("ok"):
+            gc.collect()
             with torch.no_grad():
                 start = time.perf_counter()
-                fxprune.compile(model, budget, example_inputs=(x,), verify=False)
+                pruned = fxprune.compile(model, budget, example_inputs=(x,), verify=False)
                 fx_runs.append(time.perf_counter() - start)
+            del pruned                     # freed untimed, as Torch-Pruning's model is
         if tpr.get("ok"):
-            tp_runs.append(tp_prune(copy.deepcopy(tp_model), x, tpr["pruning_ratio"])[1])
+            fresh = copy.deepcopy(tp_model)
+            gc.collect()
+            tp_runs.append(tp_prune(fresh, x, tpr["pruning_ratio"])[1])
     if fx_runs:
         fx.update(seconds=statistics.median(fx_runs), seconds_runs=fx_runs)
     if tp_runs:
