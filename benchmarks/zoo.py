@@ -221,9 +221,9 @@ def time_side_by_side(row: Dict[str, Any], model: torch.nn.Module, tp_model: tor
             gc.collect()
             with torch.no_grad():
                 start = time.perf_counter()
-                pruned = fxprune.compile(model, budget, example_inputs=(x,), verify=False)
+                results = [fxprune.compile(model, budget, example_inputs=(x,), verify=False)]
                 fx_runs.append(time.perf_counter() - start)
-            del pruned                     # freed untimed, as Torch-Pruning's model is
+            results.clear()                # the pruned model is freed untimed, as Torch-Pruning's is
         if tpr.get("ok"):
             fresh = copy.deepcopy(tp_model)
             gc.collect()
