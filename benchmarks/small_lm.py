@@ -4,6 +4,7 @@ to 0 mod 10 are held out as the test set.
 
     python benchmarks/small_lm.py                      # train (about 35 minutes on one core) and cache
     python benchmarks/small_lm.py --steps 100          # a shorter run
+    python benchmarks/small_lm.py --arch opt           # the OPT-style sibling (ReLU MLP, LayerNorm, biases)
 
 `load_or_train()` is what benchmarks/llm.py calls: the checkpoint is cached under
 $FXPRUNE_CACHE/small_lm (default ~/.cache/fxprune/small_lm), never committed."""
@@ -25,6 +26,13 @@ CONFIG = dict(vocab_size=256, hidden_size=256, intermediate_size=704, num_hidden
               num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256,
               rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=None, eos_token_id=None,
               pad_token_id=None, attn_implementation="sdpa")
+# An OPT-style sibling of about the same size: an ungated ReLU MLP (its down projection reads
+# non-negative inputs with large means, unlike the gated SiLU MLP above), LayerNorm and biases.
+OPT_CONFIG = dict(vocab_size=256, hidden_size=256, ffn_dim=1024, num_hidden_layers=4, num_attention_heads=8,
+                  max_position_embeddings=256, word_embed_proj_dim=256, activation_function="relu", dropout=0.0,
+                  attention_dropout=0.0, pad_token_id=None, bos_token_id=None, eos_token_id=None,
+                  tie_word_embeddings=True, attn_implementation="sdpa")
+ARCHS = {"llama": CONFIG, "opt": OPT_CONFIG}
 SEQ_LEN = 128
 
 
@@ -56,12 +64,14 @@ def tokens_of(files: List[str]) -> np.ndarray:
     return np.frombuffer(b"".join(chunks), dtype=np.uint8).astype(np.int64)
 
 
-def build_model(seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def build_model(seed: int = 0, arch: str = "llama"):
+    from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
     torch.manual_seed(seed)
-    config = LlamaConfig(**{k: v for k, v in CONFIG.items() if k != "attn_implementation"})
-    config._attn_implementation = CONFIG["attn_implementation"]
-    return LlamaForCausalLM(config)
+    config_class, model_class = {"llama": (LlamaConfig, LlamaForCausalLM), "opt": (OPTConfig, OPTForCausalLM)}[arch]
+    settings = ARCHS[arch]
+    config = config_class(**{k: v for k, v in settings.items() if k != "attn_implementation"})
+    config._attn_implementation = settings["attn_implementation"]
+    return model_class(config)
 
 
 def batches(data: np.ndarray, batch: int, seq_len: int, rng: np.random.Generator):
@@ -98,13 +108,13 @@ def logits_of(output):
 
 
 def train(steps: int = 900, batch: int = 16, lr: float = 2e-3, seed: int = 0, log_every: int = 50,
-          threads: int = 1):
+          threads: int = 1, arch: str = "llama"):
     """AdamW with a 100-step warm-up and a cosine decay over `steps` steps of batch x SEQ_LEN bytes, on
     one thread (a fixed number of steps: the result does not depend on how busy the machine is)."""
     torch.set_num_threads(threads)
     train_files, held_files = stdlib_files()
     data, held = tokens_of(train_files), tokens_of(held_files)
-    model = build_model(seed)
+    model = build_model(seed, arch)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.95))
     rng = np.random.default_rng(seed)
     start, step = time.time(), 0
@@ -124,22 +134,22 @@ def train(steps: int = 900, batch: int = 16, lr: float = 2e-3, seed: int = 0, lo
         if step == steps:
             break
     model.eval()
-    return model, {"steps": step, "seconds": time.time() - start, "train_bytes": int(len(data)),
+    return model, {"arch": arch, "steps": step, "seconds": time.time() - start, "train_bytes": int(len(data)),
                    "held_out_bytes": int(len(held)), "batch": batch, "seq_len": SEQ_LEN, "lr": lr,
                    "held_out_perplexity": perplexity(model, held)}
 
 
-def load_or_train(steps: int = 900, path: Optional[str] = None):
+def load_or_train(steps: int = 900, path: Optional[str] = None, arch: str = "llama"):
     """The trained small LM and its record, trained on first use and cached."""
-    path = path or os.path.join(cache_dir(), "small_lm.pt")
+    path = path or os.path.join(cache_dir(), "small_lm.pt" if arch == "llama" else f"small_lm_{arch}.pt")
     if os.path.exists(path):
         stored = torch.load(path, weights_only=False)
-        model = build_model()
+        model = build_model(arch=arch)
         model.load_state_dict(stored["state_dict"])
         return model.eval(), stored["record"]
-    model, record = train(steps)
+    model, record = train(steps, arch=arch)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    torch.save({"state_dict": model.state_dict(), "record": record, "config": CONFIG}, path)
+    torch.save({"state_dict": model.state_dict(), "record": record, "config": ARCHS[arch]}, path)
     return model, record
 
 
@@ -147,10 +157,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=900)
     parser.add_argument("--out", default=None, help="checkpoint path (default: the cache)")
+    parser.add_argument("--arch", default="llama", choices=sorted(ARCHS))
     args = parser.parse_args()
     train_files, held_files = stdlib_files()
     print(f"{len(train_files)} training files, {len(held_files)} held out")
-    model, record = load_or_train(args.steps, args.out)
+    model, record = load_or_train(args.steps, args.out, args.arch)
     print(json.dumps(record, indent=1))
     return 0
 
