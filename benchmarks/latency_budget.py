@@ -32,7 +32,7 @@ import torch
 import torchvision
 
 import fxprune
-from fxprune.export.benchmark import benchmark_onnxruntime, measure_latency
+from fxprune.export.benchmark import benchmark_onnxruntime, session_medians
 from fxprune.export.latency_target import OnnxRuntimeTarget
 
 
@@ -98,10 +98,8 @@ def run_one(name, model, flops_model, x, batch, threads, args) -> dict:
                                       runs=runs, max_seconds=args.check_seconds, onnx_dir=onnx_dir)
         repeats = [{row.name: row.latency[batch].median_ms for row in check.rows}]
         files = {key: os.path.join(onnx_dir, f"{key}.onnx") for key in repeats[0]}
-        for _ in range(repeats_wanted - 1):   # fresh sessions vary more than runs in one
-            stats = measure_latency(files, [list(x.shape)], batch_sizes=(batch,), threads=threads,
-                                    warmup=2 if big else 5, runs=runs, max_seconds=args.check_seconds)
-            repeats.append({key: stats[key][batch].median_ms for key in files})
+        repeats += session_medians(files, [list(x.shape)], batch_size=batch, sessions=repeats_wanted - 1,
+                                   threads=threads, warmup=2 if big else 5, runs=runs, max_seconds=args.check_seconds)
     ratio = {key: statistics.median(r[key] / r["dense"] for r in repeats) for key in repeats[0]}
     ms = {key: statistics.median(r[key] for r in repeats) for key in repeats[0]}
     latency = report["latency"]

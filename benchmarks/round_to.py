@@ -22,7 +22,7 @@ import torch
 import torchvision
 
 import fxprune
-from fxprune.export.benchmark import measure_latency
+from fxprune.export.benchmark import session_medians
 from fxprune.export.onnx_export import export_onnx
 
 
@@ -48,12 +48,12 @@ def main(argv: Optional[List[str]] = None) -> int:
                                                                         verify=False) for r in choices}}
         with tempfile.TemporaryDirectory() as folder:
             files = {k: export_onnx(m, (x,), os.path.join(folder, f"{i}.onnx")) for i, (k, m) in enumerate(models.items())}
-            timings = [measure_latency(files, [list(x.shape)], batch_sizes=(args.batch,), threads=args.threads,
-                                       runs=args.runs) for _ in range(args.repeats)]
+            timings = session_medians(files, [list(x.shape)], batch_size=args.batch, sessions=args.repeats,
+                                      threads=args.threads, runs=args.runs)
         for key, pruned in models.items():
             if key == "dense":
                 continue
-            ratio = statistics.median(t[key][args.batch].median_ms / t["dense"][args.batch].median_ms for t in timings)
+            ratio = statistics.median(t[key] / t["dense"] for t in timings)
             flops = pruned.meta["fxprune"]["flops"]["ratio"]
             rows.append({"model": name, "round_to": key.split("=")[1], "flops_ratio": flops, "latency_ratio": ratio,
                          "latency_per_flop": ratio / flops, "batch": args.batch, "threads": args.threads})

@@ -89,6 +89,18 @@ def measure_latency(onnx_files: Dict[str, str], input_shapes: Sequence[Sequence[
     return result
 
 
+def session_medians(onnx_files: Dict[str, str], input_shapes: Sequence[Sequence[int]], *, batch_size: int,
+                    sessions: int, **options) -> List[Dict[str, float]]:
+    """Each model's median milliseconds at batch_size, in `sessions` fresh sets of onnxruntime sessions
+    (measure_latency each time; options go to it). One session's speed differs from the next by more
+    than runs within one differ, so a figure worth comparing is a median over several of these."""
+    medians = []
+    for _ in range(sessions):
+        stats = measure_latency(onnx_files, input_shapes, batch_sizes=(batch_size,), **options)
+        medians.append({name: stats[name][batch_size].median_ms for name in onnx_files})
+    return medians
+
+
 def _random_feed(onnx_type: str, shape, rng: np.random.Generator) -> np.ndarray:
     """Random floats for a float input; zeros for an integer one (token ids, indices: zero is always a
     valid index, and latency does not depend on which one)."""

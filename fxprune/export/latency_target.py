@@ -152,17 +152,13 @@ class OnnxRuntimeTarget(_CachedLayerTimes):
         """Seconds of each model at the target's batch size, timed interleaved in model_sessions fresh
         sets of sessions: the median over sessions of each session's median (each model is exported to
         ONNX once per target object)."""
-        from .benchmark import measure_latency
+        from .benchmark import session_medians
         files = {name: self._onnx_file(model, example_inputs) for name, model in models.items()}
-        shapes = [list(t.shape) for t in example_inputs]
-        per_session = []
-        for _ in range(self.model_sessions):
-            stats = measure_latency(files, shapes, batch_sizes=(self.batch_size,), threads=self.threads,
-                                    warmup=self.model_warmup, runs=self.model_runs,
-                                    max_seconds=self.model_max_seconds / self.model_sessions,
-                                    min_seconds=self.model_min_seconds / self.model_sessions)
-            per_session.append({name: stats[name][self.batch_size].median_ms / 1e3 for name in models})
-        return {name: float(np.median([s[name] for s in per_session])) for name in models}
+        per_session = session_medians(files, [list(t.shape) for t in example_inputs], batch_size=self.batch_size,
+                                      sessions=self.model_sessions, threads=self.threads, warmup=self.model_warmup,
+                                      runs=self.model_runs, max_seconds=self.model_max_seconds / self.model_sessions,
+                                      min_seconds=self.model_min_seconds / self.model_sessions)
+        return {name: float(np.median([s[name] for s in per_session])) / 1e3 for name in models}
 
     def _onnx_file(self, model: torch.nn.Module, example_inputs) -> str:
         if id(model) not in self._exported:
