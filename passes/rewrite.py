@@ -104,6 +104,9 @@ class PruneRewrite(PassBase):
                 cuts = [(dim, torch.as_tensor(idx, device=tensor.device)) for dim, idx in
                         ((dim, self.kept(elements)) for dim, elements in sorted(dims.items()))
                         if len(idx) != tensor.shape[dim]]
+                if _gathers_kernels(tensor, cuts):
+                    out[name] = _gather_kernels(tensor, cuts[0][1], cuts[1][1])
+                    continue
                 for i, (dim, idx) in enumerate(cuts):  # rows first: gathering columns of fewer rows is cheaper
                     if i + 1 < len(cuts):  # an intermediate: gathered into reused memory
                         shape = tensor.shape[:dim] + (len(idx),) + tensor.shape[dim + 1:]
@@ -122,6 +125,23 @@ class PruneRewrite(PassBase):
             if first_name[id(original)] in new:
                 new[name] = new[first_name[id(original)]]
         return new
+
+
+# A conv weight cut on both channel dims is gathered in one pass, kernel by kernel, when its kernels are
+# big enough for that to beat two index_selects (3x3 and up: 512x512x3x3 at 70% kept, 1.7 against 3.2 ms).
+_KERNEL_GATHER_MIN_KERNEL, _KERNEL_GATHER_MIN_NUMEL = 4, 1 << 16
+
+
+def _gathers_kernels(tensor: torch.Tensor, cuts) -> bool:
+    return (len(cuts) == 2 and cuts[0][0] == 0 and cuts[1][0] == 1 and tensor.ndim > 2 and tensor.is_contiguous()
+            and tensor[0, 0].numel() >= _KERNEL_GATHER_MIN_KERNEL and tensor.numel() >= _KERNEL_GATHER_MIN_NUMEL)
+
+
+def _gather_kernels(tensor: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """tensor[rows][:, columns] for a contiguous [O, I, *kernel] tensor, as one gather of whole kernels."""
+    n_out, n_in = tensor.shape[:2]
+    flat = (rows[:, None] * n_in + columns[None, :]).reshape(-1)
+    return tensor.reshape(n_out * n_in, -1).index_select(0, flat).view(len(rows), len(columns), *tensor.shape[2:])
 
 
 def _copy_tensor(t: Any, copies: Dict[int, Any]) -> Any:

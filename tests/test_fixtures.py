@@ -331,3 +331,15 @@ def test_auto_steps_fall_back_to_one_channel_when_they_cannot_meet_the_budget(ca
     assert any("one-channel steps" in r.getMessage() for r in caplog.records)
     with pytest.raises(fxprune.BudgetError):
         fxprune.compile(model, 0.05, example_inputs=(example_input(),), round_to=16)
+
+
+def test_kernel_gather_equals_two_index_selects():
+    """The rewrite's one-pass gather of a conv weight cut on both channel dims (big kernels) is the
+    two index_selects it replaces, and big enough 3x3 weights take it."""
+    from fxprune.passes.rewrite import _gather_kernels, _gathers_kernels
+
+    weight = torch.randn(96, 80, 3, 3)
+    rows, columns = torch.tensor([0, 5, 7, 95]), torch.tensor([1, 2, 40, 79])
+    assert _gathers_kernels(weight, [(0, rows), (1, columns)])
+    assert not _gathers_kernels(weight[:, :, :1, :1].contiguous(), [(0, rows), (1, columns)])  # 1x1: two passes
+    assert torch.equal(_gather_kernels(weight, rows, columns), weight.index_select(0, rows).index_select(1, columns))
