@@ -252,7 +252,6 @@ class Allocate(CompilerPass):
             results = _add(results, "search", bound.result.as_dict())
         return dataclasses.replace(state, plan=plan, results=results)
 
-
     def _bind(self, round_to: Any, gm: torch.fx.GraphModule) -> Any:
         if hasattr(self.allocation, "bind"):  # a search also needs the graph, to build its candidates
             return self.allocation.bind(self.budget, round_to, self.min_channels, gm)
