@@ -89,7 +89,9 @@ def broadcast_meta(node: torch.fx.Node, args: tuple, kwargs: dict) -> Any:
     if not tensors or any(t.dtype != tensors[0].dtype or t.device.type != "meta" for t in tensors):
         return None
     dtype = tensors[0].dtype
-    numbers_keep_dtype = all(isinstance(x, torch.Tensor) or (type(x) is int and dtype != torch.bool) or
+    if dtype == torch.bool:         # bool arithmetic promotes or refuses (bool - bool): the kernel decides
+        return None
+    numbers_keep_dtype = all(isinstance(x, torch.Tensor) or type(x) is int or
                              (type(x) is float and dtype.is_floating_point) for x in (*args, *kwargs.values()))
     if not numbers_keep_dtype:
         return None
