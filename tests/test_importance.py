@@ -144,3 +144,22 @@ def test_every_criterion_compiles_verified(name):
 
 def test_importance_names_lists_every_builtin():
     assert {"l1", "l2", "bn", "taylor", "fpgm", "random"} <= set(fxprune.importance_names())
+
+
+@pytest.mark.parametrize("shape", [(7,), (6, 5), (8, 4, 3, 3), (8, 1, 3, 3), (5, 6, 1, 1), (4, 3, 2, 5, 2), (1, 9, 2)])
+def test_position_sums_are_the_sums_over_every_other_dim(shape):
+    from fxprune.passes.importance_common import position_sums
+    torch.manual_seed(0)
+    tensor = torch.randn(shape)
+    elements = {dim: np.arange(size) for dim, size in enumerate(shape)}
+    for (dim, want), (got_elements, got) in zip(elements.items(), position_sums(tensor, elements)):
+        other = [d for d in range(len(shape)) if d != dim]
+        reference = tensor.double().sum(dim=other) if other else tensor.double()
+        assert got_elements is want
+        assert got.shape == (shape[dim],)
+        np.testing.assert_allclose(got, reference.numpy(), rtol=1e-5, atol=1e-5)
+    # a transposed (non-contiguous) tensor sums the same
+    t = tensor.transpose(0, -1)
+    dims = {0: np.arange(t.shape[0])}
+    np.testing.assert_allclose(next(position_sums(t, dims))[1], t.double().sum(dim=list(range(1, t.ndim))).numpy()
+                               if t.ndim > 1 else t.double().numpy(), rtol=1e-5, atol=1e-5)
