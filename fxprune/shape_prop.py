@@ -14,7 +14,6 @@ import torch.fx
 
 from .errors import ExampleInputsError, describe_node
 from .ops import REGISTRY
-from .ops.registry import same_as_input
 from .tracing import VALUE_KEY, _structural_copy, spec_of, torch_layer_type
 
 
@@ -40,13 +39,13 @@ class ShapePropagation(torch.fx.Interpreter):
         if entry is None or entry.meta_shape is None:
             return None
         args, kwargs = self.fetch_args_kwargs_from_env(n)
-        return entry.meta_shape(n, args, kwargs)
+        return entry.meta_shape(n, args, kwargs, self.submodules[n.target] if n.op == "call_module" else None)
 
 
 def _needs_no_weights(module: torch.nn.Module) -> bool:
     """Layers whose output is their input's shape: shape propagation never runs them."""
     entry = REGISTRY.for_module_type(type(module)) if torch_layer_type(module) is not None else None
-    return entry is not None and entry.meta_shape is same_as_input
+    return entry is not None and entry.meta_shape_without_weights
 
 
 def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Tuple[Any, ...]) -> Any:

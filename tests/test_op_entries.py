@@ -471,10 +471,52 @@ def test_shape_propagation_of_arithmetic_matches_the_kernels(left, right, op):
         from fxprune.ops.elementwise import broadcast_meta
         node = next(n for n in torch.fx.symbolic_trace(model).graph.nodes if n.op == "call_method")
         meta = lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t
-        assert broadcast_meta(node, (meta(left), meta(right)), {}) is None
+        assert broadcast_meta(node, (meta(left), meta(right)), {}, None) is None
         return
     expected = model(left)
     gm = torch.fx.symbolic_trace(model)
     propagate_shapes(gm, (left,))
     node = next(n for n in gm.graph.nodes if n.op in ("call_function", "call_method"))
     assert value_spec(node).shape == tuple(expected.shape) and value_spec(node).dtype == expected.dtype
+
+
+@pytest.mark.parametrize("layer, x", [
+    (nn.Conv2d(4, 6, 3), torch.randn(2, 4, 9, 7)),
+    (nn.Conv2d(4, 6, (3, 2), stride=(2, 3), padding=(1, 2), dilation=(2, 1)), torch.randn(1, 4, 11, 10)),
+    (nn.Conv2d(4, 8, 3, padding="same", dilation=2, groups=4, padding_mode="reflect"), torch.randn(1, 4, 8, 8)),
+    (nn.Conv2d(4, 6, 4, padding="same"), torch.randn(1, 4, 7, 6)),           # even kernel: asymmetric padding
+    (nn.Conv2d(4, 6, 3, padding="valid", stride=2), torch.randn(3, 4, 8, 9)),
+    (nn.Conv2d(4, 6, 3, padding=1, padding_mode="circular"), torch.randn(4, 5, 5)),  # unbatched
+    (nn.Conv1d(3, 5, 5, stride=3, padding=2), torch.randn(2, 3, 17)),
+    (nn.Conv3d(2, 4, (1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1)), torch.randn(1, 2, 3, 9, 8)),
+    (nn.Conv2d(4, 6, 3).double(), torch.randn(1, 4, 6, 6, dtype=torch.float64)),
+    (nn.Linear(5, 3), torch.randn(2, 7, 5)),
+    (nn.Linear(5, 3, bias=False), torch.randn(5)),
+])
+def test_shape_propagation_of_conv_and_linear_matches_the_layers(layer, x):
+    """Conv and Linear modules have a shape rule that skips their meta kernels and meta weights: it
+    must give what the layer gives."""
+    from fxprune.ops import REGISTRY
+    from fxprune.shape_prop import propagate_shapes
+    from fxprune.tracing import value_spec
+    expected = layer(x)
+    gm = torch.fx.symbolic_trace(nn.Sequential(layer))
+    node = next(n for n in gm.graph.nodes if n.op == "call_module")
+    ruled = REGISTRY.for_module_type(type(layer)).meta_shape(node, (x.to("meta"),), {}, layer)
+    assert ruled is not None and ruled.shape == expected.shape and ruled.dtype == expected.dtype
+    propagate_shapes(gm, (x,))
+    assert value_spec(node).shape == tuple(expected.shape) and value_spec(node).dtype == expected.dtype
+
+
+@pytest.mark.parametrize("layer, x", [
+    (nn.Conv2d(4, 6, 3), torch.randn(1, 5, 9, 9)),       # wrong channel count
+    (nn.Conv2d(4, 6, 5), torch.randn(1, 4, 3, 3)),       # smaller than the kernel
+    (nn.Conv2d(4, 6, 3), torch.randn(1, 4, 6, 6, dtype=torch.float64)),  # dtype of the input, not the weight
+    (nn.Linear(5, 3), torch.randn(2, 4)),
+])
+def test_shape_rules_of_conv_and_linear_leave_wrong_inputs_to_the_layer(layer, x):
+    from fxprune.errors import ExampleInputsError
+    from fxprune.shape_prop import propagate_shapes
+    gm = torch.fx.symbolic_trace(nn.Sequential(layer))
+    with pytest.raises(ExampleInputsError, match="%_0"):
+        propagate_shapes(gm, (x,))

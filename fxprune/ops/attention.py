@@ -112,7 +112,7 @@ def _resize_multihead_attention(module, rw, node) -> None:
     module.out_proj.in_features = module.out_proj.out_features = e
 
 
-def _multihead_attention_meta(node: torch.fx.Node, args: tuple, kwargs: dict) -> Any:
+def _multihead_attention_meta(node: torch.fx.Node, args: tuple, kwargs: dict, module: nn.Module) -> Any:
     # the output has the query's shape; interpreting the module on meta costs ~4 ms
     if kwargs.get("need_weights") is False and args and isinstance(args[0], torch.Tensor):
         return (args[0], None)

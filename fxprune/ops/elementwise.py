@@ -30,7 +30,7 @@ def unary(a, node: torch.fx.Node) -> Any:
 
 
 UNARY = register(
-    OpEntry("unary elementwise", unary, meta_shape=same_as_input, positionwise=True),
+    OpEntry("unary elementwise", unary, meta_shape=same_as_input, meta_shape_without_weights=True, positionwise=True),
     functions=[
         torch.relu, torch.sigmoid, torch.tanh, torch.exp, torch.abs, torch.neg, torch.clamp, F.relu, F.relu6, F.gelu,
         F.silu, F.hardswish, F.hardsigmoid, F.hardtanh, F.leaky_relu, F.elu, F.mish, F.sigmoid, F.tanh, F.dropout,
@@ -79,7 +79,7 @@ def elementwise(a, node: torch.fx.Node) -> Any:
 _ARITHMETIC = {torch.add, torch.sub, torch.mul, operator.add, operator.sub, operator.mul, "add", "sub", "mul"}
 
 
-def broadcast_meta(node: torch.fx.Node, args: tuple, kwargs: dict) -> Any:
+def broadcast_meta(node: torch.fx.Node, args: tuple, kwargs: dict, module: Optional[nn.Module]) -> Any:
     """meta_shape of out-of-place add/sub/mul over tensors of one dtype (and numbers that keep it):
     the broadcast shape. Their meta kernels are Python decompositions that cost more than a conv
     (every residual add of a ResNet); anything else (mixed dtypes, other ops) runs the kernel."""

@@ -55,7 +55,8 @@ def _resize_batch_norm(module, rw, node) -> None:
     module.num_features = (module.running_mean if module.running_mean is not None else module.weight).shape[0]
 
 
-register(OpEntry("BatchNorm", batch_norm_module, resize_module=_resize_batch_norm, meta_shape=same_as_input),
+register(OpEntry("BatchNorm", batch_norm_module, resize_module=_resize_batch_norm, meta_shape=same_as_input,
+                 meta_shape_without_weights=True),
          modules=[nn.modules.batchnorm._BatchNorm])
 
 
@@ -148,7 +149,8 @@ def _rewrite_normalized_shape(rw, node, new) -> None:
 
 
 register(OpEntry("LayerNorm", layer_norm_module, resize_module=_resize_layer_norm, reference=_layer_norm_reference,
-                 meta_shape=same_as_input),
+                 meta_shape=same_as_input,
+                 meta_shape_without_weights=True),
          modules=[nn.LayerNorm])
 register(OpEntry("F.layer_norm", functional_layer_norm, rewrite_args=_rewrite_normalized_shape,
                  reference=_layer_norm_reference),
@@ -187,7 +189,8 @@ def _resize_group_norm(module, rw, node) -> None:
 
 
 register(OpEntry("GroupNorm", group_norm_module, resize_module=_resize_group_norm, reference=_group_norm_reference,
-                 meta_shape=same_as_input),
+                 meta_shape=same_as_input,
+                 meta_shape_without_weights=True),
          modules=[nn.GroupNorm])
 
 
@@ -245,6 +248,7 @@ def functional_rms_norm(a, node: torch.fx.Node) -> Any:
 
 # like LayerNorm, RMSNorm normalises over its trailing dims: after pruning, over the kept channels
 register(OpEntry("RMSNorm", rms_norm_module, resize_module=_resize_layer_norm, reference=_rms_norm_reference,
-                 meta_shape=same_as_input), modules=[nn.RMSNorm])
+                 meta_shape=same_as_input,
+                 meta_shape_without_weights=True), modules=[nn.RMSNorm])
 register(OpEntry("F.rms_norm", functional_rms_norm, rewrite_args=_rewrite_normalized_shape,
                  reference=_rms_norm_reference), functions=[F.rms_norm])

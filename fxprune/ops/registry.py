@@ -57,15 +57,20 @@ class OpEntry:
     reference: Optional[Callable[[Any, torch.fx.Node, Any, tuple, dict], Any]] = None
     # (cost context, node) -> [(coef, factors)]: FLOPs as sums of coef * prod(factor sizes)
     flops: Optional[Callable[[Any, torch.fx.Node], list]] = None
-    # (node, args, kwargs) -> output value on the meta device, or None to run the op (for layers whose
-    # meta kernels are slow Python decompositions: batch_norm on meta costs more than a conv)
-    meta_shape: Optional[Callable[[torch.fx.Node, tuple, dict], Any]] = None
+    # (node, args, kwargs, the called module or None) -> output value on the meta device, or None to run
+    # the op (for layers whose meta kernels cost more than computing the shape: batch_norm on meta
+    # costs more than a conv, a conv's meta kernel more than the rest of its node's propagation)
+    meta_shape: Optional[Callable[[torch.fx.Node, tuple, dict, Optional[torch.nn.Module]], Any]] = None
+    # a module's meta_shape answers every call the module accepts without reading its weights (None
+    # only where the module would refuse the input): shape propagation gives it no meta weights, and
+    # where it does return None the whole propagation runs on real tensors and names the failing node
+    meta_shape_without_weights: bool = False
     # (cost context, node) -> fxprune.latency.LatencyLayer or None: the layer a latency target can time
     # alone at other widths (a latency budget measures a table of it)
     latency_layer: Optional[Callable[[Any, torch.fx.Node], Any]] = None
 
 
-def same_as_input(node: torch.fx.Node, args: tuple, kwargs: dict) -> Any:
+def same_as_input(node: torch.fx.Node, args: tuple, kwargs: dict, module: Optional[torch.nn.Module]) -> Any:
     """meta_shape of a layer (module) whose output has its input's shape and dtype."""
     if node.op == "call_module" and len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor):
         return args[0]
