@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, Iterable, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -84,10 +84,11 @@ class CostModel:
         terms = self._terms["latency"]
         return terms.tables_seconds(terms.sizes_for(keep_unit)) / terms.tables_dense if terms.tables_dense else 1.0
 
-    def tracker(self, keep_unit: np.ndarray) -> "CostTracker":
-        """Every measure of `keep_unit` kept up to date as units leave or return, each change costing
-        time in proportion to the positions it touches (greedy allocation tries thousands of changes)."""
-        return CostTracker(self, keep_unit)
+    def tracker(self, keep_unit: np.ndarray, measures: Optional[Iterable[str]] = None) -> "CostTracker":
+        """Every measure of `keep_unit` (or those named) kept up to date as units leave or return, each
+        change costing time in proportion to the positions it touches (greedy allocation tries thousands
+        of changes, and needs only the measures its budget constrains)."""
+        return CostTracker(self, keep_unit, measures)
 
     def unit_cost(self, which: str = "flops") -> np.ndarray:
         """d cost / d unit at full width: what removing one unit alone would save (FLOPs or params;
@@ -227,9 +228,10 @@ class CostTracker:
     """Every measure of a keep vector that changes a few units at a time (CostModel.tracker).
     `if_changed` prices a change without making it; `change` makes it. `values[name]` is current."""
 
-    def __init__(self, cost: CostModel, keep_unit: np.ndarray):
+    def __init__(self, cost: CostModel, keep_unit: np.ndarray, measures: Optional[Iterable[str]] = None):
         self.keep = keep_unit.copy()
-        self._states = {name: _TermsState(terms, self.keep) for name, terms in cost._terms.items()}
+        names = cost.measures if measures is None else tuple(measures)
+        self._states = {name: _TermsState(cost._terms[name], self.keep) for name in names}
         self.values = {name: state.total(state.sizes) for name, state in self._states.items()}
 
     def _changing(self, units: np.ndarray, kept: bool) -> np.ndarray:

@@ -186,7 +186,7 @@ def _add_back(chunks: _Chunks, keep: np.ndarray, k: int, stop: np.ndarray, cost:
         by_group.setdefault(int(chunks.group[i]), []).append(i)
     candidates = [-chunks_of[-1] for chunks_of in by_group.values()]  # a max-heap on removal order = value
     heapq.heapify(candidates)
-    state, refused_chunks = cost.tracker(keep), []
+    state, refused_chunks = cost.tracker(keep, budget.constraints()), []
     # latency is not additive: a chunk may not fit alone and yet fit with the chunks removed before it
     # (16 -> 24 channels back on a blocked kernel can cost less than 16 -> 20)
     steps_together = len(chunks) if "latency" in budget.constraints() else 1

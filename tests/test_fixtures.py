@@ -313,6 +313,11 @@ def test_cost_tracker_equals_full_evaluation(name):
         keep = trial
         assert np.array_equal(tracker.keep, keep)
         assert tracker.values == pytest.approx(expected, rel=1e-12)
+    flops_only = cost.tracker(keep, ["flops"])       # an allocation prices only what its budget constrains
+    units = np.arange(min(3, groups.n_units))
+    trial = keep.copy()
+    trial[units] = False
+    assert flops_only.if_changed(units, False) == pytest.approx({"flops": cost.flops(trial)}, rel=1e-12)
 
 
 def test_auto_steps_fall_back_to_one_channel_when_they_cannot_meet_the_budget(caplog):
