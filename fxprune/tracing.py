@@ -3,6 +3,7 @@ what fxprune accepts, and which torch.nn layer a module computes (`torch_layer_t
 propagation, which fills in `node.meta["fxprune.value"]`, is in shape_prop.py."""
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import traceback
@@ -80,10 +81,19 @@ def private_eval_copy(model: torch.nn.Module) -> torch.nn.Module:
     return _structural_copy(model).eval()
 
 
+# nn.Module's own bookkeeping attributes; any other dict, list or set a module holds is its own state
+_MODULE_BOOKKEEPING = frozenset(torch.nn.Module().__dict__)
+
+
 def _structural_copy(module: torch.nn.Module) -> torch.nn.Module:
     # not copy.copy: it goes through __reduce_ex__, which parametrized modules (weight_norm) refuse
     new = object.__new__(type(module))
     new.__dict__.update(module.__dict__)
+    # containers a forward may fill while it is traced (LeViT caches its attention bias per device in a
+    # dict) are the copy's own, or the trace would leave proxies in the user's model
+    for name, value in module.__dict__.items():
+        if isinstance(value, (dict, list, set)) and name not in _MODULE_BOOKKEEPING:
+            new.__dict__[name] = copy.copy(value)
     # direct __dict__ writes: nn.Module.__setattr__ is slow and these are plain dicts
     new.__dict__["_parameters"] = dict(module._parameters)
     new.__dict__["_buffers"] = dict(module._buffers)
@@ -168,11 +178,13 @@ def trace_model(model: torch.nn.Module, leaf_modules: Sequence[Any] = (),
     else:
         concrete_args = _defaults_after(model, n_inputs)
     tracer = _Tracer(leaf_modules)
+    containers = _own_containers(model)
     try:
         graph = tracer.trace(model, concrete_args=concrete_args)
     except Exception as symbolic_failure:  # fx raises TraceError, TypeError, NotImplementedError, ...
         if example_inputs is None:
             raise UnsupportedModelError(_trace_failure_message(model, symbolic_failure)) from symbolic_failure
+        _refill(containers)  # what the failed trace cached there (proxies) must not reach the next one
         try:
             tracer, graph = trace_with_values(model, _inputs_by_name(model, example_inputs), concrete_args,
                                               is_leaf=_Tracer(leaf_modules).is_leaf_module)
@@ -182,6 +194,22 @@ def trace_model(model: torch.nn.Module, leaf_modules: Sequence[Any] = (),
     # fxprune interprets this graph but never runs its generated code; the lazy GraphModule skips
     # the code generation (~8 ms on resnet50) until something does need it
     return _LazyGraphModule(tracer.root, graph, name)
+
+
+def _own_containers(model: torch.nn.Module) -> list:
+    """(container, a copy of its contents) for every dict, list and set the modules hold as their own
+    state (see _structural_copy)."""
+    return [(value, value.copy()) for module in model.modules() for name, value in module.__dict__.items()
+            if isinstance(value, (dict, list, set)) and name not in _MODULE_BOOKKEEPING]
+
+
+def _refill(containers: list) -> None:
+    for container, contents in containers:
+        container.clear()
+        if isinstance(container, list):
+            container.extend(contents)
+        else:
+            container.update(contents)
 
 
 def _takes_more_than_inputs(forward: Any) -> bool:

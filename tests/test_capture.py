@@ -147,3 +147,32 @@ def test_an_unheld_module_with_weights_is_refused_by_name():
     model = CallsAnUnheldModule(GLOBAL_LINEAR).eval()
     with pytest.raises(fxprune.UnsupportedModelError, match="Linear that is not a submodule"):
         fxprune.compile(model, 0.5, example_inputs=(torch.randn(2, 8),))
+
+
+class CachesInForward(nn.Module):
+    """LeViT's pattern: a value computed in forward is cached in a dict the module holds (per device)."""
+
+    def __init__(self, shape_branch: bool):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 16, 3), nn.Linear(16, 10)
+        self.scale = nn.Parameter(torch.ones(16))
+        self.cache, self.seen, self.shape_branch = {}, [], shape_branch
+
+    def forward(self, x):
+        key = str(x.device)
+        if key not in self.cache:
+            self.cache[key] = self.scale.view(1, -1, 1, 1)
+        self.seen.append(key)
+        y = self.conv(x) * self.cache[key]
+        if self.shape_branch and y.shape[-1] > 1:   # needs the trace with values
+            y = y.relu()
+        return self.fc(y.mean((2, 3)))
+
+
+@pytest.mark.parametrize("shape_branch", [False, True])
+def test_tracing_leaves_the_containers_of_the_users_modules_alone(shape_branch):
+    model = CachesInForward(shape_branch).eval()
+    pruned = fxprune.compile(model, 0.5, example_inputs=(X,), round_to=1)
+    assert model.cache == {} and model.seen == []          # no proxy (or value) left in the user's model
+    assert pruned.meta["fxprune"]["verification"]["passed"]
+    assert model(X).shape == (2, 10) and list(model.cache) == ["cpu"]
