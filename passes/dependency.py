@@ -14,6 +14,7 @@ never assumed to be elementwise. See fxprune/ir.py for the vocabulary.
 """
 from __future__ import annotations
 
+import operator
 from collections import defaultdict
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -24,6 +25,7 @@ import torch.fx
 from fxprune.errors import FxPruneError, UnsupportedModelError, describe_node
 from fxprune.ir import ChannelCount, ChannelGroup, ChannelGroups, ChannelMap, ElementSets
 from fxprune.ops import FACT_KEY, REGISTRY
+from fxprune.ops.shape import gathered_dim_source
 from fxprune.tracing import TensorSpec, value_spec
 
 
@@ -52,6 +54,10 @@ class ChannelGroupAnalysis:
 _ONLY_ADD_LEADING_DIMS = frozenset({"expand", "expand_as", "contiguous", "clone", "to", "type_as", "float", "double",
                                     "half"})
 _PASS_TO_PARAMETER = _ONLY_ADD_LEADING_DIMS | {"view", "reshape", "unsqueeze", "squeeze"}
+
+
+def _is_tensor(arg: Any) -> bool:
+    return isinstance(arg, torch.fx.Node) and isinstance(value_spec(arg), TensorSpec)
 
 
 def _target_name(node: torch.fx.Node) -> str:
@@ -229,6 +235,9 @@ class ChannelAnalysis:
                 source = node.args[0]
                 d = _dim_before(value_spec(source), value_spec(node), d,
                                 _target_name(node) in _ONLY_ADD_LEADING_DIMS)
+            elif node.target is operator.getitem and _is_tensor(node.args[0]):
+                source = node.args[0]   # `table[:, idx]`: a position bias gathered from its table
+                d = gathered_dim_source(node.args[1], value_spec(source).ndim, d)
             elif self._positionwise_of_one(node):  # `1 + weight` (Gemma's RMSNorm scale)
                 source = node.all_input_nodes[0]
             else:

@@ -520,3 +520,85 @@ def test_shape_rules_of_conv_and_linear_leave_wrong_inputs_to_the_layer(layer, x
     gm = torch.fx.symbolic_trace(nn.Sequential(layer))
     with pytest.raises(ExampleInputsError, match="%_0"):
         propagate_shapes(gm, (x,))
+
+
+class BiasTableAttention(nn.Module):
+    """LeViT/EfficientFormer-style attention: a table of biases per head and relative offset, gathered
+    by an index buffer (`table[:, idx]`) and added to the logits; the linear layers are followed by a
+    BatchNorm1d over the flattened tokens and `reshape_as` back."""
+
+    def __init__(self, dim=24, heads=3, n=16):
+        super().__init__()
+        self.heads, self.scale, self.tokens = heads, (dim // heads) ** -0.5, Tokens(dim)
+        self.qkv, self.proj, self.head = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim), nn.Linear(dim, 5)
+        self.norm = nn.BatchNorm1d(3 * dim)
+        self.table = nn.Parameter(torch.randn(heads, n))
+        positions = torch.arange(n)
+        self.register_buffer("idx", (positions[:, None] - positions[None, :]).abs())
+
+    def forward(self, x):
+        x = self.tokens(x)
+        b, n, c = x.shape
+        qkv = self.qkv(x)
+        qkv = self.norm(qkv.flatten(0, 1)).reshape_as(qkv)
+        q, k, v = qkv.reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = (q @ k.transpose(-2, -1)) * self.scale + self.table[:, self.idx[:n, :n]]
+        o = (attn.softmax(-1) @ v).transpose(1, 2).reshape(b, n, c)
+        return self.head((x + self.proj(o)).mean(1))
+
+
+def test_a_bias_table_gathered_by_index_prunes_with_its_heads_and_reshape_as_follows_its_shape():
+    model = BiasTableAttention().eval()
+    groups = fxprune.analyze(model, (X,))
+    (qkv,) = [g for g in groups.groups if g.name == "qkv"]
+    assert qkv.prunable and qkv.size == 3 and not groups.blocked_ops
+    modules = prune_and_check(model)
+    kept_heads = len(modules["qkv"]["out"]) // 24 if "qkv" in modules else 3
+    assert kept_heads < 3 and len(modules[""]["params"]["table"]["0"]) == kept_heads
+
+
+class TokenGather(nn.Module):
+    """Tokens picked by an index tensor (`x[:, idx]`, channels last) keep their channels; a channel dim
+    picked by an index tensor (`y[:, sel]`, channels first) cannot be sliced and is frozen."""
+
+    def __init__(self):
+        super().__init__()
+        self.tokens, self.fc1, self.fc2 = Tokens(16), nn.Linear(16, 24), nn.Linear(24, 5)
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.register_buffer("keep", torch.tensor([0, 2, 5, 7, 8]))
+        self.register_buffer("sel", torch.tensor([1, 3]))
+
+    def forward(self, x):
+        picked = self.fc1(self.tokens(x))[:, self.keep]
+        side = self.conv(x)[:, self.sel].mean((1, 2, 3))
+        return self.fc2(picked.relu()).mean(1) + side[:, None]
+
+
+def test_indexing_tokens_by_a_tensor_keeps_the_channels_and_indexing_channels_freezes_them():
+    groups = groups_by_layer(TokenGather().eval())
+    assert groups["fc1"][0]
+    assert not groups["conv"][0] and any("indexing a channel dim by a tensor" in r for r in groups["conv"][1])
+    pruned = fxprune.compile(TokenGather().eval(), 0.8, example_inputs=(X,), round_to=1)  # the frozen conv is most
+    report = pruned.meta["fxprune"]                                                      # of the FLOPs
+    assert report["verification"]["passed"] and len(report["modules"]["fc1"]["out"]) < 24
+
+
+class ExpandAsGate(nn.Module):
+    """A per-channel gate expanded to the tensor it gates, then concatenated with it: the expanded gate's
+    channels are the gated tensor's."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 16, 3), nn.Conv2d(32, 8, 3)
+        self.fc = nn.Linear(16, 16)
+
+    def forward(self, x):
+        y = self.conv1(x)
+        gate = self.fc(y.mean((2, 3))).sigmoid()[:, :, None, None].expand_as(y)
+        return self.conv2(torch.cat([y, gate], 1))
+
+
+def test_expand_as_gives_the_expanded_tensor_the_channels_of_its_target():
+    groups = {g.name: g for g in fxprune.analyze(ExpandAsGate().eval(), (X,)).groups}
+    assert groups["conv1"].prunable and set(groups["conv1"].spaces) == {"conv1", "fc"}  # coupled by expand_as
+    prune_and_check(ExpandAsGate().eval())

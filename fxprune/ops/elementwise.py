@@ -106,6 +106,9 @@ register(OpEntry("binary elementwise", elementwise, positionwise=True, meta_shap
          methods=["add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "maximum", "minimum", "pow", "eq",
                   "ne", "lt", "le", "gt", "ge", "logical_and", "logical_or", "masked_fill", "masked_fill_", "lerp",
                   "addcmul", "where", "fmod", "remainder"])
+# x.expand_as(other) is x broadcast against other: the output has other's shape and, dim by dim, other's
+# channels, which x's must then be (a gate expanded to the tensor it gates)
+register(OpEntry("expand_as", elementwise), methods=["expand_as"])
 
 
 # ----------------------------------------------------------------------------- Python operators

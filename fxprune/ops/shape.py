@@ -83,8 +83,16 @@ def getitem(a, node: torch.fx.Node) -> Any:
 
 def _tensor_index(a, node: torch.fx.Node, m: ChannelMap, index) -> Any:
     """x[...]: ints, full slices, and step-1 slices of channel dims (a fused qkv's q part) are
-    understood; anything else freezes them."""
+    understood, and so are integer index tensors on other dims (a relative position bias gathered
+    from its table, `table[:, idx]`); anything else freezes them."""
     index = index if isinstance(index, tuple) else (index,)
+    gather = gathered_dims(index, m.ndim)
+    if gather is not None:
+        first, n_indexed, n_added = gather
+        for e in m.dims[first:first + n_indexed]:
+            if e is not None:
+                a.es.freeze(e, f"blocked by {describe_node(node)}: indexing a channel dim by a tensor")
+        return ChannelMap(m.dims[:first] + (None,) * n_added + m.dims[first + n_indexed:])
     if any(isinstance(i, torch.fx.Node) or (not isinstance(i, (int, slice, type(None), type(Ellipsis)))) for i in index):
         return a.opaque(node, "tensor indexing by a tensor or list")
     out, d = [], 0
@@ -106,6 +114,32 @@ def _tensor_index(a, node: torch.fx.Node, m: ChannelMap, index) -> Any:
             out.append(None)
         d += 1
     return ChannelMap(tuple(out))
+
+
+def gathered_dims(index: tuple, ndim: int) -> Optional[Tuple[int, int, int]]:
+    """For an index of full slices and integer index tensors side by side (`x[:, idx]`, `x[..., i, j]`):
+    (the first dim they index, how many dims they index, how many dims their broadcast shape puts in
+    those dims' place). None for any other index."""
+    expanded = _expanded_index(index, ndim)
+    tensors = [k for k, i in enumerate(expanded) if isinstance(i, torch.fx.Node)]
+    if not tensors or tensors != list(range(tensors[0], tensors[-1] + 1)) or \
+            any(not isinstance(i, torch.fx.Node) and i != slice(None) for i in expanded):
+        return None
+    specs = [value_spec(expanded[k]) for k in tensors]
+    if any(not isinstance(s, TensorSpec) or s.dtype not in (torch.int64, torch.int32) for s in specs):
+        return None  # boolean masks select by data
+    return tensors[0], len(tensors), len(torch.broadcast_shapes(*(s.shape for s in specs)))
+
+
+def gathered_dim_source(index: tuple, ndim: int, dim: int) -> Optional[int]:
+    """The dim of x that dim `dim` of x[index] comes from (see gathered_dims), or None."""
+    gather = gathered_dims(index if isinstance(index, tuple) else (index,), ndim)
+    if gather is None:
+        return None
+    first, n_indexed, n_added = gather
+    if dim < first:
+        return dim
+    return dim - n_added + n_indexed if dim >= first + n_added else None
 
 
 def _expanded_index(index: tuple, ndim: int) -> List[Any]:
@@ -264,6 +298,24 @@ def rewrite_size_arguments(rw, node: torch.fx.Node, new: torch.fx.Node) -> None:
 
 register(OpEntry("view/reshape", reshape, rewrite_args=rewrite_size_arguments, accepts_channel_counts=True),
          functions=[torch.reshape], methods=["view", "reshape"])
+def reshape_as(a, node: torch.fx.Node) -> Any:
+    """x.reshape_as(other): a reshape to other's shape, which other's channels set when the model runs,
+    so each dim's channels must be other's (LeViT's `bn(x.flatten(0, 1)).reshape_as(x)`)."""
+    out = reshape(a, node)
+    other = a.tensor_map(node.args[1]) if len(node.args) > 1 else None
+    if not isinstance(out, ChannelMap):
+        return out
+    for mine, theirs in zip(out.dims, other.dims if other is not None else (None,) * out.ndim):
+        if mine is not None and theirs is not None:
+            a.es.union(mine, theirs)
+        elif mine is not None or theirs is not None:
+            a.es.freeze(mine if mine is not None else theirs,
+                        f"blocked by {describe_node(node)}: reshapes to the shape of %{node.args[1]}, whose channels "
+                        f"there are not the reshaped ones")
+    return out
+
+
+register(OpEntry("reshape_as", reshape_as), methods=["reshape_as"])
 register(OpEntry("flatten/squeeze/unsqueeze", reshape),
          functions=[torch.flatten, torch.squeeze, torch.unsqueeze],
          methods=["flatten", "squeeze", "unsqueeze", "unflatten"], modules=[nn.Flatten, nn.Unflatten])
@@ -279,7 +331,6 @@ def expand(a, node: torch.fx.Node) -> Any:
 
 register(OpEntry("expand", expand, rewrite_args=rewrite_size_arguments, accepts_channel_counts=True),
          methods=["expand"])
-register(OpEntry("expand_as", expand), methods=["expand_as"])
 
 
 # ----------------------------------------------------------------------------- layout
