@@ -89,9 +89,11 @@ def _tensor_index(a, node: torch.fx.Node, m: ChannelMap, index) -> Any:
     gather = gathered_dims(index, m.ndim)
     if gather is not None:
         first, n_indexed, n_added = gather
-        for e in m.dims[first:first + n_indexed]:
-            if e is not None:
-                a.es.freeze(e, f"blocked by {describe_node(node)}: indexing a channel dim by a tensor")
+        indices = [a.tensor_map(i) for i in _expanded_index(index, m.ndim) if isinstance(i, torch.fx.Node)]
+        for e in [*m.dims[first:first + n_indexed], *(e for i in indices if i is not None for e in i.dims)]:
+            if e is not None:  # the positions picked, or how many: neither may change with the plan
+                a.es.freeze(e, f"blocked by {describe_node(node)}: indexing a channel dim by a tensor, or by "
+                               f"a tensor with channels")
         return ChannelMap(m.dims[:first] + (None,) * n_added + m.dims[first + n_indexed:])
     if any(isinstance(i, torch.fx.Node) or (not isinstance(i, (int, slice, type(None), type(Ellipsis)))) for i in index):
         return a.opaque(node, "tensor indexing by a tensor or list")
@@ -298,6 +300,8 @@ def rewrite_size_arguments(rw, node: torch.fx.Node, new: torch.fx.Node) -> None:
 
 register(OpEntry("view/reshape", reshape, rewrite_args=rewrite_size_arguments, accepts_channel_counts=True),
          functions=[torch.reshape], methods=["view", "reshape"])
+
+
 def reshape_as(a, node: torch.fx.Node) -> Any:
     """x.reshape_as(other): a reshape to other's shape, which other's channels set when the model runs,
     so each dim's channels must be other's (LeViT's `bn(x.flatten(0, 1)).reshape_as(x)`)."""
