@@ -602,3 +602,30 @@ def test_expand_as_gives_the_expanded_tensor_the_channels_of_its_target():
     groups = {g.name: g for g in fxprune.analyze(ExpandAsGate().eval(), (X,)).groups}
     assert groups["conv1"].prunable and set(groups["conv1"].spaces) == {"conv1", "fc"}  # coupled by expand_as
     prune_and_check(ExpandAsGate().eval())
+
+
+class PaddingLayers(nn.Module):
+    """Padding modules (timm's "same" padding, CPUBone's ZeroPad2d) on spatial dims keep the channels;
+    one that pads the channel dim (ConstantPad3d on a 4-D tensor) freezes them."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.conv1, self.pad, self.conv2 = nn.Conv2d(3, 16, 3), layer, nn.Conv2d(16, 8, 3)
+        self.conv3 = nn.Conv2d(3, 8, 1)
+
+    def forward(self, x):
+        return self.conv2(self.pad(self.conv1(x)).relu()[:, :16]) + self.conv3(x)[:, :, 1:-1, 1:-1].mean()
+
+
+@pytest.mark.parametrize("layer", [nn.ZeroPad2d((1, 0, 2, 1)), nn.ReflectionPad2d(1), nn.ConstantPad2d(1, 0.5),
+                                   nn.ReplicationPad2d((0, 1, 0, 1)), nn.CircularPad2d(1)])
+def test_padding_layers_keep_the_channels_of_the_dims_they_do_not_pad(layer):
+    model = PaddingLayers(layer).eval()
+    assert groups_by_layer(model)["conv1"][0]
+    modules = prune_and_check(model)
+    assert len(modules["conv1"]["out"]) < 16
+
+
+def test_a_padding_layer_on_the_channel_dim_freezes_it():
+    prunable, reasons = groups_by_layer(PaddingLayers(nn.ConstantPad3d((0, 0, 0, 0, 0, 2), 0.0)).eval())["conv1"]
+    assert not prunable and any("padding a channel dim" in r for r in reasons)

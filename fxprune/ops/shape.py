@@ -445,8 +445,17 @@ register(OpEntry("split/chunk", split, rewrite_args=rewrite_split),
 
 # ----------------------------------------------------------------------------- padding and rolling
 def pad(a, node: torch.fx.Node) -> Any:
+    return _pad(a, node, argument(node, "pad"))
+
+
+def pad_module(a, node: torch.fx.Node) -> Any:
+    """nn.ZeroPad2d, ReflectionPad1d, ...: their `padding` is F.pad's, (left, right, top, bottom, ...)."""
+    return _pad(a, node, a.module(node).padding)
+
+
+def _pad(a, node: torch.fx.Node, amounts: Any) -> Any:
+    """Padding the trailing dims (last dim first) keeps the channels of any dim it leaves alone."""
     m = a.tensor_map(first_input(node))
-    amounts = argument(node, "pad")
     if m is None or not isinstance(amounts, (tuple, list)):
         return a.opaque(node, "pad with unknown arguments")
     padded = range(m.ndim - len(amounts) // 2, m.ndim)
@@ -456,6 +465,10 @@ def pad(a, node: torch.fx.Node) -> Any:
 
 
 register(OpEntry("pad", pad), functions=[torch.nn.functional.pad])
+register(OpEntry("padding layers", pad_module),
+         modules=[nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d,
+                  nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d, nn.ReplicationPad1d,
+                  nn.ReplicationPad2d, nn.ReplicationPad3d, nn.CircularPad1d, nn.CircularPad2d, nn.CircularPad3d])
 
 
 def roll(a, node: torch.fx.Node) -> Any:
