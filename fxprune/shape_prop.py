@@ -43,7 +43,8 @@ class ShapePropagation(torch.fx.Interpreter):
 
 
 def _needs_no_weights(module: torch.nn.Module) -> bool:
-    """Layers whose output is their input's shape: shape propagation never runs them."""
+    """Layers whose shape rule never reads their weights (norms, activations, conv, linear): shape
+    propagation gives them no meta copies."""
     entry = REGISTRY.for_module_type(type(module)) if torch_layer_type(module) is not None else None
     return entry is not None and entry.meta_shape_without_weights
 

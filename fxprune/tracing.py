@@ -85,15 +85,20 @@ def private_eval_copy(model: torch.nn.Module) -> torch.nn.Module:
 _MODULE_BOOKKEEPING = frozenset(torch.nn.Module().__dict__)
 
 
+def _state_containers(module: torch.nn.Module):
+    """(name, container) of every dict, list and set a module holds as its own state."""
+    return [(name, value) for name, value in module.__dict__.items()
+            if isinstance(value, (dict, list, set)) and name not in _MODULE_BOOKKEEPING]
+
+
 def _structural_copy(module: torch.nn.Module) -> torch.nn.Module:
     # not copy.copy: it goes through __reduce_ex__, which parametrized modules (weight_norm) refuse
     new = object.__new__(type(module))
     new.__dict__.update(module.__dict__)
     # containers a forward may fill while it is traced (LeViT caches its attention bias per device in a
     # dict) are the copy's own, or the trace would leave proxies in the user's model
-    for name, value in module.__dict__.items():
-        if isinstance(value, (dict, list, set)) and name not in _MODULE_BOOKKEEPING:
-            new.__dict__[name] = copy.copy(value)
+    for name, value in _state_containers(module):
+        new.__dict__[name] = copy.copy(value)
     # direct __dict__ writes: nn.Module.__setattr__ is slow and these are plain dicts
     new.__dict__["_parameters"] = dict(module._parameters)
     new.__dict__["_buffers"] = dict(module._buffers)
@@ -199,8 +204,7 @@ def trace_model(model: torch.nn.Module, leaf_modules: Sequence[Any] = (),
 def _own_containers(model: torch.nn.Module) -> list:
     """(container, a copy of its contents) for every dict, list and set the modules hold as their own
     state (see _structural_copy)."""
-    return [(value, value.copy()) for module in model.modules() for name, value in module.__dict__.items()
-            if isinstance(value, (dict, list, set)) and name not in _MODULE_BOOKKEEPING]
+    return [(value, value.copy()) for module in model.modules() for _, value in _state_containers(module)]
 
 
 def _refill(containers: list) -> None:
