@@ -89,7 +89,7 @@ def _tensor_index(a, node: torch.fx.Node, m: ChannelMap, index) -> Any:
     gather = gathered_dims(index, m.ndim)
     if gather is not None:
         first, n_indexed, n_added = gather
-        indices = [a.tensor_map(i) for i in _expanded_index(index, m.ndim) if isinstance(i, torch.fx.Node)]
+        indices = [a.tensor_map(i) for i in index if isinstance(i, torch.fx.Node)]
         for e in [*m.dims[first:first + n_indexed], *(e for i in indices if i is not None for e in i.dims)]:
             if e is not None:  # the positions picked, or how many: neither may change with the plan
                 a.es.freeze(e, f"blocked by {describe_node(node)}: indexing a channel dim by a tensor, or by "
