@@ -87,8 +87,10 @@ _MODULE_BOOKKEEPING = frozenset(torch.nn.Module().__dict__)
 
 def _state_containers(module: torch.nn.Module):
     """(name, container) of every dict, list and set a module holds as its own state."""
-    return [(name, value) for name, value in module.__dict__.items()
-            if isinstance(value, (dict, list, set)) and name not in _MODULE_BOOKKEEPING]
+    state = module.__dict__
+    # the set difference first: nearly every attribute is bookkeeping (compile visits every module twice)
+    return [(name, state[name]) for name in state.keys() - _MODULE_BOOKKEEPING
+            if isinstance(state[name], (dict, list, set))]
 
 
 def _structural_copy(module: torch.nn.Module) -> torch.nn.Module:

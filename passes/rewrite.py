@@ -12,6 +12,7 @@ result runs without anyone patching attributes by hand."""
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any, Dict, List, Optional
 
 import numpy as np
@@ -108,12 +109,9 @@ class PruneRewrite(PassBase):
                     out[name] = _gather_kernels(tensor, cuts[0][1], cuts[1][1])
                     continue
                 for i, (dim, idx) in enumerate(cuts):  # rows first: gathering columns of fewer rows is cheaper
-                    if i + 1 < len(cuts):  # an intermediate: gathered into reused memory
-                        shape = tensor.shape[:dim] + (len(idx),) + tensor.shape[dim + 1:]
-                        tensor = torch.index_select(tensor, dim, idx,
-                                                    out=scratch[i % 2].like(shape, tensor.dtype, tensor.device))
-                    else:
-                        tensor = tensor.index_select(dim, idx)
+                    # an intermediate is gathered into reused memory
+                    out_buffer = scratch[i % 2] if i + 1 < len(cuts) else None
+                    tensor = _select(tensor, dim, idx, out_buffer)
                 if cuts:  # a new tensor; unsliced ones are cloned with their module (never shared)
                     out[name] = tensor
             for node, entry in entries.items():
@@ -130,6 +128,21 @@ class PruneRewrite(PassBase):
 # A conv weight cut on both channel dims is gathered in one pass, kernel by kernel, when its kernels are
 # big enough for that to beat two index_selects (3x3 and up: 512x512x3x3 at 70% kept, 1.7 against 3.2 ms).
 _KERNEL_GATHER_MIN_KERNEL, _KERNEL_GATHER_MIN_NUMEL = 4, 1 << 16
+
+
+def _select(tensor: torch.Tensor, dim: int, idx: torch.Tensor, out_buffer: Optional[ScratchBuffer]) -> torch.Tensor:
+    """tensor.index_select(dim, idx), into `out_buffer`'s memory if given. Columns of a matrix (the cut
+    dim last, as a linear layer's or 1x1 conv's inputs) are a `gather` along rows, twice as fast as
+    index_select on a dim other than the first (1000x2048 at 70% kept: 0.48 against 0.95 ms)."""
+    shape = tensor.shape[:dim] + (len(idx),) + tensor.shape[dim + 1:]
+    out = out_buffer.like(shape, tensor.dtype, tensor.device) if out_buffer is not None else \
+        torch.empty(shape, dtype=tensor.dtype, device=tensor.device)
+    rows = tensor.numel() // max(tensor.shape[dim], 1)
+    if dim > 0 and tensor.is_contiguous() and rows == math.prod(tensor.shape[:dim]) and rows > 1:
+        matrix = tensor.view(rows, tensor.shape[dim])
+        torch.gather(matrix, 1, idx.expand(rows, len(idx)), out=out.view(rows, len(idx)))
+        return out
+    return torch.index_select(tensor, dim, idx, out=out)
 
 
 def _gathers_kernels(tensor: torch.Tensor, cuts) -> bool:
