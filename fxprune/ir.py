@@ -167,6 +167,13 @@ class ChannelGroup:
         return self.n_frozen < self.size
 
 
+def distinct_values(values: np.ndarray) -> List[int]:
+    """np.unique(values).tolist(), fast for the common case of a single value."""
+    if len(values) and (values == values[0]).all():
+        return [int(values[0])]
+    return np.unique(values).tolist()
+
+
 def once_per_array(fn: Callable[[np.ndarray], Any]) -> Callable[[np.ndarray], Any]:
     """fn memoised on the identity of its array argument: the analysis shares one elements array among
     every value and parameter dim that carries the same channels. Each entry holds its array, so an id

@@ -10,7 +10,7 @@ import torch.fx
 
 from .budget import Budget
 from .cost import CostModel
-from .ir import ChannelGroups, ChannelMap, PrunePlan, once_per_array
+from .ir import ChannelGroups, ChannelMap, PrunePlan, distinct_values, once_per_array
 from .tracing import VALUE_KEY, TensorSpec
 
 
@@ -125,7 +125,7 @@ def _channel_widths(groups: ChannelGroups, keep: np.ndarray):
     def widths(elements: np.ndarray) -> Dict[str, Any]:
         units = groups.units_of(elements)
         return {"before": int(len(units)), "after": int(keep[units].sum()),
-                "groups": sorted(int(g) for g in np.unique(groups.unit_group[units]))}
+                "groups": distinct_values(groups.unit_group[units])}
     shared = once_per_array(widths)
 
     def fresh(elements: np.ndarray) -> Dict[str, Any]:

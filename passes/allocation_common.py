@@ -27,7 +27,10 @@ def _channels_per_unit(groups: ChannelGroups, group: ChannelGroup) -> int:
         m = groups.maps.get(node)
         if isinstance(m, ChannelMap) and m.dims[dim] is not None:
             units = groups.units_of(m.dims[dim])
-            return max(1, len(units) // max(1, len(np.unique(units))))
+            if not len(units):
+                return 1
+            distinct = np.count_nonzero(np.bincount(units - units.min()))  # np.unique sorts: 20x slower here
+            return max(1, len(units) // distinct)
     return 1
 
 

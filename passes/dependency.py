@@ -23,7 +23,8 @@ import torch
 import torch.fx
 
 from fxprune.errors import FxPruneError, UnsupportedModelError, describe_node
-from fxprune.ir import ChannelCount, ChannelGroup, ChannelGroups, ChannelMap, ElementSets
+from fxprune.ir import (ChannelCount, ChannelGroup, ChannelGroups, ChannelMap, ElementSets, distinct_values,
+                        once_per_array)
 from fxprune.ops import FACT_KEY, REGISTRY
 from fxprune.ops.shape import gathered_dim_source
 from fxprune.tracing import TensorSpec, value_spec
@@ -295,29 +296,30 @@ class ChannelAnalysis:
         for elements, reason in es.freeze_records():
             units = element_unit[elements]
             unit_frozen[units] = True
-            for g in _distinct(unit_group[units]):
+            for g in distinct_values(unit_group[units]):
                 if reason not in group_reasons[g] and len(group_reasons[g]) < 8:
                     group_reasons[g].append(reason)
 
         groups: List[ChannelGroup] = []
+        # each group's units and spaces in ascending order, from one stable sort rather than a scan per group
+        units_by_group = _split_by_label(unit_group, len(group_roots))
+        spaces_by_group = _split_by_label(np.asarray(space_group, dtype=np.int64), len(group_roots))
         for gid in range(len(group_roots)):
-            spaces = [es.spaces[s].node for s in np.nonzero(space_group == gid)[0]]
-            units = np.nonzero(unit_group == gid)[0]
+            spaces = [es.spaces[s].node for s in spaces_by_group[gid].tolist()]
+            units = units_by_group[gid]
             groups.append(ChannelGroup(id=gid, name=spaces[0], units=units, spaces=spaces,
                                        frozen_reasons=group_reasons.get(gid, []), n_frozen=int(unit_frozen[units].sum())))
-        groups_of_array: Dict[int, List[int]] = {}  # elementwise ops pass the same arrays along
+        # elementwise ops and parameters share element arrays
+        groups_of = once_per_array(lambda elements: distinct_values(unit_group[element_unit[elements]]))
         for name, value in self.maps.items():
             for m in (value if isinstance(value, tuple) else (value,)):
                 if isinstance(m, ChannelMap):
                     for d in m.tracked():
-                        key = id(m.dims[d])
-                        if key not in groups_of_array:
-                            groups_of_array[key] = _distinct(unit_group[element_unit[m.dims[d]]])
-                        for g in groups_of_array[key]:
+                        for g in groups_of(m.dims[d]):
                             groups[g].members.append((name, d))  # each (node, dim) is visited once
         for pname, dims in self.param_slices.items():
             for d, elements in dims.items():
-                for g in _distinct(unit_group[element_unit[elements]]):
+                for g in groups_of(elements):
                     groups[g].params.append((pname, d))
         return ChannelGroups(maps=self.maps, element_unit=element_unit, unit_group=unit_group, unit_frozen=unit_frozen,
                              groups=groups, param_slices=self.param_slices, elements=es,
@@ -325,11 +327,10 @@ class ChannelAnalysis:
 
 
 # --------------------------------------------------------------------------- utilities
-def _distinct(values: np.ndarray) -> List[int]:
-    """np.unique(values).tolist(), fast for the common case of a single value."""
-    if len(values) and (values == values[0]).all():
-        return [int(values[0])]
-    return np.unique(values).tolist()
+def _split_by_label(labels: np.ndarray, n_labels: int) -> List[np.ndarray]:
+    """[np.nonzero(labels == i)[0] for i in range(n_labels)], in one sort."""
+    order = np.argsort(labels, kind="stable")
+    return np.split(order, np.cumsum(np.bincount(labels, minlength=n_labels))[:-1]) if n_labels else []
 
 
 def _carries_channels(value: Any) -> bool:

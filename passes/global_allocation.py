@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import heapq
 import warnings
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -26,6 +26,9 @@ from .allocation_common import (allowed_kept_counts, budget_slack, group_round_t
 
 SHORTFALL_WARNING = 0.02  # warn when the result keeps this much (absolute fraction) less than the budget
 
+
+# (share of the budgeted cost, group id, units) of the cheapest step that did not fit, computed on demand
+SmallestRefused = Callable[[], Optional[Tuple[float, int, int]]]
 
 class GlobalAllocation:
     mutates_input = False
@@ -88,8 +91,9 @@ class GlobalAllocation:
             return
         name, want, ratio = min(gaps, key=lambda t: t[1] - t[2])
         message = f"fxprune: kept {ratio:.1%} of the {name} for a budget of {want:.1%}"
-        if smallest_refused is not None:
-            step, gid, n_units = smallest_refused
+        refused = smallest_refused()
+        if refused is not None:
+            step, gid, n_units = refused
             g = groups.groups[gid]
             message += (f": the smallest step that could come back, {n_units} unit(s) of group {g.name!r} "
                         f"({g.size} units), is {step:.1%} of the {name} and does not fit")
@@ -122,7 +126,7 @@ class _Chunks:
 
 
 def _shortest_prefix(chunks: _Chunks, n_units: int, cost: CostModel, budget: Budget,
-                     partial: bool = False) -> Tuple[np.ndarray, Optional[Tuple[float, int, int]]]:
+                     partial: bool = False) -> Tuple[np.ndarray, SmallestRefused]:
     """The first chunks (in removal order) whose removal meets the budget. The last one may be large (a
     ViT residual channel spans every block) and overshoot it by more than 0.5%: then its group stops
     there (its later chunks depend on it) and the prefix grows with the other groups' chunks instead.
@@ -173,12 +177,12 @@ def _shortest_prefix(chunks: _Chunks, n_units: int, cost: CostModel, budget: Bud
 
 
 def _add_back(chunks: _Chunks, keep: np.ndarray, k: int, stop: np.ndarray, cost: CostModel, budget: Budget,
-              dense: Dict[str, float], partial: bool) -> Tuple[np.ndarray, Optional[Tuple[float, int, int]]]:
+              dense: Dict[str, float], partial: bool) -> Tuple[np.ndarray, SmallestRefused]:
     """Chunks come off whole, so the cut can leave up to a chunk of the budget unused. Return removed
     chunks while they fit, most valuable first; only a group's last removed chunk may return (its
     order is kept), after which the one before it may. `partial`: then also parts of refused chunks
-    (see below). Also returns the cheapest step that did not fit, as (its share of the budgeted
-    cost, group id, units)."""
+    (see below). Also returns a function giving the cheapest step that did not fit, as (its share of
+    the budgeted cost, group id, units), or None."""
     index = np.arange(k)
     removed = index[index < stop[chunks.group[index]]]
     by_group: Dict[int, List[int]] = {}
@@ -214,20 +218,24 @@ def _add_back(chunks: _Chunks, keep: np.ndarray, k: int, stop: np.ndarray, cost:
                 if budget_slack(budget, state.if_changed(units[-m:], kept=True), dense) >= -1e-9:
                     state.change(units[-m:], kept=True)
                     break
-    refused = None
-    for i in refused_chunks:             # the cheapest step that still does not fit, for the warning
-        units = chunks.units(i)
-        units = units[~state.keep[units]][-1:] if partial else units
-        if not len(units):
-            continue
-        values = state.if_changed(units, kept=True)
-        if budget_slack(budget, values, dense) >= -1e-9:
-            continue
-        tightest = min(budget.constraints(), key=lambda m: 1 - values[m] / (budget.constraints()[m] * dense[m]))
-        step = (values[tightest] - state.values[tightest]) / dense[tightest]
-        if refused is None or step < refused[0]:
-            refused = (step, int(chunks.group[i]), len(units))
-    return state.keep, refused
+
+    def smallest_refused() -> Optional[Tuple[float, int, int]]:
+        """The cheapest step that still does not fit; priced only for the warning, which is rare."""
+        refused = None
+        for i in refused_chunks:
+            units = chunks.units(i)
+            units = units[~state.keep[units]][-1:] if partial else units
+            if not len(units):
+                continue
+            values = state.if_changed(units, kept=True)
+            if budget_slack(budget, values, dense) >= -1e-9:
+                continue
+            tightest = min(budget.constraints(), key=lambda m: 1 - values[m] / (budget.constraints()[m] * dense[m]))
+            step = (values[tightest] - state.values[tightest]) / dense[tightest]
+            if refused is None or step < refused[0]:
+                refused = (step, int(chunks.group[i]), len(units))
+        return refused
+    return state.keep, smallest_refused
 
 
 def unreachable_message(cost: CostModel, keep: np.ndarray, budget: Budget) -> str:
