@@ -26,16 +26,23 @@ class L1Importance(Importance):
         params = dict(gm.named_parameters())
         scores = np.zeros(groups.n_units)
         scratch = ScratchBuffer()
+        vectors = []  # 1-d parameters (norm affines, biases): each position is its own sum, done in one go
         with torch.no_grad():
             for name, dims in groups.param_slices.items():
                 if name not in params:
                     continue
                 weight = params[name].detach()
+                if weight.ndim == 1:
+                    vectors.append((weight, dims[0]))
+                    continue
                 magnitude = torch.abs(weight, out=scratch.like(weight.shape, weight.dtype, weight.device))
                 if self.power != 1:
                     magnitude = magnitude.double() ** self.power
                 for elements, per_position in position_sums(magnitude, dims):
                     add_to_units(scores, groups, elements, per_position)
+            if vectors:
+                magnitude = torch.cat([w.double().cpu() for w, _ in vectors]).abs_() ** self.power
+                add_to_units(scores, groups, np.concatenate([e for _, e in vectors]), magnitude.numpy())
         return scores ** (1.0 / self.power)
 
 
