@@ -19,7 +19,7 @@ import torch
 import torch.fx
 
 from .fxutil import get_attr
-from .ir import ChannelGroups, ChannelMap
+from .ir import ChannelGroups, ChannelMap, once_per_array
 from .latency import LatencyModel, TableInterpolator
 from .ops import REGISTRY
 from .tracing import TensorSpec
@@ -259,12 +259,11 @@ class CostContext:
 
     def __init__(self, gm: torch.fx.GraphModule, groups: ChannelGroups):
         self.gm, self.groups = gm, groups
-
-    def units_of(self, elements: np.ndarray) -> np.ndarray:
-        return self.groups.units_of(elements)
+        # a conv's output channels are also its norm's and its consumers' input channels: one lookup each
+        self.units_of = once_per_array(groups.units_of)
 
     def dim_factor(self, elements: Optional[np.ndarray], size: int) -> Factor:
-        return int(size) if elements is None else self.groups.units_of(elements)
+        return int(size) if elements is None else self.units_of(elements)
 
     def weight_factors(self, name: str) -> List[Factor]:
         shape = get_attr(self.gm, name).shape

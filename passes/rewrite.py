@@ -24,7 +24,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from fxprune.fxutil import ScratchBuffer, get_attr
 from fxprune.ir import ChannelGroups, ChannelMap, PrunePlan
 from fxprune.ops import REGISTRY, op_fact
-from fxprune.tracing import value_spec
+from fxprune.tracing import shallow_module_copy, value_spec
 
 
 
@@ -184,7 +184,7 @@ def _copy_module(module: nn.Module, copies: Dict[int, Any]) -> nn.Module:
     if module._parameters or module._buffers or module._modules or \
             not all(immutable(v) for k, v in own.items() if k not in empty):
         return copy.deepcopy(module, copies)
-    new = copy.copy(module)
+    new = shallow_module_copy(module)
     new.__dict__.update({k: type(own[k])() for k in empty})
     new.__dict__.update(_parameters={}, _buffers={}, _modules={})
     return new
@@ -193,7 +193,7 @@ def _copy_module(module: nn.Module, copies: Dict[int, Any]) -> nn.Module:
 def _with_tensors(module: nn.Module, prefix: str, new_tensors: Dict[str, torch.Tensor],
                   copies: Dict[int, Any]) -> nn.Module:
     """Copy of `module` holding the new tensors where it has them and copies of the rest."""
-    new = copy.copy(module)
+    new = shallow_module_copy(module)
     new.__dict__["_parameters"] = {k: new_tensors[prefix + k] if prefix + k in new_tensors else
                                    _copy_tensor(v, copies) for k, v in module._parameters.items()}
     new.__dict__["_buffers"] = {k: new_tensors[prefix + k] if prefix + k in new_tensors else
