@@ -36,7 +36,7 @@ class BNScaleImportance(Importance):
                 if local != "weight" or not isinstance(module, NORM_LAYER_TYPES):
                     continue
                 for elements, per_position in position_sums(params[name].detach().abs(), dims):
-                    add_to_units(scores, groups, elements, per_position)
+                    add_to_units(scores, groups, elements, per_position.double().cpu().numpy())
                     has_gamma[groups.units_of(elements)] = True
         fallback = L1Importance().score(gm, groups)
         for group in groups.groups:

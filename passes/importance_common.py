@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Dict, Iterator, Tuple
+from typing import Dict, Iterator, List, Tuple
 
 import numpy as np
 import torch
@@ -10,9 +10,10 @@ import torch
 from fxprune.ir import ChannelGroups
 
 
-def position_sums(tensor: torch.Tensor, dims: Dict[int, np.ndarray]) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+def position_sums(tensor: torch.Tensor, dims: Dict[int, np.ndarray]) -> Iterator[Tuple[np.ndarray, torch.Tensor]]:
     """For each channel-sliced dim of a parameter: (elements, the tensor summed over every other dim),
-    i.e. one value per position along that dim."""
+    i.e. one value per position along that dim: a new 1-d tensor on the parameter's device, never a view
+    of `tensor` (which may be scratch memory reused for the next parameter)."""
     tensor = tensor.contiguous()
     for dim, elements in dims.items():
         n = tensor.shape[dim]
@@ -22,8 +23,31 @@ def position_sums(tensor: torch.Tensor, dims: Dict[int, np.ndarray]) -> Iterator
         # its rows, then [n, after] over its columns). Summing a short trailing dim on its own (a conv's
         # 3x3 kernel) first is several times slower: 0.94 against 0.19 ms on a 512x512x3x3 weight.
         rows = tensor.reshape(before, n * after).sum(0) if before > 1 else tensor.reshape(n * after)
-        per_position = rows.view(n, after).sum(1) if after > 1 else rows
-        yield elements, per_position.double().cpu().numpy().reshape(-1)
+        if after > 1:
+            yield elements, rows.view(n, after).sum(1)
+        else:
+            yield elements, rows if before > 1 else rows.clone()  # a 1-d tensor's positions are its values
+
+
+class UnitSums:
+    """Per-position values collected as tensors, then added into per-unit scores in one go: one copy
+    to numpy and one np.add.at instead of one per parameter dim (a hundred on resnet50)."""
+
+    def __init__(self, groups: ChannelGroups):
+        self.groups = groups
+        self.elements: List[np.ndarray] = []
+        self.values: List[torch.Tensor] = []
+
+    def add(self, elements: np.ndarray, per_position: torch.Tensor) -> None:
+        self.elements.append(elements)
+        self.values.append(per_position.reshape(-1))
+
+    def add_into(self, scores: np.ndarray) -> np.ndarray:
+        """scores[unit of each element] += its value, in the order added; returns scores."""
+        if self.values:
+            values = torch.cat([v.double().cpu() for v in self.values]).numpy()
+            add_to_units(scores, self.groups, np.concatenate(self.elements), values)
+        return scores
 
 
 def add_to_units(scores: np.ndarray, groups: ChannelGroups, elements: np.ndarray, values: np.ndarray) -> None:

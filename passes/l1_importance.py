@@ -14,7 +14,7 @@ import torch.fx
 from fxprune.fxutil import ScratchBuffer
 from fxprune.importance import Importance, register_importance
 from fxprune.ir import ChannelGroups
-from .importance_common import add_to_units, position_sums
+from .importance_common import UnitSums, position_sums
 
 
 @register_importance
@@ -24,7 +24,7 @@ class L1Importance(Importance):
 
     def score(self, gm: torch.fx.GraphModule, groups: ChannelGroups, data=None) -> np.ndarray:
         params = dict(gm.named_parameters())
-        scores = np.zeros(groups.n_units)
+        sums = UnitSums(groups)
         scratch = ScratchBuffer()
         vectors = []  # 1-d parameters (norm affines, biases): each position is its own sum, done in one go
         with torch.no_grad():
@@ -39,10 +39,11 @@ class L1Importance(Importance):
                 if self.power != 1:
                     magnitude = magnitude.double() ** self.power
                 for elements, per_position in position_sums(magnitude, dims):
-                    add_to_units(scores, groups, elements, per_position)
+                    sums.add(elements, per_position)  # the sums outlive the scratch it is reused for
             if vectors:
                 magnitude = torch.cat([w.double().cpu() for w, _ in vectors]).abs_() ** self.power
-                add_to_units(scores, groups, np.concatenate([e for _, e in vectors]), magnitude.numpy())
+                sums.add(np.concatenate([e for _, e in vectors]), magnitude)
+        scores = sums.add_into(np.zeros(groups.n_units))
         return scores ** (1.0 / self.power)
 
 

@@ -19,7 +19,7 @@ import torch.fx
 
 from fxprune.importance import Importance, ImportanceData, register_importance
 from fxprune.ir import ChannelGroups
-from .importance_common import add_to_units, position_sums
+from .importance_common import UnitSums, position_sums
 
 log = logging.getLogger("fxprune")
 
@@ -42,14 +42,14 @@ class TaylorImportance(Importance):
             with data.batch(n, inputs, target):
                 loss = data.loss(torch.func.functional_call(gm, weights, inputs), target)
             grads = torch.autograd.grad(loss, [weights[k] for k in names], allow_unused=True)
-            per_batch = np.zeros(groups.n_units)
+            sums = UnitSums(groups)
             with torch.no_grad():
                 for name, grad in zip(names, grads):
                     if grad is None:
                         continue
                     for elements, per_position in position_sums(grad * weights[name], groups.param_slices[name]):
-                        add_to_units(per_batch, groups, elements, per_position)
-            scores += per_batch ** 2
+                        sums.add(elements, per_position)
+            scores += sums.add_into(np.zeros(groups.n_units)) ** 2
             n += 1
         log.info("taylor importance from %d calibration batches", n)
         return scores / max(n, 1)

@@ -158,8 +158,51 @@ def test_position_sums_are_the_sums_over_every_other_dim(shape):
         assert got_elements is want
         assert got.shape == (shape[dim],)
         np.testing.assert_allclose(got, reference.numpy(), rtol=1e-5, atol=1e-5)
+        # never a view of the input, which the L1 pass reuses as scratch for the next parameter
+        assert got.untyped_storage().data_ptr() != tensor.untyped_storage().data_ptr()
     # a transposed (non-contiguous) tensor sums the same
     t = tensor.transpose(0, -1)
     dims = {0: np.arange(t.shape[0])}
     np.testing.assert_allclose(next(position_sums(t, dims))[1], t.double().sum(dim=list(range(1, t.ndim))).numpy()
                                if t.ndim > 1 else t.double().numpy(), rtol=1e-5, atol=1e-5)
+
+
+class _OneInputColumn(torch.nn.Module):
+    """Weights of every layout the L1 pass reads: 4-d, [n, 1] (its position sums are its values), 2-d,
+    1-d; the [n, 1] one comes after a larger one, so it is read from reused scratch memory."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 6, 3, padding=1)
+        self.gate = torch.nn.Linear(1, 6)
+        self.norm = torch.nn.BatchNorm2d(6)
+        self.head = torch.nn.Linear(6, 3)
+
+    def forward(self, x):
+        y = self.conv(x) * torch.sigmoid(self.gate(x.mean((1, 2, 3))[:, None]))[:, :, None, None]
+        return self.head(torch.relu(self.norm(y)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("power", [1, 2])
+def test_l1_and_l2_equal_the_norm_of_every_slice_a_unit_owns(power):
+    torch.manual_seed(0)
+    model = _OneInputColumn().eval()
+    with torch.no_grad():
+        model.norm.weight.uniform_(-1, 1)
+        model.norm.bias.uniform_(-1, 1)
+    gm, groups = _analyse(model, (torch.randn(2, 3, 4, 4),), set(), ())
+    scores = resolve_importance("l1" if power == 1 else "l2").score(gm, groups)
+    params = dict(gm.named_parameters())
+    want = np.zeros(groups.n_units)
+    for name, dims in groups.param_slices.items():
+        if name not in params:  # buffers (running statistics) are not weights
+            continue
+        weight = params[name].detach().double().abs() ** power
+        for dim, elements in dims.items():
+            other = [d for d in range(weight.ndim) if d != dim]
+            per_position = weight.sum(dim=other) if other else weight
+            for element, value in zip(elements, per_position.tolist()):
+                want[groups.units_of(np.array([element]))[0]] += value
+    np.testing.assert_allclose(scores, want ** (1 / power), rtol=1e-6)
+    assert list(groups.param_slices).index("gate.weight") > list(groups.param_slices).index("conv.weight")
+    assert 0 in groups.param_slices["gate.weight"]
