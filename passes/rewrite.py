@@ -55,9 +55,10 @@ class PruneRewrite(PassBase):
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         modules = dict(gm.named_modules())
         entries = {node: REGISTRY.lookup(node, modules) for node in gm.graph.nodes}
-        new_tensors = self.sliced_tensors(gm, entries)
+        originals = {name: _tensor_at(modules, gm, name) for name in self.groups.param_slices}
+        new_tensors = self.sliced_tensors(originals, entries)
         # one copy per original tensor, so tied parameters (an LM's input and output embedding) stay tied
-        copies: Dict[int, Any] = {id(get_attr(gm, name)): t for name, t in new_tensors.items()}
+        copies: Dict[int, Any] = {id(originals[name]): t for name, t in new_tensors.items()}
         resized_prefixes = {name.rsplit(".", 1)[0] for name in new_tensors}
         resized_prefixes |= {p.rsplit(".", i)[0] for p in list(resized_prefixes) for i in range(1, p.count(".") + 1)}
         root: Dict[str, Any] = {}
@@ -89,11 +90,11 @@ class PruneRewrite(PassBase):
         pruned.training = gm.training      # its layers are copies in their own mode; the wrapper follows gm
         return PassResult(pruned, True)
 
-    def sliced_tensors(self, gm: torch.fx.GraphModule, entries: Dict[torch.fx.Node, Any]) -> Dict[str, torch.Tensor]:
-        """Every parameter/buffer with a channel dim, index_select-ed to the kept channels, then the
-        fix-ups ops make across tensors (attention's q scale)."""
+    def sliced_tensors(self, originals: Dict[str, torch.Tensor],
+                       entries: Dict[torch.fx.Node, Any]) -> Dict[str, torch.Tensor]:
+        """Every parameter/buffer with a channel dim (`originals`: by qualified name), index_select-ed to
+        the kept channels, then the fix-ups ops make across tensors (attention's q scale)."""
         out: Dict[str, torch.Tensor] = {}
-        originals = {name: get_attr(gm, name) for name in self.groups.param_slices}
         first_name: Dict[int, str] = {}  # a tensor tied under several names is sliced once (alike, by analysis)
         scratch = (ScratchBuffer(), ScratchBuffer())  # a gather cannot read and write the same memory
         with torch.no_grad():
@@ -128,6 +129,18 @@ class PruneRewrite(PassBase):
 # A conv weight cut on both channel dims is gathered in one pass, kernel by kernel, when its kernels are
 # big enough for that to beat two index_selects (3x3 and up: 512x512x3x3 at 70% kept, 1.7 against 3.2 ms).
 _KERNEL_GATHER_MIN_KERNEL, _KERNEL_GATHER_MIN_NUMEL = 4, 1 << 16
+
+
+def _tensor_at(modules: Dict[str, nn.Module], root: nn.Module, name: str) -> Any:
+    """The parameter or buffer at a qualified name, through the module table (get_attr walks the path;
+    a module registered under two names is in the table under one)."""
+    prefix, _, local = name.rpartition(".")
+    module = modules.get(prefix)
+    if module is None:
+        return get_attr(root, name)
+    if local in module._parameters:
+        return module._parameters[local]
+    return module._buffers[local] if local in module._buffers else getattr(module, local)
 
 
 def _select(tensor: torch.Tensor, dim: int, idx: torch.Tensor, out_buffer: Optional[ScratchBuffer]) -> torch.Tensor:
