@@ -15,7 +15,7 @@ import torch.fx
 from fxprune.importance import Importance, register_importance
 from fxprune.ir import ChannelGroups
 from fxprune.layers import NORM_LAYER_TYPES
-from .importance_common import add_to_units, owner, position_sums
+from .importance_common import UnitSums, owner, position_sums
 from .l1_importance import L1Importance
 
 
@@ -26,7 +26,7 @@ class BNScaleImportance(Importance):
 
     def score(self, gm: torch.fx.GraphModule, groups: ChannelGroups, data=None) -> np.ndarray:
         params = dict(gm.named_parameters())
-        scores = np.zeros(groups.n_units)
+        sums = UnitSums(groups)
         has_gamma = np.zeros(groups.n_units, dtype=bool)
         with torch.no_grad():
             for name, dims in groups.param_slices.items():
@@ -36,8 +36,9 @@ class BNScaleImportance(Importance):
                 if local != "weight" or not isinstance(module, NORM_LAYER_TYPES):
                     continue
                 for elements, per_position in position_sums(params[name].detach().abs(), dims):
-                    add_to_units(scores, groups, elements, per_position.double().cpu().numpy())
+                    sums.add(elements, per_position)
                     has_gamma[groups.units_of(elements)] = True
+        scores = sums.add_into(np.zeros(groups.n_units))
         fallback = L1Importance().score(gm, groups)
         for group in groups.groups:
             if not has_gamma[group.units].any():

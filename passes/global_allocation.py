@@ -30,6 +30,7 @@ SHORTFALL_WARNING = 0.02  # warn when the result keeps this much (absolute fract
 # (share of the budgeted cost, group id, units) of the cheapest step that did not fit, computed on demand
 SmallestRefused = Callable[[], Optional[Tuple[float, int, int]]]
 
+
 class GlobalAllocation:
     mutates_input = False
 

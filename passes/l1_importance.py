@@ -39,7 +39,7 @@ class L1Importance(Importance):
                 if self.power != 1:
                     magnitude = magnitude.double() ** self.power
                 for elements, per_position in position_sums(magnitude, dims):
-                    sums.add(elements, per_position)  # the sums outlive the scratch it is reused for
+                    sums.add(elements, per_position)  # a new tensor: the scratch is reused next
             if vectors:
                 magnitude = torch.cat([w.double().cpu() for w, _ in vectors]).abs_() ** self.power
                 sums.add(np.concatenate([e for _, e in vectors]), magnitude)
