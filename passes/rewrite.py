@@ -150,8 +150,8 @@ def _select(tensor: torch.Tensor, dim: int, idx: torch.Tensor, out_buffer: Optio
     shape = tensor.shape[:dim] + (len(idx),) + tensor.shape[dim + 1:]
     out = out_buffer.like(shape, tensor.dtype, tensor.device) if out_buffer is not None else \
         torch.empty(shape, dtype=tensor.dtype, device=tensor.device)
-    rows = tensor.numel() // max(tensor.shape[dim], 1)
-    if dim > 0 and tensor.is_contiguous() and rows == math.prod(tensor.shape[:dim]) and rows > 1:
+    rows = math.prod(tensor.shape[:dim])
+    if dim > 0 and rows > 1 and math.prod(tensor.shape[dim + 1:]) == 1 and tensor.is_contiguous():
         matrix = tensor.view(rows, tensor.shape[dim])
         torch.gather(matrix, 1, idx.expand(rows, len(idx)), out=out.view(rows, len(idx)))
         return out
