@@ -81,26 +81,31 @@ def _to_meta(x: Any) -> Any:
 
 
 def _meta_weights(gm: torch.fx.GraphModule) -> torch.nn.Module:
-    """A copy of the module tree over meta-device weights, for interpreting gm's graph on shapes.
-    Only modules the graph calls (and the get_attr targets) get meta tensors; shape-preserving
-    layers are skipped by the interpreter and need none."""
-    # a plain Module holding gm's attributes: copying the GraphModule itself would regenerate its code
-    root = torch.nn.Module()
-    root.__dict__["_parameters"] = dict(gm._parameters)
-    root.__dict__["_buffers"] = dict(gm._buffers)
-    root.__dict__["_modules"] = {k: (_structural_copy(v) if v is not None else None) for k, v in gm._modules.items()}
-    wanted, modules = set(), dict(root.named_modules())
+    """The module tree over meta-device weights where the interpretation reads weights: modules the
+    graph calls whose shape no rule knows without them (and everything inside them), and the holders of
+    get_attr targets. Only those and the modules on the way to them are copied; the rest are shared,
+    as the interpreter never runs them (their meta_shape answers every call)."""
+    modules = dict(gm.named_modules())
+    meta_modules = set()
     for node in gm.graph.nodes:
         if node.op == "call_module" and not _needs_no_weights(modules[node.target]):
-            wanted.update(id(m) for m in modules[node.target].modules())
+            meta_modules.update(name for name, _ in modules[node.target].named_modules(prefix=node.target))
         elif node.op == "get_attr":
-            wanted.add(id(modules[node.target.rpartition(".")[0]]))
-    for module in root.modules():
-        if id(module) not in wanted:
-            continue
-        module.__dict__["_parameters"] = {k: (torch.nn.Parameter(_to_meta(v), v.requires_grad) if v is not None else None)
-                                          for k, v in module._parameters.items()}
-        module.__dict__["_buffers"] = {k: (_to_meta(v) if v is not None else None) for k, v in module._buffers.items()}
-    return root
+            meta_modules.add(node.target.rpartition(".")[0])
+    on_path = {name.rsplit(".", i)[0] for name in meta_modules for i in range(name.count(".") + 1)}
+    # a plain Module holding gm's attributes: copying the GraphModule itself would regenerate its code
+    root = torch.nn.Module()
+    root.__dict__.update(_parameters=gm._parameters, _buffers=gm._buffers, _modules=gm._modules)
+    return _copy_on_path(root, "", meta_modules, on_path)
 
 
+def _copy_on_path(module: torch.nn.Module, name: str, meta_modules: set, on_path: set) -> torch.nn.Module:
+    new = _structural_copy(module, recurse=False)
+    new.__dict__["_modules"] = {k: (_copy_on_path(v, f"{name}.{k}" if name else k, meta_modules, on_path)
+                                    if v is not None and (f"{name}.{k}" if name else k) in on_path else v)
+                                for k, v in module._modules.items()}
+    if name in meta_modules:
+        new.__dict__["_parameters"] = {k: (torch.nn.Parameter(_to_meta(v), v.requires_grad) if v is not None else None)
+                                       for k, v in module._parameters.items()}
+        new.__dict__["_buffers"] = {k: (_to_meta(v) if v is not None else None) for k, v in module._buffers.items()}
+    return new

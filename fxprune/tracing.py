@@ -101,7 +101,8 @@ def shallow_module_copy(module: torch.nn.Module) -> torch.nn.Module:
     return new
 
 
-def _structural_copy(module: torch.nn.Module) -> torch.nn.Module:
+def _structural_copy(module: torch.nn.Module, recurse: bool = True) -> torch.nn.Module:
+    """A new module object (recurse: and new submodule objects) sharing the parameter and buffer tensors."""
     new = shallow_module_copy(module)
     # containers a forward may fill while it is traced (LeViT caches its attention bias per device in a
     # dict) are the copy's own, or the trace would leave proxies in the user's model
@@ -110,7 +111,8 @@ def _structural_copy(module: torch.nn.Module) -> torch.nn.Module:
     # direct __dict__ writes: nn.Module.__setattr__ is slow and these are plain dicts
     new.__dict__["_parameters"] = dict(module._parameters)
     new.__dict__["_buffers"] = dict(module._buffers)
-    new.__dict__["_modules"] = {k: (_structural_copy(v) if v is not None else None) for k, v in module._modules.items()}
+    new.__dict__["_modules"] = {k: (_structural_copy(v) if v is not None and recurse else v)
+                                for k, v in module._modules.items()}
     if "forward" in module.__dict__:
         _adopt_instance_forward(new, module.__dict__["forward"], module)
     return new

@@ -1,5 +1,6 @@
 """One fixture per registry entry added with docs/adding-an-op.md: the groups it must produce, and a
 pruned model equal to the masked original."""
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -506,6 +507,47 @@ def test_shape_propagation_of_conv_and_linear_matches_the_layers(layer, x):
     assert ruled is not None and ruled.shape == expected.shape and ruled.dtype == expected.dtype
     propagate_shapes(gm, (x,))
     assert value_spec(node).shape == tuple(expected.shape) and value_spec(node).dtype == expected.dtype
+
+
+def test_shape_rule_of_pooling_layers_matches_the_layers_on_random_configurations():
+    """Pooling modules have a shape rule (their meta kernels are slow): on random sizes, kernels,
+    strides, paddings, dilations and ceil_mode it gives the layer's shape, and it answers nothing
+    where the layer refuses the input."""
+    from fxprune.ops.reduction import _pool_meta
+    rng = np.random.default_rng(0)
+    answered = 0
+    for _ in range(300):
+        n = int(rng.integers(1, 4))
+        kind = rng.choice(["max", "avg", "adaptive_avg"] + (["adaptive_max"] if n == 2 else []))
+        sizes = tuple(int(v) for v in rng.integers(1, 12, n))
+        x = torch.randn(2, 3, *sizes) if rng.random() < 0.7 else torch.randn(3, *sizes)
+        if kind.startswith("adaptive"):
+            out = tuple(None if rng.random() < 0.2 else int(v) for v in rng.integers(1, 6, n))
+            out = out[0] if n == 1 else out
+            if n == 1 and out is None:
+                out = 3
+            layer = {"adaptive_avg": [nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d][n - 1],
+                     "adaptive_max": nn.AdaptiveMaxPool2d}[kind](out)
+        else:
+            k = tuple(int(v) for v in rng.integers(1, 5, n))
+            options = dict(kernel_size=k, stride=tuple(int(v) for v in rng.integers(1, 4, n)),
+                           padding=tuple(int(v) for v in rng.integers(0, 3, n)), ceil_mode=bool(rng.random() < 0.5))
+            if kind == "max":
+                layer = [nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d][n - 1](
+                    dilation=tuple(int(v) for v in rng.integers(1, 3, n)), **options)
+            else:
+                layer = [nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d][n - 1](**options)
+        node = next(nd for nd in torch.fx.symbolic_trace(nn.Sequential(layer)).graph.nodes if nd.op == "call_module")
+        ruled = _pool_meta(node, (x.to("meta"),), {}, layer)
+        try:
+            expected = layer(x)
+        except RuntimeError:
+            assert ruled is None, f"{layer} refuses {tuple(x.shape)} but the rule gives {ruled.shape}"
+            continue
+        if ruled is not None:
+            answered += 1
+            assert ruled.shape == expected.shape and ruled.dtype == expected.dtype, (layer, tuple(x.shape))
+    assert answered > 150
 
 
 @pytest.mark.parametrize("layer, x", [

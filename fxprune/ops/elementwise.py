@@ -95,7 +95,10 @@ def broadcast_meta(node: torch.fx.Node, args: tuple, kwargs: dict, module: Optio
                              (type(x) is float and dtype.is_floating_point) for x in (*args, *kwargs.values()))
     if not numbers_keep_dtype:
         return None
-    return torch.empty(torch.broadcast_shapes(*(t.shape for t in tensors)), dtype=dtype, device="meta")
+    shapes = [t.shape for t in tensors]
+    # torch.broadcast_shapes is a Python reference implementation; operands of one shape are the common case
+    shape = shapes[0] if all(s == shapes[0] for s in shapes) else torch.broadcast_shapes(*shapes)
+    return torch.empty(shape, dtype=dtype, device="meta")
 
 
 register(OpEntry("binary elementwise", elementwise, positionwise=True, meta_shape=broadcast_meta),
