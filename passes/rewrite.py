@@ -22,7 +22,7 @@ from torch import nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from fxprune.fxutil import ScratchBuffer, get_attr
-from fxprune.ir import ChannelGroups, ChannelMap, PrunePlan
+from fxprune.ir import ChannelGroups, ChannelMap, PrunePlan, once_per_array
 from fxprune.ops import REGISTRY, op_fact
 from fxprune.tracing import shallow_module_copy, value_spec
 
@@ -97,15 +97,19 @@ class PruneRewrite(PassBase):
         out: Dict[str, torch.Tensor] = {}
         first_name: Dict[int, str] = {}  # a tensor tied under several names is sliced once (alike, by analysis)
         scratch = (ScratchBuffer(), ScratchBuffer())  # a gather cannot read and write the same memory
+        # one index tensor per channel array (a conv's outputs index its norm's four tensors too)
+        index = once_per_array(lambda elements: torch.from_numpy(self.kept(elements)))
         with torch.no_grad():
             for name, dims in self.groups.param_slices.items():
                 original = originals[name]
                 if first_name.setdefault(id(original), name) != name:
                     continue
                 tensor = original.detach()
-                cuts = [(dim, torch.as_tensor(idx, device=tensor.device)) for dim, idx in
-                        ((dim, self.kept(elements)) for dim, elements in sorted(dims.items()))
-                        if len(idx) != tensor.shape[dim]]
+                cuts = [(dim, index(elements).to(tensor.device)) for dim, elements in sorted(dims.items())
+                        if len(index(elements)) != tensor.shape[dim]]
+                if len(cuts) == 1 and cuts[0][0] == 0:
+                    out[name] = tensor.index_select(0, cuts[0][1])  # rows (and 1-d tensors): one copy
+                    continue
                 if _gathers_kernels(tensor, cuts):
                     out[name] = _gather_kernels(tensor, cuts[0][1], cuts[1][1])
                     continue
