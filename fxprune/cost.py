@@ -261,12 +261,14 @@ class CostContext:
         self.gm, self.groups = gm, groups
         # a conv's output channels are also its norm's and its consumers' input channels: one lookup each
         self.units_of = once_per_array(groups.units_of)
+        # parameter shapes from one walk of the module tree (get_attr walks a path per call)
+        self._shapes = {name: p.shape for name, p in gm.named_parameters(remove_duplicate=False)}
 
     def dim_factor(self, elements: Optional[np.ndarray], size: int) -> Factor:
         return int(size) if elements is None else self.units_of(elements)
 
     def weight_factors(self, name: str) -> List[Factor]:
-        shape = get_attr(self.gm, name).shape
+        shape = self._shapes[name] if name in self._shapes else get_attr(self.gm, name).shape
         sliced = self.groups.param_slices.get(name, {})
         return [self.dim_factor(sliced.get(d), s) for d, s in enumerate(shape)]
 

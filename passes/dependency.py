@@ -81,8 +81,12 @@ def _dim_before(before, after, d: int, leading_only: bool) -> Optional[int]:
 def _tied_names(gm: torch.fx.GraphModule) -> Dict[str, Tuple[str, ...]]:
     """{name: every name of the same tensor} for parameters and buffers reachable under several names."""
     by_tensor: Dict[int, List[str]] = {}
-    for name, tensor in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]:
-        by_tensor.setdefault(id(tensor), []).append(name)
+    # one walk of the module tree (named_parameters and named_buffers each walk it through generators)
+    for prefix, module in gm.named_modules(remove_duplicate=False):
+        for tensors in (module._parameters, module._buffers):
+            for local, tensor in tensors.items():
+                if tensor is not None:
+                    by_tensor.setdefault(id(tensor), []).append(f"{prefix}.{local}" if prefix else local)
     return {name: tuple(names) for names in by_tensor.values() if len(names) > 1 for name in names}
 
 

@@ -45,7 +45,8 @@ class UnitSums:
     def add_into(self, scores: np.ndarray) -> np.ndarray:
         """scores[unit of each element] += its value, in the order added; returns scores."""
         if self.values:
-            values = torch.cat([v.double().cpu() for v in self.values]).numpy()
+            # one cast after the concatenation (cat promotes mixed dtypes; float32 is exact in float64)
+            values = torch.cat([v.cpu() for v in self.values]).double().numpy()
             add_to_units(scores, self.groups, np.concatenate(self.elements), values)
         return scores
 
