@@ -88,12 +88,32 @@ class _ValueAttribute(Attribute, _ValueProxy):
     """`x.shape`, `x.view`, ...: fx's lazy attribute proxy, with a value."""
 
 
+# argument types fx records as they are (torch.fx.node.base_types less Tensor, which it stores as a constant)
+_PLAIN_ARGUMENTS = frozenset({int, float, bool, complex, str, type(None), type(...), torch.dtype, torch.device,
+                              torch.memory_format, torch.layout})
+
+
 class TracesThroughUnheldModules(torch.fx.Tracer):
     """A module the forward calls but the model does not hold is traced through, like the code it wraps.
     Libraries wrap plain functions in module objects at import time (transformers' hub kernels make
     `apply_rotary_pos_emb` a global nn.Module); fx would record a call_module with no name in the model
     and fail. One holding parameters or buffers cannot be traced through (its tensors would have no name
     in the graph) and is refused, naming its type."""
+
+    def create_arg(self, a: Any) -> Any:
+        """fx's own result, sooner for the arguments nearly every node has (proxies, numbers, strings,
+        plain tuples and lists of them): Tracer.create_arg first checks every argument for a parameter,
+        a constant tensor and a custom opaque type, a third of the time of a resnet50 trace."""
+        kind = type(a)
+        if kind is torch.fx.Proxy:
+            return a.node
+        if kind in _PLAIN_ARGUMENTS:
+            return a
+        if kind is tuple:
+            return tuple(self.create_arg(x) for x in a)
+        if kind is list:
+            return [self.create_arg(x) for x in a]
+        return super().create_arg(a)
 
     def call_module(self, m: torch.nn.Module, forward, args, kwargs):
         try:
