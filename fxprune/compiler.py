@@ -229,6 +229,9 @@ def resolve_ignore(model: torch.nn.Module, ignore: Iterable[Any]) -> set:
     """Qualified names of the ignored modules; unknown names are an error, with suggestions."""
     if isinstance(ignore, (str, torch.nn.Module)):
         ignore = [ignore]
+    ignore = list(ignore)
+    if not ignore:
+        return set()
     names = {id(m): n for n, m in model.named_modules()}
     all_names = [n for n in names.values() if n]
     resolved = set()
