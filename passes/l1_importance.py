@@ -41,7 +41,7 @@ class L1Importance(Importance):
                 for elements, per_position in position_sums(magnitude, dims):
                     sums.add(elements, per_position)  # a new tensor: the scratch is reused next
             if vectors:
-                magnitude = torch.cat([w.double().cpu() for w, _ in vectors]).abs_() ** self.power
+                magnitude = torch.cat([w.cpu() for w, _ in vectors]).double().abs_() ** self.power
                 sums.add(np.concatenate([e for _, e in vectors]), magnitude)
         scores = sums.add_into(np.zeros(groups.n_units))
         return scores ** (1.0 / self.power)
