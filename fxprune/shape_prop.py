@@ -23,7 +23,8 @@ class ShapePropagation(torch.fx.Interpreter):
     failed_node: Optional[torch.fx.Node] = None
 
     def __init__(self, module: torch.nn.Module, graph: torch.fx.Graph, meta: bool):
-        super().__init__(module, graph=graph)
+        # meta values cost no memory: freeing them after their last use only costs the bookkeeping
+        super().__init__(module, garbage_collect_values=not meta, graph=graph)
         self.meta = meta
 
     def run_node(self, n: torch.fx.Node) -> Any:
