@@ -102,9 +102,9 @@ def _meta_weights(gm: torch.fx.GraphModule) -> torch.nn.Module:
 
 def _copy_on_path(module: torch.nn.Module, name: str, meta_modules: set, on_path: set) -> torch.nn.Module:
     new = _structural_copy(module, recurse=False)
-    new.__dict__["_modules"] = {k: (_copy_on_path(v, f"{name}.{k}" if name else k, meta_modules, on_path)
-                                    if v is not None and (f"{name}.{k}" if name else k) in on_path else v)
-                                for k, v in module._modules.items()}
+    children = {k: (f"{name}.{k}" if name else k, v) for k, v in module._modules.items()}
+    new.__dict__["_modules"] = {k: (_copy_on_path(v, child, meta_modules, on_path) if child in on_path else v)
+                                for k, (child, v) in children.items()}
     if name in meta_modules:
         new.__dict__["_parameters"] = {k: (torch.nn.Parameter(_to_meta(v), v.requires_grad) if v is not None else None)
                                        for k, v in module._parameters.items()}
