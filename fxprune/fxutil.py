@@ -10,6 +10,12 @@ import torch.fx
 from .tracing import TensorSpec, value_spec
 
 
+def per_dim(value: Any, n: int) -> Tuple[Any, ...]:
+    """A layer's per-dim setting (kernel_size, stride, output_size...) as an n-tuple: a single value
+    stands for every dim."""
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * n
+
+
 def get_attr(module: torch.nn.Module, qualname: str) -> Any:
     """The parameter, buffer or submodule at a qualified name (a get_attr target)."""
     obj: Any = module

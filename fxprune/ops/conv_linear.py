@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxprune.errors import describe_node
-from fxprune.fxutil import bind_arguments, declare_signature, get_attr, is_get_attr
+from fxprune.fxutil import bind_arguments, declare_signature, get_attr, is_get_attr, per_dim
 from fxprune.ir import ChannelMap
 from fxprune.latency import LatencyLayer, LayerSpec
 from fxprune.tracing import TensorSpec, value_spec
@@ -193,8 +193,8 @@ def _conv_layer(cost, node: torch.fx.Node, x: Any, weight: str, has_bias: bool, 
     depthwise = groups > 1 and shape[1] == 1 and shape[0] == groups
     if groups > 1 and not depthwise:
         return None
-    spec = LayerSpec("conv", tuple(x_spec.shape), int(shape[0]), tuple(shape[2:]), _tuple(stride, n_spatial),
-                     _tuple(padding, n_spatial), _tuple(dilation, n_spatial), depthwise, has_bias)
+    spec = LayerSpec("conv", tuple(x_spec.shape), int(shape[0]), tuple(shape[2:]), _ints(stride, n_spatial),
+                     _ints(padding, n_spatial), _ints(dilation, n_spatial), depthwise, has_bias)
     return LatencyLayer(spec, factors[0], 1) if depthwise else LatencyLayer(spec, factors[1], factors[0])
 
 
@@ -241,8 +241,8 @@ def _weight_shape(cost, weight: str) -> Tuple[int, ...]:
     return tuple(get_attr(cost.gm, weight).shape)
 
 
-def _tuple(value: Any, n: int) -> Tuple[int, ...]:
-    return tuple(int(v) for v in value) if isinstance(value, (tuple, list)) else (int(value),) * n
+def _ints(value: Any, n: int) -> Tuple[int, ...]:
+    return tuple(int(v) for v in per_dim(value, n))
 
 
 def _functional_weight(node: torch.fx.Node) -> Optional[str]:

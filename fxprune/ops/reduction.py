@@ -15,7 +15,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from fxprune.fxutil import argument, declare_signature, first_input
+from fxprune.fxutil import argument, declare_signature, first_input, per_dim
 from fxprune.ir import ChannelMap
 from fxprune.tracing import TensorSpec, value_spec
 from .registry import OpEntry, register
@@ -104,14 +104,14 @@ def _pool_meta(node: torch.fx.Node, args: tuple, kwargs: dict, module) -> Any:
     x = args[0]
     sizes = x.shape[-n:]
     if hasattr(module, "output_size"):
-        wanted = _per_dim(module.output_size, n)
+        wanted = per_dim(module.output_size, n)
         spatial = tuple(s if w is None else w for s, w in zip(sizes, wanted))
         if min(sizes) < 1:
             return None
     else:
-        kernel, padding = _per_dim(module.kernel_size, n), _per_dim(module.padding, n)
-        stride = _per_dim(module.stride if module.stride is not None else module.kernel_size, n)
-        dilation = _per_dim(getattr(module, "dilation", 1), n)
+        kernel, padding = per_dim(module.kernel_size, n), per_dim(module.padding, n)
+        stride = per_dim(module.stride if module.stride is not None else module.kernel_size, n)
+        dilation = per_dim(getattr(module, "dilation", 1), n)
         # kernels differ in what they refuse (avg_pool3d an input smaller than its kernel even when
         # padded): the rule answers only inputs every window fits unpadded
         if any(2 * p > k for p, k in zip(padding, kernel)) or \
@@ -121,10 +121,6 @@ def _pool_meta(node: torch.fx.Node, args: tuple, kwargs: dict, module) -> Any:
         if min(spatial) < 1:
             return None
     return torch.empty((*x.shape[:-n], *spatial), dtype=x.dtype, device="meta")
-
-
-def _per_dim(value: Any, n: int) -> Tuple[Any, ...]:
-    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * n
 
 
 def _pooled_size(size: int, dilation: int, kernel: int, padding: int, stride: int, ceil_mode: bool) -> int:
