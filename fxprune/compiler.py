@@ -19,7 +19,7 @@ from .pipeline import (Allocate, AnalyseChannels, BiasCompensation, CompileState
                        MeasureLatency, MeetMeasuredLatency,
                        PlanFromReport, PlanWhileTraining, Rewrite, Score, Trace, Verify, run_passes)
 from .report import build_report, module_slices as _module_slices
-from .tracing import check_capture, normalise_example_inputs, private_eval_copy
+from .tracing import check_capture, eval_mode, normalise_example_inputs, private_eval_copy
 
 
 log = logging.getLogger("fxprune")
@@ -168,7 +168,7 @@ def _with_report(state: CompileState, budget: Budget, options: Dict[str, Any]) -
              100 * report["params"]["ratio"], ", ".join(f"{k} {v:.2f}s" for k, v in state.seconds.items()))
     pruned = state.pruned
     pruned.meta["fxprune"] = report
-    return pruned.eval()
+    return eval_mode(pruned)
 
 
 def analyze(model: torch.nn.Module, example_inputs, *, ignore: Iterable[Any] = (),

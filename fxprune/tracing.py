@@ -78,7 +78,19 @@ def private_eval_copy(model: torch.nn.Module) -> torch.nn.Module:
             "eval mode. Call .train() on the result to fine-tune it.",
             stacklevel=3,
         )
-    return _structural_copy(model).eval()
+    return eval_mode(_structural_copy(model))
+
+
+def eval_mode(module: torch.nn.Module) -> torch.nn.Module:
+    """module.eval(), returned. Where no layer overrides train() or __setattr__, the flags are written
+    directly: nn.Module.__setattr__ once per layer was 0.2 ms of each resnet50 compile, twice."""
+    modules = list(module.modules())
+    base = torch.nn.Module
+    if any(type(m).train is not base.train or type(m).__setattr__ is not base.__setattr__ for m in modules):
+        return module.eval()
+    for m in modules:
+        m.__dict__["training"] = False
+    return module
 
 
 # nn.Module's own bookkeeping attributes; any other dict, list or set a module holds is its own state

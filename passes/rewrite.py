@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -85,7 +85,7 @@ class PruneRewrite(PassBase):
             elif node.op == "get_attr" and node.target not in root:
                 root[node.target] = new_tensors.get(node.target) if node.target in new_tensors else \
                     _copy_tensor(get_attr(gm, node.target), copies)
-        graph.lint()
+        # graph.lint() runs in the pipeline's checks (FXPRUNE_VERIFY=1, as in the tests): 0.6 ms on resnet50
         pruned = torch.fx.GraphModule(root, graph, class_name="Pruned" + type(gm).__name__)
         pruned.training = gm.training      # its layers are copies in their own mode; the wrapper follows gm
         return PassResult(pruned, True)
@@ -105,20 +105,13 @@ class PruneRewrite(PassBase):
                 if first_name.setdefault(id(original), name) != name:
                     continue
                 tensor = original.detach()
-                cuts = [(dim, index(elements).to(tensor.device)) for dim, elements in sorted(dims.items())
-                        if len(index(elements)) != tensor.shape[dim]]
-                if len(cuts) == 1 and cuts[0][0] == 0:
-                    out[name] = tensor.index_select(0, cuts[0][1])  # rows (and 1-d tensors): one copy
-                    continue
-                if _gathers_kernels(tensor, cuts):
-                    out[name] = _gather_kernels(tensor, cuts[0][1], cuts[1][1])
-                    continue
-                for i, (dim, idx) in enumerate(cuts):  # rows first: gathering columns of fewer rows is cheaper
-                    # an intermediate is gathered into reused memory
-                    out_buffer = scratch[i % 2] if i + 1 < len(cuts) else None
-                    tensor = _select(tensor, dim, idx, out_buffer)
+                cuts = []
+                for dim, elements in sorted(dims.items()):
+                    kept = index(elements)
+                    if len(kept) != tensor.shape[dim]:
+                        cuts.append((dim, kept.to(tensor.device)))
                 if cuts:  # a new tensor; unsliced ones are cloned with their module (never shared)
-                    out[name] = tensor
+                    out[name] = _sliced(tensor, cuts, scratch)
             for node, entry in entries.items():
                 if entry is not None and entry.adjust_tensors is not None and op_fact(node) is not None:
                     entry.adjust_tensors(self, node, op_fact(node), out)
@@ -128,6 +121,23 @@ class PruneRewrite(PassBase):
             if first_name[id(original)] in new:
                 new[name] = new[first_name[id(original)]]
         return new
+
+
+def _sliced(tensor: torch.Tensor, cuts: List[Tuple[int, torch.Tensor]], scratch) -> torch.Tensor:
+    """A new tensor: `tensor` index_select-ed along each (dim, kept indices) of `cuts` (in dim order), in the
+    cheapest order; intermediates are gathered into the two `scratch` buffers' reused memory."""
+    if len(cuts) == 1 and cuts[0][0] == 0:
+        return tensor.index_select(0, cuts[0][1])  # rows (and 1-d tensors): one copy
+    if _gathers_kernels(tensor, cuts):
+        return _gather_kernels(tensor, cuts[0][1], cuts[1][1])
+    if _is_matrix_cut_both_ways(tensor, cuts):
+        # columns first, into scratch, then the rows (a memcpy each) into the new tensor: on resnet50's
+        # 1x1 convs 3.5 against 4.0 ms for rows first
+        cuts = cuts[::-1]
+    # otherwise rows first: the columns of fewer rows are gathered
+    for i, (dim, idx) in enumerate(cuts):
+        tensor = _select(tensor, dim, idx, scratch[i % 2] if i + 1 < len(cuts) else None)
+    return tensor
 
 
 # A conv weight cut on both channel dims is gathered in one pass, kernel by kernel, when its kernels are
@@ -165,6 +175,12 @@ def _select(tensor: torch.Tensor, dim: int, idx: torch.Tensor, out_buffer: Optio
 def _gathers_kernels(tensor: torch.Tensor, cuts) -> bool:
     return (len(cuts) == 2 and cuts[0][0] == 0 and cuts[1][0] == 1 and tensor.ndim > 2 and tensor.is_contiguous()
             and tensor[0, 0].numel() >= _KERNEL_GATHER_MIN_KERNEL and tensor.numel() >= _KERNEL_GATHER_MIN_NUMEL)
+
+
+def _is_matrix_cut_both_ways(tensor: torch.Tensor, cuts) -> bool:
+    """A [O, I] weight (or [O, I, 1, 1]) cut on both dims, contiguous: its columns are one `gather`."""
+    return (len(cuts) == 2 and cuts[0][0] == 0 and cuts[1][0] == 1 and tensor.is_contiguous()
+            and tensor.numel() == tensor.shape[0] * tensor.shape[1])
 
 
 def _gather_kernels(tensor: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:

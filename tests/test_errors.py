@@ -114,8 +114,33 @@ def test_training_mode_model_is_pruned_in_eval_mode_and_left_training():
     with pytest.warns(UserWarning, match="training mode"):
         pruned = fxprune.compile(model, 0.5, example_inputs=(example_input(),))
     assert model.training and all(m.training for m in model.modules())
-    assert not pruned.training
+    assert not pruned.training and not any(m.training for m in pruned.modules())
     assert unchanged(before, model)  # BN running stats untouched (no forward in train mode)
+
+
+class _FrozenNormOnEval(nn.Module):
+    """A layer whose train() does more than set flags (as detection backbones freeze their norms)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)
+
+    def train(self, mode: bool = True):
+        if not mode:
+            self.bn.eps = 1e-3
+        return super().train(mode)
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+
+def test_a_layer_overriding_train_is_put_in_eval_mode_through_its_override():
+    model = nn.Sequential(_FrozenNormOnEval(), nn.ReLU(), nn.Conv2d(8, 4, 3)).train()
+    with pytest.warns(UserWarning, match="training mode"):
+        pruned = fxprune.compile(model, 0.6, example_inputs=(example_input(),))
+    assert model.training and model[0].bn.eps == 1e-5  # the user's layer was never switched
+    assert getattr(pruned, "0").bn.eps == 1e-3  # its copy went to eval mode through the override
+    assert not any(m.training for m in pruned.modules())
 
 
 # ------------------------------------------------------------------ data and files at the boundaries
