@@ -172,15 +172,19 @@ def _select(tensor: torch.Tensor, dim: int, idx: torch.Tensor, out_buffer: Optio
     return torch.index_select(tensor, dim, idx, out=out)
 
 
+def _cut_on_rows_and_columns(tensor: torch.Tensor, cuts) -> bool:
+    """A contiguous tensor cut on dims 0 and 1 only."""
+    return len(cuts) == 2 and cuts[0][0] == 0 and cuts[1][0] == 1 and tensor.is_contiguous()
+
+
 def _gathers_kernels(tensor: torch.Tensor, cuts) -> bool:
-    return (len(cuts) == 2 and cuts[0][0] == 0 and cuts[1][0] == 1 and tensor.ndim > 2 and tensor.is_contiguous()
+    return (_cut_on_rows_and_columns(tensor, cuts) and tensor.ndim > 2
             and tensor[0, 0].numel() >= _KERNEL_GATHER_MIN_KERNEL and tensor.numel() >= _KERNEL_GATHER_MIN_NUMEL)
 
 
 def _is_matrix_cut_both_ways(tensor: torch.Tensor, cuts) -> bool:
-    """A [O, I] weight (or [O, I, 1, 1]) cut on both dims, contiguous: its columns are one `gather`."""
-    return (len(cuts) == 2 and cuts[0][0] == 0 and cuts[1][0] == 1 and tensor.is_contiguous()
-            and tensor.numel() == tensor.shape[0] * tensor.shape[1])
+    """A [O, I] weight (or [O, I, 1, 1]) cut on both dims: its columns are one `gather`."""
+    return _cut_on_rows_and_columns(tensor, cuts) and tensor.numel() == tensor.shape[0] * tensor.shape[1]
 
 
 def _gather_kernels(tensor: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
