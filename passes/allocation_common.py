@@ -44,12 +44,7 @@ def allowed_kept_counts(group: ChannelGroup, n_frozen: int, round_to: int, min_c
     if size <= floor:
         return [size]
     step = round_to if round_to > 1 and size >= round_to else 1
-    counts = [size]
-    k = (size - 1) // step * step
-    while k >= floor and k > 0:
-        counts.append(k)
-        k -= step
-    return counts
+    return [size, *range((size - 1) // step * step, floor - 1, -step)]  # floor >= 1
 
 
 def normalised_importance(groups: ChannelGroups, scores: np.ndarray) -> np.ndarray:
