@@ -223,6 +223,19 @@ def test_default_round_to_follows_each_groups_width():
     assert kept["_0"] % 16 == 0 and kept["_2"] % 16 == 0 and kept["_4"] % 2 == 0 and kept["_0"] < 256
 
 
+def test_allowed_kept_counts_are_the_full_size_then_every_multiple_of_the_step_down_to_the_floor():
+    from types import SimpleNamespace
+    from fxprune.passes.allocation_common import allowed_kept_counts
+    for size in range(0, 40):
+        for n_frozen in range(0, 6):
+            for round_to in range(1, 10):
+                for min_channels in range(0, 8):
+                    counts = allowed_kept_counts(SimpleNamespace(size=size), n_frozen, round_to, min_channels)
+                    floor = max(min_channels, 1, n_frozen)
+                    step = round_to if 1 < round_to <= size else 1
+                    expected = [size] + [k for k in range(size - 1, 0, -1) if k % step == 0 and k >= floor]
+                    assert counts == (expected if size > floor else [size]), (size, n_frozen, round_to, min_channels)
+
 @pytest.mark.parametrize("allocation", ["global", "global_per_flop", "uniform"])
 def test_budget_one_keeps_everything(allocation):
     model = ConvChain()
