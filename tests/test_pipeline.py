@@ -91,4 +91,3 @@ def test_checks_are_off_unless_asked_for():
     state = run_passes([Trace(), AnalyseChannels(), RenamesANode()], start(), checks=False)
     assert state.groups is not None and list(state.seconds) == ["trace", "analyse_channels", "renames_a_node"]
     assert dataclasses.is_dataclass(state)
-
