@@ -10,7 +10,6 @@ kept positions of a channel vector, so the cost of any plan is exact and cheap t
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Tuple, Union
 
@@ -93,15 +92,7 @@ class CostModel:
     def unit_cost(self, which: str = "flops") -> np.ndarray:
         """d cost / d unit at full width: what removing one unit alone would save (FLOPs or params;
         latency is priced by FLOPs here)."""
-        cost = np.zeros(self.n_units)
-        for term in (self.param_terms if which == "params" else self.flops_terms):
-            sizes = [f if isinstance(f, int) else len(f) for f in term.factors]
-            for i, f in enumerate(term.factors):
-                if isinstance(f, int):
-                    continue
-                others = term.coef * math.prod(s for j, s in enumerate(sizes) if j != i)
-                np.add.at(cost, f, others)
-        return cost
+        return self._terms["params" if which == "params" else "flops"].unit_cost(self.n_units)
 
 
 class _VectorisedTerms:
@@ -149,6 +140,23 @@ class _VectorisedTerms:
 
     def __call__(self, keep_unit: np.ndarray) -> float:
         return self.total(self.sizes_for(keep_unit)) if len(self.coef) else 0.0
+
+    def unit_cost(self, n_units: int) -> np.ndarray:
+        """Per unit, at full width: the sum, over the channel factors holding it, of its term's coef times
+        the product of the term's other factors (what removing that unit alone saves)."""
+        cost = np.zeros(n_units)
+        if not len(self.channel_slots):
+            return cost
+        sizes = self.sizes_for(np.ones(n_units, dtype=bool))
+        term_of_slot = np.repeat(np.arange(len(self.term_starts)), np.diff(np.append(self.term_starts, len(sizes))))
+        slot_terms = term_of_slot[self.channel_slots]
+        slot_sizes = sizes[self.channel_slots]
+        # the product of the other factors is the term's product over this one: both are exact integers
+        # (below 2**53), so the quotient is too, and coef multiplies it as it would the product itself
+        others = np.multiply.reduceat(sizes, self.term_starts)[slot_terms] / np.where(slot_sizes > 0, slot_sizes, 1)
+        per_slot = self.coef[slot_terms] * others
+        np.add.at(cost, self.indices, np.repeat(per_slot, np.diff(np.append(self.starts, len(self.indices)))))
+        return cost
 
 
 class _LatencyTerms(_VectorisedTerms):

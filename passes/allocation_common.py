@@ -48,13 +48,19 @@ def allowed_kept_counts(group: ChannelGroup, n_frozen: int, round_to: int, min_c
 
 
 def normalised_importance(groups: ChannelGroups, scores: np.ndarray) -> np.ndarray:
-    """Scores divided by their group's mean, so groups of different scale compare."""
-    out = np.ones_like(scores, dtype=float)
-    for g in groups.groups:
-        s = scores[g.units].astype(float)
-        mean = s.mean() if len(s) else 0.0
-        out[g.units] = s / mean if mean > 0 else 1.0
-    return out
+    """Scores divided by their group's mean, so groups of different scale compare (1 in a group whose
+    mean is not positive). All groups at once: a loop over resnet50's 38 groups took 0.12 ms."""
+    scores = np.asarray(scores, dtype=float)
+    n_groups = len(groups.groups)
+    totals = np.bincount(groups.unit_group, weights=scores, minlength=n_groups)
+    mean = (totals / np.maximum(np.bincount(groups.unit_group, minlength=n_groups), 1))[groups.unit_group]
+    positive = mean > 0
+    return np.where(positive, scores / np.where(positive, mean, 1.0), 1.0)
+
+
+def protected_per_group(groups: ChannelGroups, protected: np.ndarray) -> np.ndarray:
+    """The number of protected units in each group (by group id)."""
+    return np.bincount(groups.unit_group[protected], minlength=len(groups.groups))
 
 
 def protected_units(groups: ChannelGroups, norm_scores: np.ndarray) -> np.ndarray:
@@ -78,10 +84,14 @@ def protected_units(groups: ChannelGroups, norm_scores: np.ndarray) -> np.ndarra
     return protected
 
 
-def removal_order(group: ChannelGroup, protected: np.ndarray, norm_scores: np.ndarray) -> np.ndarray:
-    """The group's removable units, least important first (ties broken by position)."""
-    units = group.units[~protected[group.units]]
-    return units[np.argsort(norm_scores[units], kind="stable")]
+def removal_orders(groups: ChannelGroups, protected: np.ndarray, norm_scores: np.ndarray) -> List[np.ndarray]:
+    """Each group's removable units (by group id), least important first, ties broken by position.
+    Group by group: a stable sort of all units at once (lexsort) was 2.5x slower on resnet50."""
+    orders = []
+    for g in groups.groups:
+        units = g.units[~protected[g.units]]
+        orders.append(units[np.argsort(norm_scores[units], kind="stable")])
+    return orders
 
 
 def meets_budget(cost: CostModel, keep: np.ndarray, budget: Budget, dense: Dict[str, float]) -> bool:

@@ -21,7 +21,8 @@ from fxprune.cost import CostModel
 from fxprune.errors import BudgetError, NoPrunableChannelsError
 from fxprune.ir import ChannelGroups, PrunePlan
 from .allocation_common import (allowed_kept_counts, budget_slack, group_round_to, normalised_importance,
-                                protected_units, removal_order, slack_of, within_budget_unpruned)
+                                protected_per_group, protected_units, removal_orders, slack_of,
+                                within_budget_unpruned)
 
 
 SHORTFALL_WARNING = 0.02  # warn when the result keeps this much (absolute fraction) less than the budget
@@ -53,9 +54,9 @@ class GlobalAllocation:
         # Each group's units leave in chunks (its removal order cut at the legal kept counts). All
         # chunks of all groups are laid end to end in `units`; chunk c is units[begin[c]:end[c]].
         units_parts, begin, end, chunk_group, chunk_value, offset = [], [], [], [], [], 0
-        for g in groups.groups:
-            order = removal_order(g, protected, norm)
-            counts = allowed_kept_counts(g, int(protected[g.units].sum()), group_round_to(groups, g, self.round_to),
+        n_protected = protected_per_group(groups, protected)
+        for g, order in zip(groups.groups, removal_orders(groups, protected, norm)):
+            counts = allowed_kept_counts(g, int(n_protected[g.id]), group_round_to(groups, g, self.round_to),
                                          self.min_channels)
             ends = g.size - np.asarray(counts[1:], dtype=np.int64)  # units removed after each chunk
             if not len(ends):

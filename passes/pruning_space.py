@@ -26,8 +26,8 @@ import numpy as np
 from fxprune.cost import CostModel
 from fxprune.errors import BudgetError, ConfigError, NoPrunableChannelsError
 from fxprune.ir import ChannelGroups, PrunePlan
-from .allocation_common import (allowed_kept_counts, group_round_to, normalised_importance, protected_units,
-                                removal_order)
+from .allocation_common import (allowed_kept_counts, group_round_to, normalised_importance, protected_per_group,
+                                protected_units, removal_orders)
 
 DEFAULT_KEEP_RATIOS = tuple(round(0.1 + 0.05 * i, 2) for i in range(19))  # 0.1, 0.15, ..., 1.0
 
@@ -63,20 +63,21 @@ class PruningSpace:
         self.groups, self.cost = groups, cost
         norm = normalised_importance(groups, scores)
         protected = protected_units(groups, norm)
+        orders, n_protected = removal_orders(groups, protected, norm), protected_per_group(groups, protected)
         self.dims: List[int] = []                 # group id of each searchable dimension
         self.levels: List[np.ndarray] = []        # kept counts a dimension may take, ascending
         self.orders: List[np.ndarray] = []        # its removable units, least important first
         for g in groups.groups:
             if not g.prunable:
                 continue
-            counts = allowed_kept_counts(g, int(protected[g.units].sum()), group_round_to(groups, g, round_to),
+            counts = allowed_kept_counts(g, int(n_protected[g.id]), group_round_to(groups, g, round_to),
                                          min_channels)
             levels = sorted({min(counts, key=lambda c: (abs(c - r * g.size), -c)) for r in keep_ratios})
             if len(levels) < 2:
                 continue                          # nothing to choose: the group stays whole
             self.dims.append(g.id)
             self.levels.append(np.array(levels, dtype=np.int64))
-            self.orders.append(removal_order(g, protected, norm))
+            self.orders.append(orders[g.id])
         if not self.dims:
             raise NoPrunableChannelsError("the pruning space is empty: no channel group can take two widths "
                                           "(every group frozen or too small for round_to/min_channels)")

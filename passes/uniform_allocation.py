@@ -9,7 +9,7 @@ from fxprune.cost import CostModel
 from fxprune.errors import BudgetError, NoPrunableChannelsError
 from fxprune.ir import ChannelGroups, PrunePlan
 from .allocation_common import (allowed_kept_counts, group_round_to, meets_budget, normalised_importance,
-                                protected_units, removal_order, within_budget_unpruned)
+                                protected_per_group, protected_units, removal_orders, within_budget_unpruned)
 from .global_allocation import _no_prunable_message, unreachable_message
 
 
@@ -26,8 +26,9 @@ class UniformAllocation:
             raise NoPrunableChannelsError(_no_prunable_message(groups))
         norm = normalised_importance(groups, scores)
         protected = protected_units(groups, norm)
-        orders = [removal_order(g, protected, norm) for g in groups.groups]
-        allowed = [allowed_kept_counts(g, int(protected[g.units].sum()), group_round_to(groups, g, self.round_to),
+        orders = removal_orders(groups, protected, norm)
+        n_protected = protected_per_group(groups, protected)
+        allowed = [allowed_kept_counts(g, int(n_protected[g.id]), group_round_to(groups, g, self.round_to),
                                        self.min_channels)
                    for g in groups.groups]
         full = np.ones(groups.n_units, dtype=bool)

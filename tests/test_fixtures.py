@@ -236,6 +236,52 @@ def test_allowed_kept_counts_are_the_full_size_then_every_multiple_of_the_step_d
                     expected = [size] + [k for k in range(size - 1, 0, -1) if k % step == 0 and k >= floor]
                     assert counts == (expected if size > floor else [size]), (size, n_frozen, round_to, min_channels)
 
+
+def _analysed_with_costs(name):
+    from fxprune.pipeline import AnalyseChannels, CompileState, CountCost, Trace, run_passes
+    from fxprune.tracing import private_eval_copy
+    state = CompileState(inputs=(example_input(),), model=private_eval_copy(FIXTURES[name]().eval()))
+    return run_passes([Trace(), AnalyseChannels(), CountCost()], state)
+
+
+@pytest.mark.parametrize("name", sorted(FIXTURES))
+def test_unit_cost_sums_each_factors_coefficient_times_the_other_factors(name):
+    """The vectorised unit_cost against its definition, term by term (FLOPs and params)."""
+    import math
+    import numpy as np
+    state = _analysed_with_costs(name)
+    cost = state.cost
+    for which, terms in (("flops", cost.flops_terms), ("params", cost.param_terms)):
+        expected = np.zeros(cost.n_units)
+        for term in terms:
+            sizes = [f if isinstance(f, int) else len(f) for f in term.factors]
+            for i, f in enumerate(term.factors):
+                if not isinstance(f, int):
+                    np.add.at(expected, f, term.coef * math.prod(s for j, s in enumerate(sizes) if j != i))
+        assert np.array_equal(cost.unit_cost(which), expected), which
+
+
+@pytest.mark.parametrize("name", sorted(FIXTURES))
+def test_removal_orders_and_normalised_scores_follow_each_group(name):
+    """All groups at once (one sort, one bincount) against the definition group by group: scores over
+    the group's mean; removable units least important first, ties in position order."""
+    import numpy as np
+    from fxprune.passes.allocation_common import (normalised_importance, protected_per_group, protected_units,
+                                                  removal_orders)
+    groups = _analysed_with_costs(name).groups
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 4, groups.n_units).astype(float)  # few values: many ties
+    norm = normalised_importance(groups, scores)
+    protected = protected_units(groups, norm)
+    orders, n_protected = removal_orders(groups, protected, norm), protected_per_group(groups, protected)
+    assert len(orders) == len(groups.groups)
+    for g in groups.groups:
+        mean = scores[g.units].mean()
+        np.testing.assert_allclose(norm[g.units], scores[g.units] / mean if mean > 0 else 1.0, rtol=1e-12)
+        removable = g.units[~protected[g.units]]
+        assert orders[g.id].tolist() == removable[np.argsort(norm[removable], kind="stable")].tolist()
+        assert n_protected[g.id] == protected[g.units].sum()
+
 @pytest.mark.parametrize("allocation", ["global", "global_per_flop", "uniform"])
 def test_budget_one_keeps_everything(allocation):
     model = ConvChain()
