@@ -49,7 +49,7 @@ def allowed_kept_counts(group: ChannelGroup, n_frozen: int, round_to: int, min_c
 
 def normalised_importance(groups: ChannelGroups, scores: np.ndarray) -> np.ndarray:
     """Scores divided by their group's mean, so groups of different scale compare (1 in a group whose
-    mean is not positive). All groups at once: a loop over resnet50's 38 groups took 0.12 ms."""
+    mean is not positive)."""
     scores = np.asarray(scores, dtype=float)
     n_groups = len(groups.groups)
     totals = np.bincount(groups.unit_group, weights=scores, minlength=n_groups)
@@ -86,7 +86,7 @@ def protected_units(groups: ChannelGroups, norm_scores: np.ndarray) -> np.ndarra
 
 def removal_orders(groups: ChannelGroups, protected: np.ndarray, norm_scores: np.ndarray) -> List[np.ndarray]:
     """Each group's removable units (by group id), least important first, ties broken by position.
-    Group by group: a stable sort of all units at once (lexsort) was 2.5x slower on resnet50."""
+    Sorted group by group: stable float sorts grow costly with length (one sort of all units was slower)."""
     orders = []
     for g in groups.groups:
         units = g.units[~protected[g.units]]
