@@ -263,8 +263,8 @@ def test_unit_cost_sums_each_factors_coefficient_times_the_other_factors(name):
 
 @pytest.mark.parametrize("name", sorted(FIXTURES))
 def test_removal_orders_and_normalised_scores_follow_each_group(name):
-    """All groups at once (one sort, one bincount) against the definition group by group: scores over
-    the group's mean; removable units least important first, ties in position order."""
+    """Computed for all groups (bincounts; one call for the orders) against the definition group by group:
+    scores over the group's mean; removable units least important first, ties in position order."""
     import numpy as np
     from fxprune.passes.allocation_common import (normalised_importance, protected_per_group, protected_units,
                                                   removal_orders)
@@ -281,6 +281,7 @@ def test_removal_orders_and_normalised_scores_follow_each_group(name):
         removable = g.units[~protected[g.units]]
         assert orders[g.id].tolist() == removable[np.argsort(norm[removable], kind="stable")].tolist()
         assert n_protected[g.id] == protected[g.units].sum()
+
 
 @pytest.mark.parametrize("allocation", ["global", "global_per_flop", "uniform"])
 def test_budget_one_keeps_everything(allocation):
