@@ -26,19 +26,27 @@ class ElementSets:
     """Union-find over channel elements, with each element's source space and freeze records."""
 
     def __init__(self):
+        # the first len(self) entries are in use; the arrays grow by doubling, since copying them whole for
+        # every new space is quadratic in the number of spaces
         self._parent = np.zeros(0, dtype=np.int64)
         self._space = np.zeros(0, dtype=np.int64)
+        self._n = 0
         self.spaces: List["SourceSpace"] = []
         self._freezes: List[Tuple[np.ndarray, str]] = []
 
     def __len__(self) -> int:
-        return len(self._parent)
+        return self._n
 
     def new_space(self, node: torch.fx.Node, size: int, what: str) -> np.ndarray:
-        start = len(self._parent)
-        ids = np.arange(start, start + size, dtype=np.int64)
-        self._parent = np.concatenate([self._parent, ids])
-        self._space = np.concatenate([self._space, np.full(size, len(self.spaces), dtype=np.int64)])
+        start, end = self._n, self._n + size
+        if end > len(self._parent):
+            capacity = max(end, 2 * len(self._parent))
+            self._parent = np.concatenate([self._parent[:start], np.zeros(capacity - start, dtype=np.int64)])
+            self._space = np.concatenate([self._space[:start], np.zeros(capacity - start, dtype=np.int64)])
+        ids = np.arange(start, end, dtype=np.int64)
+        self._parent[start:end] = ids
+        self._space[start:end] = len(self.spaces)
+        self._n = end
         self.spaces.append(SourceSpace(node.name, what, size))
         return ids
 

@@ -272,7 +272,11 @@ class ChannelAnalysis:
         es = self.es
         n = len(es)
         roots = es.find(np.arange(n, dtype=np.int64))
-        unique_roots, element_unit = np.unique(roots, return_inverse=True)
+        # np.unique(roots, return_inverse=True) without its sort: every root is its own root, so the roots
+        # are the elements that map to themselves, and a unit's id is its root's rank among them
+        is_root = roots == np.arange(n, dtype=np.int64)
+        unique_roots = np.flatnonzero(is_root)
+        element_unit = (np.cumsum(is_root) - 1)[roots]
         n_units = len(unique_roots)
 
         # groups: source spaces linked by any coupled element
@@ -285,8 +289,11 @@ class ChannelAnalysis:
                 s = space_parent[s]
             return s
 
-        # (space of element, space of its root) pairs, encoded as one integer each for a fast unique
-        codes = np.unique(es.space_of(np.arange(n)) * n_spaces + es.space_of(roots)) if n else np.zeros(0, np.int64)
+        # (space of element, space of its root) pairs, encoded as one integer each for a fast unique; a pair
+        # within one space links nothing
+        element_space, root_space = es.space_of(np.arange(n)), es.space_of(roots)
+        across = element_space != root_space
+        codes = np.unique(element_space[across] * n_spaces + root_space[across])
         for a, b in zip((codes // max(n_spaces, 1)).tolist(), (codes % max(n_spaces, 1)).tolist()):
             ra, rb = find(a), find(b)
             if ra != rb:
