@@ -21,7 +21,7 @@ from .fxutil import get_attr
 from .ir import ChannelGroups, ChannelMap, once_per_array
 from .latency import LatencyModel, TableInterpolator
 from .ops import REGISTRY
-from .tracing import TensorSpec
+from .tracing import TensorSpec, module_table
 
 Factor = Union[int, np.ndarray]  # a constant size, or the unit of every position of a channel dim
 
@@ -289,7 +289,7 @@ class CostContext:
 
 def build_cost_model(gm: torch.fx.GraphModule, groups: ChannelGroups) -> CostModel:
     """FLOPs from each op's registry entry; params from every nn.Parameter."""
-    modules = dict(gm.named_modules())
+    modules = module_table(gm)
     context = CostContext(gm, groups)
     flops: List[Term] = []
     for node in gm.graph.nodes:

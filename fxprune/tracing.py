@@ -9,8 +9,9 @@ import inspect
 import traceback
 import types
 import warnings
+import weakref
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Collection, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.fx
@@ -105,24 +106,91 @@ def _state_containers(module: torch.nn.Module):
             if isinstance(state[name], (dict, list, set))]
 
 
-def shallow_module_copy(module: torch.nn.Module) -> torch.nn.Module:
-    """A new module object sharing every attribute value with `module`. Not copy.copy: that goes through
-    __reduce_ex__, which parametrized modules (weight_norm) refuse, and takes several times as long."""
+def module_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A new module object sharing every attribute value with `module` but its containers: each dict, list
+    and set in its __dict__ (hook tables, buffer names, state a forward fills) is copied one level deep, so
+    a hook or buffer registered on the copy, or a cache its forward fills while traced (LeViT keeps its
+    attention bias per device in a dict; the trace would leave proxies there), never reaches `module`.
+    Not copy.copy: that goes through __reduce_ex__, which parametrized modules (weight_norm) refuse, and
+    takes several times as long."""
     new = object.__new__(type(module))
-    new.__dict__.update(module.__dict__)
+    state = new.__dict__
+    state.update(module.__dict__)
+    for name, value in module.__dict__.items():
+        if isinstance(value, (dict, list, set)):
+            # nn.Module's own tables are plain dicts, OrderedDicts and sets; the user's may be any subclass
+            state[name] = value.copy() if name in _MODULE_BOOKKEEPING else copy.copy(value)
     return new
+
+
+# traced module -> dict(named_modules()); weak, so an entry goes with its module
+_MODULE_TABLES: "weakref.WeakKeyDictionary[torch.nn.Module, Dict[str, torch.nn.Module]]" = weakref.WeakKeyDictionary()
+
+
+def module_table(gm: torch.fx.GraphModule) -> Dict[str, torch.nn.Module]:
+    """dict(gm.named_modules()) for the module fxprune traced, computed once: the passes look its modules up
+    by name, five of them, and none changes its module tree (the rewrite builds a new module). Not for a
+    module that may change between calls."""
+    table = _MODULE_TABLES.get(gm)
+    if table is None:
+        table = _MODULE_TABLES[gm] = dict(gm.named_modules())
+    return table
+
+
+def graph_module(graph: torch.fx.Graph, attributes: Dict[str, Any], class_name: str,
+                 non_persistent: Collection[str] = (), cls: type = torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """`cls(attributes, graph, class_name)`: a GraphModule holding every value of `attributes` (modules,
+    parameters, tensors) at its qualified name, under plain nn.Module containers where the path has no module
+    of its own, as fx builds it. Tensors that are not parameters become buffers, persistent unless their
+    name is in `non_persistent`.
+
+    fx assigns each name through getattr and nn.Module.__setattr__ (1.1-1.8 ms for each of resnet50's two
+    graph modules in a compile); the containers made here are written through their dicts instead. Inside a
+    module placed by an earlier (shorter) name, the assignment goes through nn.Module as in fx."""
+    gm = cls({}, torch.fx.Graph(), class_name)  # fx's own construction, with nothing to place yet
+    made: Dict[str, torch.nn.Module] = {"": gm}  # the containers made here, by path
+    for target in sorted(attributes, key=lambda name: name.count(".")):
+        value = attributes[target]
+        prefix, _, field = target.rpartition(".")
+        owner = _container(made, prefix)
+        is_buffer = isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter)
+        if owner is None:  # inside a module from `attributes`
+            owner = gm.get_submodule(prefix)
+            if is_buffer:
+                owner.register_buffer(field, value, persistent=target not in non_persistent)
+            else:
+                setattr(owner, field, value)
+        elif isinstance(value, torch.nn.Module):
+            owner._modules[field] = value
+        elif isinstance(value, torch.nn.Parameter):
+            owner._parameters[field] = value
+        elif is_buffer:
+            owner._buffers[field] = value
+            if target in non_persistent:
+                owner._non_persistent_buffers_set.add(field)
+        else:
+            setattr(owner, field, value)
+    gm.graph = graph
+    return gm
+
+
+def _container(made: Dict[str, torch.nn.Module], path: str) -> Optional[torch.nn.Module]:
+    """The container made for `path` (made now if missing), or None if the path runs into a module that
+    was placed rather than made."""
+    if path in made:
+        return made[path]
+    parent_path, _, name = path.rpartition(".")
+    parent = _container(made, parent_path)
+    if parent is None or name in parent._modules:
+        return None
+    made[path] = parent._modules[name] = torch.nn.Module()
+    return made[path]
 
 
 def _structural_copy(module: torch.nn.Module, recurse: bool = True) -> torch.nn.Module:
     """A new module object (recurse: and new submodule objects) sharing the parameter and buffer tensors."""
-    new = shallow_module_copy(module)
-    # containers a forward may fill while it is traced (LeViT caches its attention bias per device in a
-    # dict) are the copy's own, or the trace would leave proxies in the user's model
-    for name, value in _state_containers(module):
-        new.__dict__[name] = copy.copy(value)
-    # direct __dict__ writes: nn.Module.__setattr__ is slow and these are plain dicts
-    new.__dict__["_parameters"] = dict(module._parameters)
-    new.__dict__["_buffers"] = dict(module._buffers)
+    new = module_copy(module)
+    # direct __dict__ writes: nn.Module.__setattr__ is slow
     new.__dict__["_modules"] = {k: (_structural_copy(v) if v is not None and recurse else v)
                                 for k, v in module._modules.items()}
     if "forward" in module.__dict__:
@@ -217,10 +285,39 @@ def trace_model(model: torch.nn.Module, leaf_modules: Sequence[Any] = (),
                                               is_leaf=_Tracer(leaf_modules).is_leaf_module)
         except Exception as exc:
             raise UnsupportedModelError(_trace_failure_message(model, exc)) from exc
-    name = model.__class__.__name__
     # fxprune interprets this graph but never runs its generated code; the lazy GraphModule skips
     # the code generation (~8 ms on resnet50) until something does need it
-    return _LazyGraphModule(tracer.root, graph, name)
+    attributes, non_persistent = _attributes_used(tracer.root, graph)
+    gm = graph_module(graph, attributes, model.__class__.__name__, non_persistent, cls=_LazyGraphModule)
+    gm.training = tracer.root.training
+    return gm
+
+
+def _attributes_used(root: torch.nn.Module, graph: torch.fx.Graph) -> Tuple[Dict[str, Any], set]:
+    """What `GraphModule(root, graph)` takes from root: the object at each call_module and get_attr target,
+    and the names of the non-persistent buffers among them."""
+    attributes, non_persistent = {}, set()
+    for node in graph.nodes:
+        if node.op not in ("call_module", "get_attr") or node.target in attributes:
+            continue
+        *path, field = node.target.split(".")
+        owner = root
+        for item in path:
+            owner = _module_attribute(owner, item)
+        value = attributes[node.target] = _module_attribute(owner, field)
+        if isinstance(value, torch.Tensor) and field in getattr(owner, "_non_persistent_buffers_set", ()):
+            non_persistent.add(node.target)
+    return attributes, non_persistent
+
+
+def _module_attribute(module: Any, name: str) -> Any:
+    """getattr(module, name), from nn.Module's own tables first: getattr reaches those only through
+    nn.Module.__getattr__, after the instance and class lookups have failed."""
+    for table in ("_modules", "_parameters", "_buffers"):
+        entries = getattr(module, "__dict__", {}).get(table)
+        if entries is not None and name in entries:
+            return entries[name]
+    return getattr(module, name)
 
 
 def _own_containers(model: torch.nn.Module) -> list:

@@ -24,7 +24,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from fxprune.fxutil import ScratchBuffer, get_attr
 from fxprune.ir import ChannelGroups, ChannelMap, PrunePlan, once_per_array
 from fxprune.ops import REGISTRY, op_fact
-from fxprune.tracing import shallow_module_copy, value_spec
+from fxprune.tracing import graph_module, module_copy, module_table, value_spec
 
 
 
@@ -53,7 +53,7 @@ class PruneRewrite(PassBase):
 
     # ----------------------------------------------------------------- the pass
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
-        modules = dict(gm.named_modules())
+        modules = module_table(gm)
         entries = {node: REGISTRY.lookup(node, modules) for node in gm.graph.nodes}
         originals = {name: _tensor_at(modules, gm, name) for name in self.groups.param_slices}
         new_tensors = self.sliced_tensors(originals, entries)
@@ -86,7 +86,7 @@ class PruneRewrite(PassBase):
                 root[node.target] = new_tensors.get(node.target) if node.target in new_tensors else \
                     _copy_tensor(get_attr(gm, node.target), copies)
         # graph.lint() runs in the pipeline's checks (FXPRUNE_VERIFY=1, as in the tests): 0.6 ms on resnet50
-        pruned = torch.fx.GraphModule(root, graph, class_name="Pruned" + type(gm).__name__)
+        pruned = graph_module(graph, root, "Pruned" + type(gm).__name__, _non_persistent_buffers(gm, modules))
         pruned.training = gm.training      # its layers are copies in their own mode; the wrapper follows gm
         return PassResult(pruned, True)
 
@@ -157,6 +157,17 @@ def _tensor_at(modules: Dict[str, nn.Module], root: nn.Module, name: str) -> Any
     return module._buffers[local] if local in module._buffers else getattr(module, local)
 
 
+def _non_persistent_buffers(gm: torch.fx.GraphModule, modules: Dict[str, nn.Module]) -> set:
+    """The get_attr targets of gm that are non-persistent buffers (they stay out of the state_dict)."""
+    names = set()
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            prefix, _, field = node.target.rpartition(".")
+            if field in getattr(modules.get(prefix), "_non_persistent_buffers_set", ()):
+                names.add(node.target)
+    return names
+
+
 def _select(tensor: torch.Tensor, dim: int, idx: torch.Tensor, out_buffer: Optional[ScratchBuffer]) -> torch.Tensor:
     """tensor.index_select(dim, idx), into `out_buffer`'s memory if given. Columns of a matrix (the cut
     dim last, as a linear layer's or 1x1 conv's inputs) are a `gather` along rows, twice as fast as
@@ -210,27 +221,22 @@ _IMMUTABLE = (int, float, complex, str, bytes, bool, type(None), torch.dtype, to
 
 
 def _copy_module(module: nn.Module, copies: Dict[int, Any]) -> nn.Module:
-    """A copy sharing nothing mutable with `module`. A layer holding only numbers, strings and tuples of
-    them (ReLU, pooling, Flatten) is copied shallowly, with fresh empty hook dicts: deepcopy walks every
-    attribute and was a visible share of the rewrite on resnet50."""
+    """A copy sharing nothing mutable with `module`. A layer holding only numbers, strings, tuples of them
+    and empty containers (ReLU, pooling, Flatten) is copied shallowly: deepcopy walks every attribute and
+    was a visible share of the rewrite on resnet50."""
     def immutable(value: Any) -> bool:
         return isinstance(value, _IMMUTABLE) or (isinstance(value, tuple) and all(immutable(v) for v in value))
 
-    own = {k: v for k, v in module.__dict__.items() if k not in ("_parameters", "_buffers", "_modules")}
-    empty = {k for k, v in own.items() if isinstance(v, (dict, set, list)) and not v}  # hooks, buffer names
-    if module._parameters or module._buffers or module._modules or \
-            not all(immutable(v) for k, v in own.items() if k not in empty):
+    if module._parameters or module._buffers or module._modules or not all(
+            immutable(v) or (isinstance(v, (dict, set, list)) and not v) for v in module.__dict__.values()):
         return copy.deepcopy(module, copies)
-    new = shallow_module_copy(module)
-    new.__dict__.update({k: type(own[k])() for k in empty})
-    new.__dict__.update(_parameters={}, _buffers={}, _modules={})
-    return new
+    return module_copy(module)
 
 
 def _with_tensors(module: nn.Module, prefix: str, new_tensors: Dict[str, torch.Tensor],
                   copies: Dict[int, Any]) -> nn.Module:
     """Copy of `module` holding the new tensors where it has them and copies of the rest."""
-    new = shallow_module_copy(module)
+    new = module_copy(module)
     new.__dict__["_parameters"] = {k: new_tensors[prefix + k] if prefix + k in new_tensors else
                                    _copy_tensor(v, copies) for k, v in module._parameters.items()}
     new.__dict__["_buffers"] = {k: new_tensors[prefix + k] if prefix + k in new_tensors else

@@ -176,3 +176,70 @@ def test_tracing_leaves_the_containers_of_the_users_modules_alone(shape_branch):
     assert model.cache == {} and model.seen == []          # no proxy (or value) left in the user's model
     assert pruned.meta["fxprune"]["verification"]["passed"]
     assert model(X).shape == (2, 10) and list(model.cache) == ["cpu"]
+
+
+class ReadsBuffersAndWeights(nn.Module):
+    """Tensors read by the forward itself (get_attr nodes): a non-persistent buffer (Hugging Face's
+    position_ids, rotary inv_freq), a persistent one, and the weight of a layer that is also called."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU())
+        self.head = nn.Linear(16, 10)
+        self.register_buffer("scale", torch.tensor(2.0), persistent=False)
+        self.register_buffer("shift", torch.tensor(0.5))
+
+    def forward(self, x):
+        y = self.block(x) * self.scale + self.shift
+        return self.head(y.mean((2, 3))) + self.head.weight.sum(1)    # head: a module and a get_attr
+
+
+def test_graph_modules_hold_what_fx_would_put_there_and_keep_buffers_non_persistent():
+    """graph_module builds what torch.fx.GraphModule(attributes, graph) builds, and the traced and pruned
+    modules keep the user's state_dict keys: a non-persistent buffer stays out of them."""
+    from fxprune.tracing import _attributes_used, graph_module, private_eval_copy, trace_model
+    model = ReadsBuffersAndWeights().eval()
+    traced = trace_model(private_eval_copy(model))
+    attributes, non_persistent = _attributes_used(traced, traced.graph)
+    assert set(attributes) == {"block.0", "block.1", "scale", "shift", "head", "head.weight"}
+    assert non_persistent == {"scale"}
+    ours = graph_module(traced.graph, attributes, "Traced", non_persistent)
+    theirs = torch.fx.GraphModule(attributes, traced.graph, "Traced")
+    layers = [[(n, type(m).__name__, m.training) for n, m in gm.named_modules()] for gm in (ours, theirs)]
+    assert layers[0] == layers[1] and len(layers[0]) == 5     # the root, block, block.0, block.1, head
+    assert all(ours.get_submodule(name) is attributes[name] for name in ("block.0", "block.1", "head"))
+    for table in ("named_parameters", "named_buffers"):
+        assert [(n, id(t)) for n, t in getattr(ours, table)()] == [(n, id(t)) for n, t in getattr(theirs, table)()]
+    assert set(theirs.state_dict()) - set(ours.state_dict()) == {"scale"}   # fx makes every buffer persistent
+    assert set(traced.state_dict()) == set(model.state_dict())
+    assert torch.equal(ours(X), model(X))
+
+    pruned = fxprune.compile(model, 0.5, example_inputs=(X,), round_to=1)
+    assert pruned.meta["fxprune"]["verification"]["passed"]
+    assert set(pruned.state_dict()) == set(model.state_dict()) and "scale" in dict(pruned.named_buffers())
+    assert pruned.get_submodule("block.0").out_channels < 16
+
+
+def _containers(module: nn.Module) -> dict:
+    return {name: id(value) for name, value in vars(module).items() if isinstance(value, (dict, list, set))}
+
+
+def test_hooks_and_buffers_registered_on_the_pruned_model_or_during_compile_never_reach_the_users_model():
+    """Every layer of the private copy the passes register their calibration hooks on, and of the pruned
+    model, resized or not, owns its hook tables and buffer names."""
+    from fxprune.tracing import private_eval_copy
+    model = ReadsBuffersAndWeights().eval()
+    user_layers = dict(model.named_modules())
+    for name, layer in private_eval_copy(model).named_modules():
+        assert not set(_containers(layer).values()) & set(_containers(user_layers[name]).values()), name
+    data = [torch.randn(2, 3, 13, 13) for _ in range(2)]
+    pruned = fxprune.compile(model, 0.5, example_inputs=(X,), importance="wanda", data=data, round_to=1)
+    assert pruned.meta["fxprune"]["verification"]["passed"]
+    for name, pruned_layer in pruned.named_modules():
+        if name in user_layers:
+            assert not set(_containers(pruned_layer).values()) & set(_containers(user_layers[name]).values()), name
+    pruned.get_submodule("block.0").register_forward_hook(lambda *args: None)   # resized
+    pruned.get_submodule("block.1").register_forward_pre_hook(lambda *args: None)   # copied as is
+    pruned.get_submodule("head").register_buffer("extra", torch.zeros(1), persistent=False)
+    assert all(not layer._forward_hooks and not layer._forward_pre_hooks for layer in model.modules())
+    assert "extra" not in model.head._buffers and not model.head._non_persistent_buffers_set
