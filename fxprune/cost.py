@@ -21,7 +21,7 @@ from .fxutil import get_attr
 from .ir import ChannelGroups, ChannelMap, once_per_array
 from .latency import LatencyModel, TableInterpolator
 from .ops import REGISTRY
-from .tracing import TensorSpec, module_table
+from .tracing import TensorSpec
 
 Factor = Union[int, np.ndarray]  # a constant size, or the unit of every position of a channel dim
 
@@ -299,7 +299,7 @@ class CostContext:
 
 def build_cost_model(gm: torch.fx.GraphModule, groups: ChannelGroups) -> CostModel:
     """FLOPs from each op's registry entry; params from every nn.Parameter."""
-    modules = module_table(gm)
+    modules = dict(gm.named_modules())
     context = CostContext(gm, groups)
     flops: List[Term] = []
     for node in gm.graph.nodes:

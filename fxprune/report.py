@@ -11,7 +11,7 @@ import torch.fx
 from .budget import Budget
 from .cost import CostModel
 from .ir import ChannelGroups, ChannelMap, PrunePlan, distinct_values, once_per_array
-from .tracing import VALUE_KEY, TensorSpec, module_table
+from .tracing import VALUE_KEY, TensorSpec
 
 
 def build_report(gm: torch.fx.GraphModule, groups: ChannelGroups, plan: PrunePlan, cost: CostModel, budget: Budget,
@@ -99,7 +99,7 @@ def _graph_nodes(gm: torch.fx.GraphModule, groups: ChannelGroups, keep: np.ndarr
     """The traced graph as plain data (what tools/viz draws without the model): per node its op, a
     readable kind, inputs, shape, and for every channel dim it carries the width before and after
     pruning and the groups those channels belong to."""
-    nodes, widths, modules = [], _channel_widths(groups, keep), module_table(gm)
+    nodes, widths, modules = [], _channel_widths(groups, keep), dict(gm.named_modules())
     for node in gm.graph.nodes:
         if node.op == "call_module":
             kind = type(modules[node.target]).__name__

@@ -14,7 +14,7 @@ import torch.fx
 
 from .errors import ExampleInputsError, describe_node
 from .ops import REGISTRY
-from .tracing import VALUE_KEY, _structural_copy, module_table, spec_of, torch_layer_type
+from .tracing import VALUE_KEY, _structural_copy, spec_of, torch_layer_type
 
 
 class ShapePropagation(torch.fx.Interpreter):
@@ -86,7 +86,7 @@ def _meta_weights(gm: torch.fx.GraphModule) -> torch.nn.Module:
     graph calls whose shape no rule knows without them (and everything inside them), and the holders of
     get_attr targets. Only those and the modules on the way to them are copied; the rest are shared,
     as the interpreter never runs them (their meta_shape answers every call)."""
-    modules = module_table(gm)
+    modules = dict(gm.named_modules())
     meta_modules = set()
     for node in gm.graph.nodes:
         if node.op == "call_module" and not _needs_no_weights(modules[node.target]):

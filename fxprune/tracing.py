@@ -9,7 +9,6 @@ import inspect
 import traceback
 import types
 import warnings
-import weakref
 from dataclasses import dataclass
 from typing import Any, Collection, Dict, Optional, Sequence, Tuple
 
@@ -121,20 +120,6 @@ def module_copy(module: torch.nn.Module) -> torch.nn.Module:
             # nn.Module's own tables are plain dicts, OrderedDicts and sets; the user's may be any subclass
             state[name] = value.copy() if name in _MODULE_BOOKKEEPING else copy.copy(value)
     return new
-
-
-# traced module -> dict(named_modules()); weak, so an entry goes with its module
-_MODULE_TABLES: "weakref.WeakKeyDictionary[torch.nn.Module, Dict[str, torch.nn.Module]]" = weakref.WeakKeyDictionary()
-
-
-def module_table(gm: torch.fx.GraphModule) -> Dict[str, torch.nn.Module]:
-    """dict(gm.named_modules()) for the module fxprune traced, computed once: the passes look its modules up
-    by name, five of them, and none changes its module tree (the rewrite builds a new module). Not for a
-    module that may change between calls."""
-    table = _MODULE_TABLES.get(gm)
-    if table is None:
-        table = _MODULE_TABLES[gm] = dict(gm.named_modules())
-    return table
 
 
 def graph_module(graph: torch.fx.Graph, attributes: Dict[str, Any], class_name: str,

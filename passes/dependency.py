@@ -27,7 +27,7 @@ from fxprune.ir import (ChannelCount, ChannelGroup, ChannelGroups, ChannelMap, E
                         once_per_array)
 from fxprune.ops import FACT_KEY, REGISTRY
 from fxprune.ops.shape import gathered_dim_source
-from fxprune.tracing import TensorSpec, module_table, value_spec
+from fxprune.tracing import TensorSpec, value_spec
 
 
 class ChannelGroupAnalysis:
@@ -95,7 +95,7 @@ class ChannelAnalysis:
 
     def __init__(self, gm: torch.fx.GraphModule, ignore: set, keep_outputs: bool = True):
         self.gm = gm
-        self.modules = module_table(gm)
+        self.modules = dict(gm.named_modules())
         self.ignore, self.keep_outputs = ignore, keep_outputs
         self.es = ElementSets()
         self.maps: Dict[str, Any] = {}

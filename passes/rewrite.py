@@ -24,7 +24,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from fxprune.fxutil import ScratchBuffer, get_attr
 from fxprune.ir import ChannelGroups, ChannelMap, PrunePlan, once_per_array
 from fxprune.ops import REGISTRY, op_fact
-from fxprune.tracing import graph_module, module_copy, module_table, value_spec
+from fxprune.tracing import graph_module, module_copy, value_spec
 
 
 
@@ -53,7 +53,7 @@ class PruneRewrite(PassBase):
 
     # ----------------------------------------------------------------- the pass
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
-        modules = module_table(gm)
+        modules = dict(gm.named_modules())
         entries = {node: REGISTRY.lookup(node, modules) for node in gm.graph.nodes}
         originals = {name: _tensor_at(modules, gm, name) for name in self.groups.param_slices}
         new_tensors = self.sliced_tensors(originals, entries)

@@ -91,3 +91,21 @@ def test_checks_are_off_unless_asked_for():
     state = run_passes([Trace(), AnalyseChannels(), RenamesANode()], start(), checks=False)
     assert state.groups is not None and list(state.seconds) == ["trace", "analyse_channels", "renames_a_node"]
     assert dataclasses.is_dataclass(state)
+
+
+def test_compile_keeps_nothing_alive_but_its_result():
+    """The traced module, its graph and the analysis die with the compile: a cache that held them would
+    grow with every compile (and each traced module adds a class to nn.Module's subclasses)."""
+    import gc
+    import torch
+    model, x = ConvChain().eval(), example_input()
+    fxprune.compile(model, 0.5, example_inputs=(x,), verify=False)
+    gc.collect()
+
+    def graph_modules():
+        return sum(isinstance(o, torch.fx.GraphModule) for o in gc.get_objects())
+
+    before = graph_modules()
+    kept = [fxprune.compile(model, 0.5, example_inputs=(x,), verify=False) for _ in range(3)]
+    gc.collect()
+    assert graph_modules() == before + len(kept)
