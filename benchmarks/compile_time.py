@@ -34,56 +34,51 @@ import subprocess
 import sys
 import tempfile
 
-CHILD = r"""
-import copy, gc, json, sys, time, torch, torchvision
+# what both kinds of child do first: the model, the example input, and a Torch-Pruning run (as zoo.py times)
+_CHILD_SETUP = r"""
+import copy, gc, importlib, json, sys, time, torch, torchvision
 name, inner, like_zoo, bench_dir = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1", sys.argv[4]
 if like_zoo:                   # as zoo.py times: both cores, Torch-Pruning run and garbage collected in between
     sys.path.insert(0, bench_dir)
     import zoo
 else:
     torch.set_num_threads(1)
-import fxprune
+loaded_before = {m for m in sys.modules if m.split(".")[0] == "fxprune"}
 torch.manual_seed(0)
 model = getattr(torchvision.models, name)().eval()
 x = torch.randn(1, 3, 224, 224)
-fxprune.compile(model, 0.5, example_inputs=(x,), verify=False)
-times, peer = [], []
-for _ in range(inner):
+peer = []
+
+
+def between_compiles():
     if like_zoo:
         fresh = copy.deepcopy(model)
         gc.collect()
         peer.append(zoo.tp_prune(fresh, x, 0.5)[1]["seconds"])
-        gc.collect()
+    gc.collect()
+"""
+
+CHILD = _CHILD_SETUP + r"""
+import fxprune
+fxprune.compile(model, 0.5, example_inputs=(x,), verify=False)
+times = []
+for _ in range(inner):
+    between_compiles()
     start = time.perf_counter()
     fxprune.compile(model, 0.5, example_inputs=(x,), verify=False)
     times.append(time.perf_counter() - start)
 print(json.dumps({"file": fxprune.__file__, "times": times, "peer": peer}))
 """
 
-IN_PROCESS_CHILD = r"""
-import copy, gc, importlib, json, sys, time, torch, torchvision
-name, inner, like_zoo, bench_dir, root = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1", sys.argv[4], sys.argv[5]
-if like_zoo:
-    sys.path.insert(0, bench_dir)
-    import zoo
-else:
-    torch.set_num_threads(1)
-sys.path.insert(0, root)
-loaded_before = {m for m in sys.modules if m.split(".")[0] == "fxprune"}
+IN_PROCESS_CHILD = _CHILD_SETUP + r"""
+sys.path.insert(0, sys.argv[5])
 tools = {which: importlib.import_module("fxprune_" + which) for which in ("baseline", "current")}
-torch.manual_seed(0)
-model = getattr(torchvision.models, name)().eval()
-x = torch.randn(1, 3, 224, 224)
 for tool in tools.values():
     tool.compile(model, 0.5, example_inputs=(x,), verify=False)
-times, peer = {which: [] for which in tools}, []
+times = {which: [] for which in tools}
 for i in range(inner):
     for which in (("baseline", "current") if i % 2 == 0 else ("current", "baseline")):
-        if like_zoo:
-            fresh = copy.deepcopy(model)
-            gc.collect()
-            peer.append(zoo.tp_prune(fresh, x, 0.5)[1]["seconds"])
-        gc.collect()
+        between_compiles()
         start = time.perf_counter()
         tools[which].compile(model, 0.5, example_inputs=(x,), verify=False)
         times[which].append(time.perf_counter() - start)
