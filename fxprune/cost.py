@@ -126,10 +126,10 @@ class _VectorisedTerms:
         self.slot_array = np.array(slot_array, dtype=np.int64)
         self.term_starts = np.array(term_starts, dtype=np.int64)
         self.arrays = arrays
-        lengths = np.array([len(a) for a in arrays], dtype=np.int64)
+        self.lengths = np.array([len(a) for a in arrays], dtype=np.int64)
         self.indices = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64)
-        self.starts = np.cumsum(lengths) - lengths
-        self.empty = lengths == 0
+        self.starts = np.cumsum(self.lengths) - self.lengths
+        self.empty = self.lengths == 0
 
     def sizes_for(self, keep_unit: np.ndarray) -> np.ndarray:
         """Every factor's size under keep_unit (constants as they are, channel factors counted)."""
@@ -165,7 +165,7 @@ class _VectorisedTerms:
         per_slot = self.coef[slot_terms] * others
         # slot by slot, each over its array's units (the order of the additions fixes the float sums)
         positions = np.concatenate([self.arrays[a] for a in self.slot_array])
-        np.add.at(cost, positions, np.repeat(per_slot, [len(self.arrays[a]) for a in self.slot_array]))
+        np.add.at(cost, positions, np.repeat(per_slot, self.lengths[self.slot_array]))
         return cost
 
 
@@ -219,8 +219,7 @@ class _TermsState:
         self.terms = terms
         self.sizes = terms.sizes_for(keep_unit)
         # which distinct array each position belongs to, and the positions of each unit (CSR by unit)
-        lengths = np.diff(np.append(terms.starts, len(terms.indices)))
-        self.array_of_position = np.repeat(np.arange(len(terms.arrays)), lengths)
+        self.array_of_position = np.repeat(np.arange(len(terms.arrays)), terms.lengths)
         self.positions_by_unit = np.argsort(terms.indices, kind="stable")
         self.unit_ptr = np.searchsorted(terms.indices[self.positions_by_unit], np.arange(len(keep_unit) + 1))
 
