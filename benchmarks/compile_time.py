@@ -75,24 +75,26 @@ sys.path.insert(0, sys.argv[5])
 tools = {which: importlib.import_module("fxprune_" + which) for which in ("baseline", "current")}
 for tool in tools.values():
     tool.compile(model, 0.5, example_inputs=(x,), verify=False)
-times = {which: [] for which in tools}
+times, peer_before = {which: [] for which in tools}, {which: [] for which in tools}
 for i in range(inner):
     for which in (("baseline", "current") if i % 2 == 0 else ("current", "baseline")):
         between_compiles()
+        peer_before[which].extend(peer[-1:] if like_zoo else [])   # the Torch-Pruning run just made
         start = time.perf_counter()
         tools[which].compile(model, 0.5, example_inputs=(x,), verify=False)
         times[which].append(time.perf_counter() - start)
 leaked = sorted({m for m in sys.modules if m.split(".")[0] == "fxprune"} - loaded_before)
-print(json.dumps({"files": {w: t.__file__ for w, t in tools.items()}, "times": times, "peer": peer, "leaked": leaked}))
+print(json.dumps({"files": {w: t.__file__ for w, t in tools.items()}, "times": times, "peer": peer_before,
+                  "leaked": leaked}))
 """
 
 # `fxprune` where it names the package in code (imports, fxprune.x); not inside strings ("fxprune.value")
 _PACKAGE_NAME = re.compile(r"(?<![\w.\"'])fxprune(?!\w)")
 
 
-def export_renamed(rev: str, root: str, package: str) -> None:
-    """The tree of `rev` as package `package` under root, every reference to fxprune in its code renamed."""
-    tree = export(rev, os.path.join(root, "trees"))
+def export_renamed(tree: str, root: str, package: str) -> None:
+    """An exported tree's fxprune as package `package` under root, every reference to fxprune in its code
+    renamed."""
     target = os.path.join(root, package)
     shutil.copytree(os.path.join(tree, "fxprune"), target, symlinks=False)
     for folder, _, files in os.walk(target):
@@ -133,8 +135,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as root:
         trees = {"baseline": export(args.baseline, root), "current": export(args.current, root)}
         if args.in_process:
-            export_renamed(args.baseline, root, "fxprune_baseline")
-            export_renamed(args.current, root, "fxprune_current")
+            for which, tree in trees.items():
+                export_renamed(tree, root, "fxprune_" + which)
         print(f"baseline {args.baseline} vs current {args.current}; {args.rounds} rounds x {args.inner} compiles, "
               f"{'as zoo.py times' if args.like_zoo else '1 thread'}\n")
         print(f"{'model':14s} {'baseline s':>10s} {'current s':>10s} {'current/baseline':>17s}")
@@ -145,7 +147,7 @@ def main() -> int:
                     result = _in_process_round(root, name, args.inner, args.like_zoo)
                     for which in times:
                         times[which].extend(result["times"][which])
-                        peer[which].extend(result["peer"])
+                        peer[which].extend(result["peer"][which])
                     continue
                 for which, tree in trees.items():
                     env = dict(os.environ, PYTHONPATH=tree, FXPRUNE_VERIFY="0")
