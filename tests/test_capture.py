@@ -1,6 +1,7 @@
 """Capture of forwards plain torch.fx cannot trace: Python control flow on shapes resolved on the
 example inputs (concrete_tracer.py), keyword example inputs, decorated forwards, options that are
 not tensors. Each pruned model must still equal the masked original, and the batch size stays free."""
+import collections
 import functools
 import math
 
@@ -218,6 +219,46 @@ def test_graph_modules_hold_what_fx_would_put_there_and_keep_buffers_non_persist
     assert pruned.meta["fxprune"]["verification"]["passed"]
     assert set(pruned.state_dict()) == set(model.state_dict()) and "scale" in dict(pruned.named_buffers())
     assert pruned.get_submodule("block.0").out_channels < 16
+
+
+class NestedBlocks(nn.Module):
+    """Functions called inside nested modules, a module called twice: nodes with deep module stacks."""
+
+    def __init__(self, shape_branch: bool):
+        super().__init__()
+        self.shape_branch = shape_branch
+        self.stem = nn.Conv2d(3, 8, 3)
+        self.blocks = nn.Sequential(*[nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()) for _ in range(2)])
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        if self.shape_branch and x.shape[-1] > 1:     # needs the trace with values
+            x = x * 2
+        x = self.blocks(x) + self.blocks[0](x)
+        return self.head(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("shape_branch", [False, True])
+def test_traces_record_the_module_stacks_and_scopes_fx_records(shape_branch):
+    """Both of fxprune's tracers copy fx's module stack and scope their own way (for speed): every node
+    must get what torch.fx.Tracer gives it, as the same types, and no copy may be shared between nodes."""
+    from fxprune.tracing import _Tracer, private_eval_copy, trace_model
+    ours = trace_model(private_eval_copy(NestedBlocks(shape_branch).eval()), example_inputs=(X,))
+    tracer = torch.fx.Tracer()
+    theirs = tracer.trace(NestedBlocks(False).eval())
+    expected = {n.name: n.meta.get("nn_module_stack") for n in theirs.nodes}
+    stacks = {n.name: n.meta.get("nn_module_stack") for n in ours.graph.nodes if n.name in expected}
+    assert len(stacks) == len(expected) and stacks == expected
+    assert {type(s) for s in stacks.values()} == {type(s) for s in expected.values()} == {collections.OrderedDict,
+                                                                                             type(None)}
+    assert max(len(s or ()) for s in stacks.values()) == 3          # blocks, blocks.0 and blocks.0.0
+    held = [id(s) for s in stacks.values() if s is not None]
+    assert len(held) == len(set(held)) > 5
+    ours_tracer = _Tracer()                                           # the scope each node was recorded in
+    ours_tracer.trace(NestedBlocks(False).eval())
+    assert ours_tracer.node_name_to_scope == tracer.node_name_to_scope
+    assert ours_tracer.scope.module_path == "" and ours_tracer.scope.module_type is None
 
 
 def _containers(module: nn.Module) -> dict:
