@@ -188,8 +188,8 @@ def _add_back(chunks: _Chunks, keep: np.ndarray, k: int, stop: np.ndarray, cost:
     index = np.arange(k)
     removed = index[index < stop[chunks.group[index]]]
     by_group: Dict[int, List[int]] = {}
-    for i in removed.tolist():
-        by_group.setdefault(int(chunks.group[i]), []).append(i)
+    for i, group in zip(removed.tolist(), chunks.group[removed].tolist()):
+        by_group.setdefault(group, []).append(i)
     candidates = [-chunks_of[-1] for chunks_of in by_group.values()]  # a max-heap on removal order = value
     heapq.heapify(candidates)
     state, refused_chunks = cost.tracker(keep, budget.constraints()), []
@@ -197,15 +197,22 @@ def _add_back(chunks: _Chunks, keep: np.ndarray, k: int, stop: np.ndarray, cost:
     # (16 -> 24 channels back on a blocked kernel can cost less than 16 -> 20)
     steps_together = len(chunks) if "latency" in budget.constraints() else 1
     while candidates:
-        i = -heapq.heappop(candidates)
-        chunks_of = by_group[int(chunks.group[i])]
-        for n in range(1, min(steps_together, len(chunks_of)) + 1):
-            units = np.concatenate([chunks.units(c) for c in chunks_of[-n:]])
-            if budget_slack(budget, state.if_changed(units, kept=True), dense) >= -1e-9:
-                break
+        if steps_together == 1:
+            i, units = _first_that_fits(candidates, refused_chunks, chunks, state, budget, dense)
+            if i is None:
+                continue
+            n = 1
         else:
-            refused_chunks.append(i)
-            continue                     # the group's earlier chunks stay out with it
+            i = -heapq.heappop(candidates)
+            chunks_of = by_group[int(chunks.group[i])]
+            for n in range(1, min(steps_together, len(chunks_of)) + 1):
+                units = np.concatenate([chunks.units(c) for c in chunks_of[-n:]])
+                if budget_slack(budget, state.if_changed(units, kept=True), dense) >= -1e-9:
+                    break
+            else:
+                refused_chunks.append(i)
+                continue                     # the group's earlier chunks stay out with it
+        chunks_of = by_group[int(chunks.group[i])]
         state.change(units, kept=True)
         del chunks_of[-n:]
         if chunks_of:
@@ -238,6 +245,29 @@ def _add_back(chunks: _Chunks, keep: np.ndarray, k: int, stop: np.ndarray, cost:
                 refused = (step, int(chunks.group[i]), len(units))
         return refused
     return state.keep, smallest_refused
+
+
+# candidates priced together by _first_that_fits: most chunks are refused once the budget is nearly used up,
+# and pricing a window costs little more than pricing one; a window stops a long run of acceptances from
+# pricing every remaining candidate each time
+_PRICING_WINDOW = 16
+
+
+def _first_that_fits(candidates: List[int], refused_chunks: List[int], chunks: _Chunks, state, budget: Budget,
+                     dense: Dict[str, float]) -> Tuple[Optional[int], Optional[np.ndarray]]:
+    """Pop candidates (a max-heap of negated chunk indices) in order until one fits the budget once returned,
+    with the result of popping and pricing them one at a time: those before it are refused against the same
+    state, those after it go back to be priced against the new one. Returns (chunk, its units) or (None, None)."""
+    window = [-heapq.heappop(candidates) for _ in range(min(_PRICING_WINDOW, len(candidates)))]
+    unit_sets = [chunks.units(i) for i in window]
+    for j, values in enumerate(state.if_changed_each(unit_sets, kept=True)):
+        if budget_slack(budget, values, dense) >= -1e-9:
+            refused_chunks.extend(window[:j])
+            for i in window[j + 1:]:
+                heapq.heappush(candidates, -i)
+            return window[j], unit_sets[j]
+    refused_chunks.extend(window)
+    return None, None
 
 
 def unreachable_message(cost: CostModel, keep: np.ndarray, budget: Budget) -> str:

@@ -373,11 +373,39 @@ def test_cost_tracker_equals_full_evaluation(name):
         keep = trial
         assert np.array_equal(tracker.keep, keep)
         assert tracker.values == pytest.approx(expected, rel=1e-12)
+    for kept in (True, False):      # pricing several sets at once gives exactly what pricing each gives
+        sets = [rng.choice(groups.n_units, size=rng.integers(0, 6), replace=True) for _ in range(7)]
+        assert tracker.if_changed_each(sets, kept) == [tracker.if_changed(units, kept) for units in sets]
     flops_only = cost.tracker(keep, ["flops"])       # an allocation prices only what its budget constrains
     units = np.arange(min(3, groups.n_units))
     trial = keep.copy()
     trial[units] = False
     assert flops_only.if_changed(units, False) == pytest.approx({"flops": cost.flops(trial)}, rel=1e-12)
+
+
+@pytest.mark.parametrize("model_name", ["resnet18", "mobilenet_v2", "shufflenet_v2_x0_5"])
+def test_add_back_prices_candidates_in_windows_as_one_at_a_time(model_name, monkeypatch):
+    """The global allocation returns chunks that still fit, pricing its candidates a window at a time:
+    the plans must be those of pricing them one at a time (a window of 1), on every budget and step."""
+    import numpy as np
+    import torchvision
+    from fxprune.compiler import _analyse
+    from fxprune.cost import build_cost_model
+    from fxprune.passes import global_allocation
+    from fxprune.passes.l1_importance import L1Importance
+
+    torch.manual_seed(0)
+    gm, groups = _analyse(getattr(torchvision.models, model_name)().eval(), (torch.randn(1, 3, 64, 64),), set(), ())
+    cost = build_cost_model(gm, groups)
+    scores = L1Importance().score(gm, groups)
+    plans = {}
+    for window in (1, global_allocation._PRICING_WINDOW):
+        monkeypatch.setattr(global_allocation, "_PRICING_WINDOW", window)
+        for budget in (fxprune.Budget(flops=0.3), fxprune.Budget(flops=0.6), fxprune.Budget(params=0.5)):
+            for round_to in (1, 8, "auto"):
+                plan = global_allocation.GlobalAllocation(budget, round_to).run(groups, cost, scores)
+                plans.setdefault((str(budget), round_to), []).append(plan.keep_unit)
+    assert all(np.array_equal(one, windowed) for one, windowed in plans.values())
 
 
 def test_auto_steps_fall_back_to_one_channel_when_they_cannot_meet_the_budget(caplog):
