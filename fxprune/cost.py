@@ -18,7 +18,7 @@ import torch
 import torch.fx
 
 from .fxutil import get_attr
-from .ir import ChannelGroups, ChannelMap, once_per_array
+from .ir import ChannelGroups, ChannelMap, concatenated_ranges, once_per_array
 from .latency import LatencyModel, TableInterpolator
 from .ops import REGISTRY
 from .tracing import TensorSpec
@@ -228,26 +228,14 @@ class _TermsState:
 
     def sizes_after(self, units: np.ndarray, sign: float) -> np.ndarray:
         """Sizes once `units` (each changing state) are added (sign +1) or removed (-1)."""
-        begin, end = self.unit_ptr[units], self.unit_ptr[units + 1]
-        lengths = end - begin
-        if not lengths.sum():
-            return self.sizes
-        ends = np.cumsum(lengths)
-        index = np.arange(int(ends[-1])) - np.repeat(ends - lengths - begin, lengths)
-        arrays = self.array_of_position[self.positions_by_unit[index]]
-        delta = np.bincount(arrays, minlength=len(self.terms.arrays)).astype(np.float64)
-        sizes = self.sizes.copy()
-        sizes[self.terms.channel_slots] += sign * delta[self.terms.slot_array]
-        return sizes
+        return self.sizes_after_each(units, np.zeros(len(units), dtype=np.int64), 1, sign)[0]
 
     def sizes_after_each(self, units: np.ndarray, owner: np.ndarray, n_sets: int, sign: float) -> np.ndarray:
         """sizes_after of each of n_sets sets of units on its own (a row each), from one count of all their
         positions; `units` (each changing state, none twice in a set) belong to the sets `owner` names."""
-        begin, end = self.unit_ptr[units], self.unit_ptr[units + 1]
-        lengths = end - begin
-        ends = np.cumsum(lengths)
-        index = np.arange(int(ends[-1]) if len(ends) else 0) - np.repeat(ends - lengths - begin, lengths)
-        arrays = self.array_of_position[self.positions_by_unit[index]]
+        begin = self.unit_ptr[units]
+        lengths = self.unit_ptr[units + 1] - begin
+        arrays = self.array_of_position[self.positions_by_unit[concatenated_ranges(begin, lengths)]]
         n_arrays = len(self.terms.arrays)
         delta = np.bincount(np.repeat(owner, lengths) * n_arrays + arrays, minlength=n_sets * n_arrays)
         delta = delta.reshape(n_sets, n_arrays).astype(np.float64)

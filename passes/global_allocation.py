@@ -19,7 +19,7 @@ import numpy as np
 from fxprune.budget import LABELS, Budget
 from fxprune.cost import CostModel
 from fxprune.errors import BudgetError, NoPrunableChannelsError
-from fxprune.ir import ChannelGroups, PrunePlan
+from fxprune.ir import ChannelGroups, PrunePlan, concatenated_ranges
 from .allocation_common import (allowed_kept_counts, budget_slack, group_round_to, normalised_importance,
                                 protected_per_group, protected_units, removal_orders, slack_of,
                                 within_budget_unpruned)
@@ -109,10 +109,8 @@ class _Chunks:
 
     def __init__(self, units: np.ndarray, begin: np.ndarray, end: np.ndarray, group: np.ndarray):
         lengths = end - begin
-        # the chunks' ranges gathered in removal order (vectorised concatenation of ranges)
-        ends_in_order = np.cumsum(lengths)
-        index = np.arange(int(ends_in_order[-1])) - np.repeat(ends_in_order - lengths - begin, lengths)
-        self.flat, self.ends, self.group = units[index], ends_in_order, group
+        # the chunks' ranges gathered in removal order
+        self.flat, self.ends, self.group = units[concatenated_ranges(begin, lengths)], np.cumsum(lengths), group
         self.chunk_of_flat = np.repeat(np.arange(len(lengths)), lengths)
 
     def __len__(self) -> int:
