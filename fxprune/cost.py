@@ -260,9 +260,7 @@ class CostTracker:
 
     def if_changed(self, units: np.ndarray, kept: bool) -> Dict[str, float]:
         """Every measure were `units` set to kept/removed."""
-        units = self._changing(units, kept)
-        sign = 1.0 if kept else -1.0
-        return {name: state.total(state.sizes_after(units, sign)) for name, state in self._states.items()}
+        return self.if_changed_each([units], kept)[0]
 
     def if_changed_each(self, unit_sets: List[np.ndarray], kept: bool) -> List[Dict[str, float]]:
         """`if_changed` of each set of units on its own, the same values in one pass over their positions
