@@ -199,7 +199,7 @@ def _add_back(chunks: _Chunks, keep: np.ndarray, k: int, stop: np.ndarray, cost:
             i, units = _first_that_fits(candidates, refused_chunks, chunks, state, budget, dense)
             if i is None:
                 continue
-            n = 1
+            chunks_of, n = by_group[int(chunks.group[i])], 1
         else:
             i = -heapq.heappop(candidates)
             chunks_of = by_group[int(chunks.group[i])]
@@ -210,7 +210,6 @@ def _add_back(chunks: _Chunks, keep: np.ndarray, k: int, stop: np.ndarray, cost:
             else:
                 refused_chunks.append(i)
                 continue                     # the group's earlier chunks stay out with it
-        chunks_of = by_group[int(chunks.group[i])]
         state.change(units, kept=True)
         del chunks_of[-n:]
         if chunks_of:
