@@ -109,6 +109,21 @@ class _Scope(Scope):
         return Scope(self.module_path, self.module_type)
 
 
+def create_node_then_args(create, op: str, target: Any, args: tuple, kwargs: dict,
+                          name: Any = None, type_expr: Any = None) -> torch.fx.Node:
+    """`create(op, target, args, kwargs, name, type_expr)` (a Graph's or a Tracer's create_node), with the
+    arguments assigned after the node is made. The node is the same; what is skipped is Graph.create_node's
+    walk of every argument (a pytree walk) that warns about raw SymInts, which fxprune's graphs never hold:
+    both tracers record Python ints and proxies, and the rewrite copies their nodes. 12% of a resnet50
+    trace (6.24 against 5.50 ms)."""
+    node = create(op, target, (), {}, name, type_expr)
+    if args:
+        node.args = args      # the same accounting of uses and users as at creation
+    if kwargs:
+        node.kwargs = kwargs
+    return node
+
+
 class TracesThroughUnheldModules(torch.fx.Tracer):
     """A module the forward calls but the model does not hold is traced through, like the code it wraps.
     Libraries wrap plain functions in module objects at import time (transformers' hub kernels make
@@ -136,6 +151,11 @@ class TracesThroughUnheldModules(torch.fx.Tracer):
         if kind is dict and all(type(k) is str for k in a):   # keyword arguments
             return {k: self.create_arg(v) for k, v in a.items()}
         return super().create_arg(a)
+
+    def create_node(self, kind, target, args, kwargs, name=None, type_expr=None) -> torch.fx.Node:
+        if self.check_mutable_operations:  # fx's check reads the arguments at creation
+            return super().create_node(kind, target, args, kwargs, name, type_expr)
+        return create_node_then_args(super().create_node, kind, target, args, kwargs, name, type_expr)
 
     def call_module(self, m: torch.nn.Module, forward, args, kwargs):
         try:

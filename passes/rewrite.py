@@ -19,8 +19,10 @@ import numpy as np
 import torch
 import torch.fx
 from torch import nn
+from torch.fx.node import map_arg
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
+from fxprune.concrete_tracer import create_node_then_args
 from fxprune.fxutil import ScratchBuffer, get_attr
 from fxprune.ir import ChannelGroups, ChannelMap, PrunePlan, once_per_array
 from fxprune.ops import REGISTRY, op_fact
@@ -66,7 +68,8 @@ class PruneRewrite(PassBase):
         env: Dict[torch.fx.Node, torch.fx.Node] = {}
         for node in gm.graph.nodes:
             entry = entries[node]
-            new = graph.node_copy(node, lambda n: env[n])
+            new = create_node_then_args(graph.create_node, node.op, node.target, map_arg(node.args, env.__getitem__),
+                                        map_arg(node.kwargs, env.__getitem__), node.name, node.type)
             new.meta = {k: node.meta[k] for k in ("stack_trace", "nn_module_stack") if k in node.meta}
             if entry is not None and entry.rewrite_args is not None:
                 entry.rewrite_args(self, node, new)                      # shape literals of the kept widths

@@ -261,6 +261,34 @@ def test_traces_record_the_module_stacks_and_scopes_fx_records(shape_branch):
     assert ours_tracer.scope.module_path == "" and ours_tracer.scope.module_type is None
 
 
+def _structure(graph: torch.fx.Graph) -> list:
+    """Every node as what it does and how it is wired: op, target, arguments (nodes by name), users and
+    inputs in the order fx records them."""
+    return [(n.op, str(n.target), repr(n.args), repr(n.kwargs), type(n.args), type(n.kwargs),
+             [u.name for u in n.users], [i.name for i in n.all_input_nodes]) for n in graph.nodes]
+
+
+def _copied_by_fx(graph: torch.fx.Graph) -> torch.fx.Graph:
+    """graph, node by node through fx's node_copy: every node made with its arguments, as fx makes them."""
+    copied, env = torch.fx.Graph(), {}
+    for node in graph.nodes:
+        env[node] = copied.node_copy(node, env.__getitem__)
+    return copied
+
+
+@pytest.mark.parametrize("shape_branch", [False, True])
+def test_traced_and_rewritten_graphs_are_wired_as_fx_wires_them(shape_branch):
+    """Both tracers and the rewrite create each node first and assign its arguments after (skipping fx's
+    scan for raw SymInts): the graphs must be the ones fx's own creation gives, users and inputs included."""
+    from fxprune.tracing import private_eval_copy, trace_model
+    ours = trace_model(private_eval_copy(NestedBlocks(shape_branch).eval()), example_inputs=(X,))
+    assert _structure(ours.graph) == _structure(_copied_by_fx(ours.graph))
+    if not shape_branch:
+        assert _structure(ours.graph) == _structure(torch.fx.Tracer().trace(NestedBlocks(False).eval()))
+    pruned = fxprune.compile(NestedBlocks(shape_branch).eval(), 1.0, example_inputs=(X,), round_to=1)
+    assert _structure(pruned.graph) == _structure(_copied_by_fx(pruned.graph)) == _structure(ours.graph)
+
+
 def _containers(module: nn.Module) -> dict:
     return {name: id(value) for name, value in vars(module).items() if isinstance(value, (dict, list, set))}
 
