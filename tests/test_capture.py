@@ -2,6 +2,7 @@
 example inputs (concrete_tracer.py), keyword example inputs, decorated forwards, options that are
 not tensors. Each pruned model must still equal the masked original, and the batch size stays free."""
 import collections
+import operator
 import functools
 import math
 
@@ -287,6 +288,42 @@ def test_traced_and_rewritten_graphs_are_wired_as_fx_wires_them(shape_branch):
         assert _structure(ours.graph) == _structure(torch.fx.Tracer().trace(NestedBlocks(False).eval()))
     pruned = fxprune.compile(NestedBlocks(shape_branch).eval(), 1.0, example_inputs=(X,), round_to=1)
     assert _structure(pruned.graph) == _structure(_copied_by_fx(pruned.graph)) == _structure(ours.graph)
+
+
+class Unpacks(nn.Module):
+    """Unpacking proxies: a leaf's tuple output, a shape, nested unpacking, and a loop over a shape."""
+
+    def __init__(self, shape_branch: bool):
+        super().__init__()
+        self.shape_branch = shape_branch
+        self.attention = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        y, _ = self.attention(x, x, x, need_weights=False)
+        (first, second), rest = x.split([1, 1, n - 2], 1)[:2], x.shape[-1]
+        if self.shape_branch:
+            for size in x.shape:                  # iteration that is not an unpacking: needs the values
+                y = y + size
+        return self.proj(y).reshape(b, n * c) + (first + second).sum() * rest
+
+
+@pytest.mark.parametrize("shape_branch", [False, True])
+def test_tracers_unpack_proxies_as_fx_does(shape_branch):
+    """Both tracers unpack a proxy by reading the caller's bytecode once per function (fx disassembles it at
+    every unpacking): the graph must be fx's, the counts right, and a plain iteration still go to the tracer."""
+    from fxprune.tracing import private_eval_copy, trace_model
+    x = torch.randn(2, 5, 8)
+    model = Unpacks(shape_branch).eval()
+    ours = trace_model(private_eval_copy(model), example_inputs=(x,))
+    if not shape_branch:
+        assert _structure(ours.graph) == _structure(torch.fx.Tracer().trace(Unpacks(False).eval()))
+        with pytest.raises(torch.fx.proxy.TraceError, match="cannot be iterated"):
+            torch.fx.symbolic_trace(Unpacks(True).eval())   # what plain fx says of the loop
+    assert sum(n.target is operator.getitem for n in ours.graph.nodes) >= 5
+    with torch.no_grad():
+        assert torch.equal(ours(x), model(x))
 
 
 def _containers(module: nn.Module) -> dict:
