@@ -2,9 +2,9 @@
 example inputs (concrete_tracer.py), keyword example inputs, decorated forwards, options that are
 not tensors. Each pruned model must still equal the masked original, and the batch size stays free."""
 import collections
-import operator
 import functools
 import math
+import operator
 
 import pytest
 import torch
