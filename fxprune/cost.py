@@ -135,7 +135,8 @@ class _VectorisedTerms:
         """Every factor's size under keep_unit (constants as they are, channel factors counted)."""
         sizes = self.sizes.copy()
         if len(self.channel_slots):
-            counts = np.add.reduceat(keep_unit[self.indices].astype(np.float64), self.starts) if len(self.indices) \
+            # the cast inside reduceat: half the time of a float copy first (allocation evaluates this often)
+            counts = np.add.reduceat(keep_unit[self.indices], self.starts, dtype=np.float64) if len(self.indices) \
                 else np.zeros(len(self.arrays))
             counts[self.empty] = 0.0  # reduceat returns the element at a start for empty segments
             sizes[self.channel_slots] = counts[self.slot_array]

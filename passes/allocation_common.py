@@ -90,8 +90,18 @@ def removal_orders(groups: ChannelGroups, protected: np.ndarray, norm_scores: np
     orders = []
     for g in groups.groups:
         units = g.units[~protected[g.units]]
-        orders.append(units[np.argsort(norm_scores[units], kind="stable")])
+        orders.append(units[stable_argsort(norm_scores[units])])
     return orders
+
+
+def stable_argsort(values: np.ndarray) -> np.ndarray:
+    """np.argsort(values, kind="stable"). Without ties (or NaNs) every sort gives that permutation, and the
+    unstable one is 5x faster on a 3072-wide group (33 against 159 us); with them, the stable sort runs."""
+    order = np.argsort(values)
+    ordered = values[order]
+    if len(values) and (np.isnan(ordered[-1]) or (ordered[1:] == ordered[:-1]).any()):
+        return np.argsort(values, kind="stable")
+    return order
 
 
 def meets_budget(cost: CostModel, keep: np.ndarray, budget: Budget, dense: Dict[str, float]) -> bool:

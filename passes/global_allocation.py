@@ -105,7 +105,7 @@ class GlobalAllocation:
 
 
 class _Chunks:
-    """Chunks in removal order; `removed(k, stop)` = the units of the first k, as one index array."""
+    """Chunks in removal order. A group stopped at chunk `stop[group]` removes nothing from there on."""
 
     def __init__(self, units: np.ndarray, begin: np.ndarray, end: np.ndarray, group: np.ndarray):
         lengths = end - begin
@@ -119,10 +119,14 @@ class _Chunks:
     def units(self, i: int) -> np.ndarray:
         return self.flat[(self.ends[i - 1] if i else 0): self.ends[i]]
 
-    def removed(self, k: int, stop: np.ndarray) -> np.ndarray:
-        """Units of the first k chunks, less those of a group from the chunk `stop[group]` on."""
-        chunk = self.chunk_of_flat[: self.ends[k - 1]] if k else self.chunk_of_flat[:0]
-        return self.flat[: len(chunk)][chunk < stop[self.group[chunk]]]
+    def removal_step(self, n_units: int, stop: np.ndarray) -> np.ndarray:
+        """Per unit, the chunk that removes it (len(self) if none does), given `stop`: the units the first
+        k chunks remove are those whose step is below k, one comparison per unit (the bisection asks for a
+        dozen prefixes per `stop`)."""
+        step = np.full(n_units, len(self), dtype=np.int64)
+        removed = self.chunk_of_flat < stop[self.group[self.chunk_of_flat]]
+        step[self.flat[removed]] = self.chunk_of_flat[removed]
+        return step
 
 
 def _shortest_prefix(chunks: _Chunks, n_units: int, cost: CostModel, budget: Budget,
@@ -131,14 +135,12 @@ def _shortest_prefix(chunks: _Chunks, n_units: int, cost: CostModel, budget: Bud
     ViT residual channel spans every block) and overshoot it by more than 0.5%: then its group stops
     there (its later chunks depend on it) and the prefix grows with the other groups' chunks instead.
     The result closest to the budget then gets back whichever removed chunks still fit (_add_back)."""
-    full = np.ones(n_units, dtype=bool)
     dense = cost.dense()
     stop = np.full(int(chunks.group.max()) + 1, len(chunks))  # no group stopped
+    step = chunks.removal_step(n_units, stop)                   # kept up to date with stop
 
     def keep_after(k: int) -> np.ndarray:
-        keep = full.copy()
-        keep[chunks.removed(k, stop)] = False
-        return keep
+        return step >= k
 
     def slack(keep: np.ndarray) -> float:
         return slack_of(cost, keep, budget, dense)
@@ -173,6 +175,7 @@ def _shortest_prefix(chunks: _Chunks, n_units: int, cost: CostModel, budget: Bud
         if lo == 0 or best_slack < 0.005:
             break
         stop[chunks.group[lo - 1]] = lo - 1
+        step = chunks.removal_step(n_units, stop)
     return _add_back(chunks, best, *best_cut, cost, budget, dense, partial)
 
 

@@ -270,17 +270,29 @@ def test_removal_orders_and_normalised_scores_follow_each_group(name):
                                                   removal_orders)
     groups = _analysed_with_costs(name).groups
     rng = np.random.default_rng(0)
-    scores = rng.integers(0, 4, groups.n_units).astype(float)  # few values: many ties
-    norm = normalised_importance(groups, scores)
-    protected = protected_units(groups, norm)
-    orders, n_protected = removal_orders(groups, protected, norm), protected_per_group(groups, protected)
-    assert len(orders) == len(groups.groups)
-    for g in groups.groups:
-        mean = scores[g.units].mean()
-        np.testing.assert_allclose(norm[g.units], scores[g.units] / mean if mean > 0 else 1.0, rtol=1e-12)
-        removable = g.units[~protected[g.units]]
-        assert orders[g.id].tolist() == removable[np.argsort(norm[removable], kind="stable")].tolist()
-        assert n_protected[g.id] == protected[g.units].sum()
+    # few values (many ties: the orders take the stable sort) and distinct ones (the unstable sort's own order)
+    for scores in (rng.integers(0, 4, groups.n_units).astype(float), rng.random(groups.n_units)):
+        norm = normalised_importance(groups, scores)
+        protected = protected_units(groups, norm)
+        orders, n_protected = removal_orders(groups, protected, norm), protected_per_group(groups, protected)
+        assert len(orders) == len(groups.groups)
+        for g in groups.groups:
+            mean = scores[g.units].mean()
+            np.testing.assert_allclose(norm[g.units], scores[g.units] / mean if mean > 0 else 1.0, rtol=1e-12)
+            removable = g.units[~protected[g.units]]
+            assert orders[g.id].tolist() == removable[np.argsort(norm[removable], kind="stable")].tolist()
+            assert n_protected[g.id] == protected[g.units].sum()
+
+
+def test_stable_argsort_is_numpys_stable_sort():
+    """With ties, NaNs, infinities and negative zeros, at the lengths groups have."""
+    import numpy as np
+    from fxprune.passes.allocation_common import stable_argsort
+    rng = np.random.default_rng(1)
+    for n in (0, 1, 2, 7, 64, 3072):
+        for values in (rng.random(n), rng.integers(0, 3, n).astype(float), np.zeros(n),
+                       rng.choice([np.nan, np.inf, -np.inf, 0.0, -0.0, 1.0], n), np.arange(n, 0, -1) * 1.0):
+            assert stable_argsort(values).tolist() == np.argsort(values, kind="stable").tolist(), (n, values[:8])
 
 
 @pytest.mark.parametrize("allocation", ["global", "global_per_flop", "uniform"])
