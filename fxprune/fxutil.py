@@ -1,6 +1,7 @@
 """Small helpers over torch.fx nodes shared by the passes and the cost model."""
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any, Dict, Optional, Tuple
 
@@ -44,13 +45,24 @@ def bind_arguments(node: torch.fx.Node) -> Dict[str, Any]:
         bound.update(node.kwargs)
         return bound
     try:
-        sig = inspect.signature(node.target)
-        bound = sig.bind(*node.args, **node.kwargs)
+        bound = signature(node.target).bind(*node.args, **node.kwargs)
         bound.apply_defaults()
         return dict(bound.arguments)
     except (TypeError, ValueError):
         return {}
 
+
+
+def signature(fn: Any) -> inspect.Signature:
+    """inspect.signature(fn), once per function: building it walks the function's code and defaults
+    (50 us for nn.MultiheadAttention.forward, asked for at every attention node of every compile)."""
+    try:
+        return _cached_signature(fn)
+    except TypeError:  # an unhashable callable (or one inspect cannot read: it raises again here)
+        return inspect.signature(fn)
+
+
+_cached_signature = functools.lru_cache(maxsize=512)(inspect.signature)
 
 
 def is_get_attr(arg: Any) -> bool:

@@ -31,7 +31,7 @@ class L1Importance(Importance):
             for name, dims in groups.param_slices.items():
                 if name not in params:
                     continue
-                weight = params[name].detach()
+                weight = params[name]  # read under no_grad: no detach needed
                 if weight.ndim == 1:
                     vectors.append((weight, dims[0]))
                     continue

@@ -102,12 +102,11 @@ class PruneRewrite(PassBase):
         scratch = (ScratchBuffer(), ScratchBuffer())  # a gather cannot read and write the same memory
         # one index tensor per channel array (a conv's outputs index its norm's four tensors too)
         index = once_per_array(lambda elements: torch.from_numpy(self.kept(elements)))
-        with torch.no_grad():
+        with torch.no_grad():  # every op below then gives a plain new tensor: no detach needed
             for name, dims in self.groups.param_slices.items():
-                original = originals[name]
-                if first_name.setdefault(id(original), name) != name:
+                tensor = originals[name]
+                if first_name.setdefault(id(tensor), name) != name:
                     continue
-                tensor = original.detach()
                 cuts = []
                 for dim, elements in sorted(dims.items()):
                     kept = index(elements)

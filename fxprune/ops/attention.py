@@ -6,7 +6,6 @@ folds sqrt(new/old) into the q projection (AttentionHeads.fold_scale), so the pr
 zero-masked original exactly and stays closer to the unpruned one."""
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
@@ -18,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxprune.errors import describe_node
-from fxprune.fxutil import bind_arguments, declare_signature, is_get_attr
+from fxprune.fxutil import bind_arguments, declare_signature, is_get_attr, signature
 from fxprune.ir import ChannelMap
 from fxprune.tracing import TensorSpec, value_spec
 from .registry import REGISTRY, OpEntry, op_fact, register
@@ -75,7 +74,7 @@ def _attention_flops(cost, node: torch.fx.Node, in_w: str, out_w: str, x_spec: T
 # ----------------------------------------------------------------------------- nn.MultiheadAttention
 def multihead_attention(a, node: torch.fx.Node) -> Any:
     module = a.module(node)
-    bound = inspect.signature(module.forward).bind(*node.args, **node.kwargs).arguments
+    bound = signature(type(module).forward).bind(module, *node.args, **node.kwargs).arguments
     q, k, v = bound["query"], bound["key"], bound["value"]
     maps = [a.tensor_map(t) for t in (q, k, v)]
     if (not module._qkv_same_embed_dim or module.bias_k is not None or any(m is None for m in maps)
