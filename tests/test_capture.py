@@ -349,3 +349,75 @@ def test_hooks_and_buffers_registered_on_the_pruned_model_or_during_compile_neve
     pruned.get_submodule("head").register_buffer("extra", torch.zeros(1), persistent=False)
     assert all(not layer._forward_hooks and not layer._forward_pre_hooks for layer in model.modules())
     assert "extra" not in model.head._buffers and not model.head._non_persistent_buffers_set
+
+
+SEEN_WHILE_TRACED = []
+
+
+class _Probe(nn.Module):
+    """Records, while traced, whether fx's call and attribute hooks sit on nn.Module itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(8))
+
+    def forward(self, x):
+        from torch.fx import _symbolic_trace
+        SEEN_WHILE_TRACED.append((torch.nn.Module.__call__ is not _symbolic_trace._orig_module_call,
+                                  torch.nn.Module.__getattr__ is not _symbolic_trace._orig_module_getattr))
+        return x * self.scale.view(1, -1, 1, 1)
+
+
+class _Aliases(nn.Linear):
+    """A class with a __getattr__ of its own (an alias for its weight)."""
+
+    def __getattr__(self, name):
+        return super().__getattr__("weight" if name == "kernel" else name)
+
+
+class _CallsSuper(nn.Conv2d):
+    """A class with a __call__ of its own that goes through nn.Module's."""
+
+    def __call__(self, x):
+        return super().__call__(x) * 2
+
+
+class HookedModules(nn.Module):
+    def __init__(self, variant: str):
+        super().__init__()
+        self.stem, self.probe = _CallsSuper(3, 8, 3) if variant == "own_call" else nn.Conv2d(3, 8, 3), _Probe()
+        self.blocks = nn.Sequential(*[nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()) for _ in range(2)])
+        self.head = _Aliases(8, 10) if variant == "own_getattr" else nn.Linear(8, 10)
+        if variant == "bare_module":
+            self.holder = nn.Module()
+            self.holder.bias = nn.Parameter(torch.zeros(10))
+
+    def forward(self, x):
+        x = self.probe(self.stem(x))
+        x = self.blocks(x) + self.blocks[0](x)
+        y = self.head(x.mean((2, 3)))
+        if isinstance(self.head, _Aliases):
+            y = y + self.head.kernel.sum()
+        return y + self.holder.bias if hasattr(self, "holder") else y
+
+
+@pytest.mark.parametrize("variant", ["plain", "own_getattr", "own_call", "bare_module"])
+def test_trace_hooks_leave_no_trace_and_give_fxs_graph(variant):
+    """The tracers put fx's call and attribute hooks where assigning them updates no type slot (nn.Module's
+    _call_impl, the model's own classes) unless a class of the model defines __getattr__ itself or the model
+    holds a bare nn.Module: the graph must be fx's either way, and every hook gone after the trace."""
+    from torch.fx import _symbolic_trace
+    from fxprune.tracing import private_eval_copy, trace_model
+    module_dict = dict(vars(torch.nn.Module))
+    model = HookedModules(variant).eval()
+    SEEN_WHILE_TRACED.clear()
+    ours = trace_model(private_eval_copy(model), example_inputs=(X,))
+    on_module = SEEN_WHILE_TRACED[0]
+    assert on_module == (False, variant in ("own_getattr", "bare_module")), on_module
+    assert _structure(ours.graph) == _structure(torch.fx.Tracer().trace(HookedModules(variant).eval()))
+    assert dict(vars(torch.nn.Module)) == module_dict and _symbolic_trace._Patcher.__name__ == "_Patcher"
+    assert not any("__getattr__" in vars(type(m)) for m in model.modules() if type(m) not in (_Aliases, nn.Module))
+    with torch.no_grad():
+        assert torch.equal(ours(X), model(X))
+    pruned = fxprune.compile(model, 0.6, example_inputs=(X,), round_to=1)
+    assert pruned.meta["fxprune"]["verification"]["passed"]
