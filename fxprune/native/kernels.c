@@ -1,0 +1,249 @@
+/* Fused CPU kernels for compile's two passes over every weight (see fxprune/native/__init__.py).
+
+   magnitude_sums: per row and/or per column of a contiguous [n, k, inner] tensor, the sum of |x| (or x*x)
+   over everything else, in one read of the tensor. torch needs three (|w| into scratch, then one
+   reduction per dim).
+   cut: out[i, j, :] = src[rows[i], cols[j], :] in one pass. torch needs two (the kept rows gathered into
+   scratch, then their kept columns).
+
+   Work is split into blocks of whole rows whose size depends on the tensor's shape only, and column sums
+   add the blocks' partial sums in block order after every thread is done, so results do not depend on the
+   number of threads. Sums within a block are in the weight's type (as torch's), across blocks in double. */
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define FLOAT32 0
+#define FLOAT64 1
+
+typedef struct {
+    const void *data;      /* contiguous [n, k, inner] */
+    int64_t n, k, inner;
+    int32_t dtype;         /* FLOAT32 or FLOAT64 */
+    int32_t power;         /* 1: |x|, 2: x * x */
+    double *rows;          /* [n] sums over (k, inner), or NULL */
+    double *cols;          /* [k] sums over (n, inner), or NULL */
+    void *partial;         /* [blocks, k] per-block column sums in the weight's type, when cols is set */
+    int64_t block_rows;
+} sum_job;
+
+typedef struct {
+    const char *src;       /* contiguous [n, k, inner] of elem-byte values */
+    char *dst;             /* contiguous [n_rows, n_cols, inner] */
+    int64_t k, inner, elem;
+    const int64_t *rows;   /* kept rows, or NULL for every row (n_rows of them) */
+    int64_t n_rows;
+    const int64_t *cols;   /* kept columns, or NULL for every column */
+    int64_t n_cols;
+    int64_t block_rows;
+} cut_job;
+
+typedef struct { int64_t job, begin, end, block; } work_item;
+
+typedef struct {
+    const void *jobs;
+    const work_item *items;
+    int64_t n_items;
+    int64_t next;          /* the next item to take, shared by the threads */
+    void (*run)(const void *jobs, const work_item *item);
+} work_queue;
+
+static void *worker(void *arg) {
+    work_queue *queue = (work_queue *)arg;
+    for (;;) {
+        int64_t i = __atomic_fetch_add(&queue->next, 1, __ATOMIC_RELAXED);
+        if (i >= queue->n_items)
+            return NULL;
+        queue->run(queue->jobs, &queue->items[i]);
+    }
+}
+
+/* Runs every item on n_threads threads (the caller's included); a thread that cannot be started leaves
+   its share to the others. */
+static void run_items(work_queue *queue, int n_threads) {
+    pthread_t threads[64];
+    int started = 0;
+    if (n_threads > 64)
+        n_threads = 64;
+    for (int t = 1; t < n_threads && t < queue->n_items; ++t)
+        if (pthread_create(&threads[started], NULL, worker, queue) == 0)
+            ++started;
+    worker(queue);
+    for (int t = 0; t < started; ++t)
+        pthread_join(threads[t], NULL);
+}
+
+/* The items of n jobs, each cut into blocks of block_rows(job) rows out of rows(job). */
+static work_item *make_items(int64_t n_jobs, const int64_t *rows, const int64_t *block_rows, int64_t *n_items) {
+    int64_t total = 0;
+    for (int64_t j = 0; j < n_jobs; ++j)
+        total += (rows[j] + block_rows[j] - 1) / block_rows[j];
+    work_item *items = (work_item *)malloc(sizeof(work_item) * (size_t)(total > 0 ? total : 1));
+    if (!items)
+        return NULL;
+    int64_t i = 0;
+    for (int64_t j = 0; j < n_jobs; ++j)
+        for (int64_t b = 0, begin = 0; begin < rows[j]; ++b, begin += block_rows[j]) {
+            int64_t end = begin + block_rows[j];
+            items[i].job = j;
+            items[i].begin = begin;
+            items[i].end = end < rows[j] ? end : rows[j];
+            items[i].block = b;
+            ++i;
+        }
+    *n_items = total;
+    return items;
+}
+
+/* |x| or x * x, in the weight's own type: float32 sums within a block are what torch's kernels do too */
+#define MAGNITUDE(x) (power == 1 ? (x < 0 ? -x : x) : x * x)
+
+#define SUM_ROWS(T)                                                                                         \
+    {                                                                                                       \
+        T *acc = job->cols ? (T *)job->partial + item->block * job->k : NULL;                               \
+        if (acc)                                                                                            \
+            memset(acc, 0, sizeof(T) * (size_t)job->k);                                                     \
+        for (int64_t i = item->begin; i < item->end; ++i) {                                                 \
+            const T *row = (const T *)job->data + i * width;                                                \
+            T row_sum = 0;                                                                                  \
+            if (acc && job->inner == 1) {                                                                   \
+                _Pragma("omp simd reduction(+:row_sum)")                                                    \
+                for (int64_t j = 0; j < width; ++j) {                                                       \
+                    T x = row[j], m = MAGNITUDE(x);                                                         \
+                    acc[j] += m;                                                                            \
+                    row_sum += m;                                                                           \
+                }                                                                                           \
+            } else if (acc) {                                                                               \
+                for (int64_t j = 0; j < job->k; ++j) {                                                      \
+                    T s = 0;                                                                                \
+                    _Pragma("omp simd reduction(+:s)")                                                      \
+                    for (int64_t t = 0; t < job->inner; ++t) {                                              \
+                        T x = row[j * job->inner + t];                                                      \
+                        s += MAGNITUDE(x);                                                                  \
+                    }                                                                                       \
+                    acc[j] += s;                                                                            \
+                    row_sum += s;                                                                           \
+                }                                                                                           \
+            } else {                                                                                        \
+                _Pragma("omp simd reduction(+:row_sum)")                                                    \
+                for (int64_t j = 0; j < width; ++j) {                                                       \
+                    T x = row[j];                                                                           \
+                    row_sum += MAGNITUDE(x);                                                                \
+                }                                                                                           \
+            }                                                                                               \
+            if (job->rows)                                                                                  \
+                job->rows[i] = (double)row_sum;                                                             \
+        }                                                                                                   \
+    }
+
+static void sum_block(const void *jobs, const work_item *item) {
+    const sum_job *job = (const sum_job *)jobs + item->job;
+    const int64_t width = job->k * job->inner;
+    const int32_t power = job->power;
+    if (job->dtype == FLOAT32)
+        SUM_ROWS(float)
+    else
+        SUM_ROWS(double)
+}
+
+/* The blocks' column sums, added in block order in double. */
+#define ADD_BLOCKS(T)                                                                                       \
+    for (int64_t b = 0; b < blocks; ++b)                                                                    \
+        for (int64_t c = 0; c < job->k; ++c)                                                                \
+            job->cols[c] += (double)((const T *)job->partial)[b * job->k + c];
+
+/* Returns 0, or -1 when out of memory (nothing is written then). */
+int fxprune_magnitude_sums(sum_job *jobs, int64_t n_jobs, int n_threads) {
+    int64_t *rows = (int64_t *)malloc(sizeof(int64_t) * (size_t)(n_jobs + 1));
+    int64_t *block_rows = (int64_t *)malloc(sizeof(int64_t) * (size_t)(n_jobs + 1));
+    if (!rows || !block_rows) {
+        free(rows);
+        free(block_rows);
+        return -1;
+    }
+    for (int64_t j = 0; j < n_jobs; ++j) {
+        rows[j] = jobs[j].n;
+        block_rows[j] = jobs[j].block_rows;
+    }
+    int64_t n_items = 0;
+    work_item *items = make_items(n_jobs, rows, block_rows, &n_items);
+    free(rows);
+    free(block_rows);
+    if (!items)
+        return -1;
+    work_queue queue = {jobs, items, n_items, 0, sum_block};
+    run_items(&queue, n_threads);
+    free(items);
+    for (int64_t j = 0; j < n_jobs; ++j) {   /* the blocks' column sums, in block order */
+        const sum_job *job = &jobs[j];
+        if (!job->cols)
+            continue;
+        int64_t blocks = (job->n + job->block_rows - 1) / job->block_rows;
+        memset(job->cols, 0, sizeof(double) * (size_t)job->k);
+        if (job->dtype == FLOAT32)
+            ADD_BLOCKS(float)
+        else
+            ADD_BLOCKS(double)
+    }
+    return 0;
+}
+
+#define GATHER(T)                                                                                           \
+    {                                                                                                       \
+        const T *restrict s = (const T *)src;                                                               \
+        T *restrict d = (T *)dst;                                                                           \
+        for (int64_t j = 0; j < n_cols; ++j)                                                                \
+            d[j] = s[cols[j]];                                                                              \
+    }
+
+static void cut_block(const void *jobs, const work_item *item) {
+    const cut_job *job = (const cut_job *)jobs + item->job;
+    const int64_t bytes = job->inner * job->elem;                     /* one (row, column) entry */
+    const int64_t out_row = (job->cols ? job->n_cols : job->k) * bytes;
+    const int64_t n_cols = job->n_cols, *restrict cols = job->cols;   /* locals: the loops then vectorise */
+    for (int64_t i = item->begin; i < item->end; ++i) {
+        const char *src = job->src + (job->rows ? job->rows[i] : i) * job->k * bytes;
+        char *dst = job->dst + i * out_row;
+        if (!job->cols) {
+            memcpy(dst, src, (size_t)out_row);
+        } else if (job->inner == 1 && job->elem == 4) {
+            GATHER(uint32_t)
+        } else if (job->inner == 1 && job->elem == 8) {
+            GATHER(uint64_t)
+        } else if (job->inner == 1 && job->elem == 2) {
+            GATHER(uint16_t)
+        } else if (job->inner == 1 && job->elem == 1) {
+            GATHER(uint8_t)
+        } else {
+            for (int64_t j = 0; j < job->n_cols; ++j)
+                memcpy(dst + j * bytes, src + job->cols[j] * bytes, (size_t)bytes);
+        }
+    }
+}
+
+/* Returns 0, or -1 when out of memory (nothing is written then). */
+int fxprune_cut(cut_job *jobs, int64_t n_jobs, int n_threads) {
+    int64_t *rows = (int64_t *)malloc(sizeof(int64_t) * (size_t)(n_jobs + 1));
+    int64_t *block_rows = (int64_t *)malloc(sizeof(int64_t) * (size_t)(n_jobs + 1));
+    if (!rows || !block_rows) {
+        free(rows);
+        free(block_rows);
+        return -1;
+    }
+    for (int64_t j = 0; j < n_jobs; ++j) {
+        rows[j] = jobs[j].n_rows;
+        block_rows[j] = jobs[j].block_rows;
+    }
+    int64_t n_items = 0;
+    work_item *items = make_items(n_jobs, rows, block_rows, &n_items);
+    free(rows);
+    free(block_rows);
+    if (!items)
+        return -1;
+    work_queue queue = {jobs, items, n_items, 0, cut_block};
+    run_items(&queue, n_threads);
+    free(items);
+    return 0;
+}
