@@ -15,6 +15,7 @@ both tools alike: each then pays only for its own work on reused memory.
     python benchmarks/speed_bound.py                              # resnet50 and vit_b_16, 5 processes
     python benchmarks/speed_bound.py --processes 8 --repeat 9 --models resnet50
     python benchmarks/speed_bound.py --processes 8 --allocator no-trim
+    python benchmarks/speed_bound.py --native off                 # fxprune on torch's ops only (fxprune/native)
 
 Prints a table and writes JSON (every process's zoo rows and the summary) to --out."""
 from __future__ import annotations
@@ -27,6 +28,8 @@ import subprocess
 import sys
 import tempfile
 from typing import Dict, List
+
+from fxprune import native
 
 ZOO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "zoo.py")
 
@@ -45,13 +48,17 @@ def main() -> int:
     parser.add_argument("--bound", type=float, default=3.0, help="the speed ratio the median is held to")
     parser.add_argument("--allocator", choices=sorted(ALLOCATOR_ENV), default="default",
                         help="glibc heap trimming as it comes, or off for both tools (see above)")
+    parser.add_argument("--native", choices=["on", "off"], default="on",
+                        help="fxprune's native kernels (the default where a C compiler builds them) or torch's ops")
     parser.add_argument("--out", default="benchmarks/results/speed_bound.json", help="JSON output path")
     args = parser.parse_args()
 
     models = args.models.split(",")
     ratios: Dict[str, List[float]] = {m: [] for m in models}
     runs = []
-    env = {**os.environ, **ALLOCATOR_ENV[args.allocator]}
+    env = {**os.environ, **ALLOCATOR_ENV[args.allocator], native.ENV: "1" if args.native == "on" else "0"}
+    if args.native == "on" and native.library() is None:
+        sys.exit("--native on, but the native kernels cannot be built here (see fxprune/native); use --native off")
     with tempfile.TemporaryDirectory() as folder:
         for i in range(args.processes):
             out = os.path.join(folder, f"run{i}.json")
@@ -77,7 +84,7 @@ def main() -> int:
               f"{s['processes_below_bound']} of {len(s['ratios'])}")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({"bound": args.bound, "repeat": args.repeat, "allocator": args.allocator,
+        json.dump({"bound": args.bound, "repeat": args.repeat, "allocator": args.allocator, "native": args.native,
                    "allocator_env": ALLOCATOR_ENV[args.allocator], "summary": summary, "runs": runs}, f, indent=2)
     print(f"\nwrote {args.out}")
     return 0

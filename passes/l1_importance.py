@@ -7,6 +7,8 @@ channels that are tiny on one side and large on the other rank sensibly (Torch-P
 norm does the same). Buffers (BN running statistics) are not weights and are ignored."""
 from __future__ import annotations
 
+from typing import Dict, List, Tuple
+
 import numpy as np
 import torch
 import torch.fx
@@ -14,6 +16,7 @@ import torch.fx
 from fxprune.fxutil import ScratchBuffer
 from fxprune.importance import Importance, register_importance
 from fxprune.ir import ChannelGroups
+from fxprune.native import MagnitudeSums
 from .importance_common import UnitSums, position_sums
 
 
@@ -25,26 +28,38 @@ class L1Importance(Importance):
     def score(self, gm: torch.fx.GraphModule, groups: ChannelGroups, data=None) -> np.ndarray:
         params = dict(gm.named_parameters())
         sums = UnitSums(groups)
-        scratch = ScratchBuffer()
-        vectors = []  # 1-d parameters (norm affines, biases): each position is its own sum, done in one go
-        with torch.no_grad():
-            for name, dims in groups.param_slices.items():
-                if name not in params:
-                    continue
-                weight = params[name]  # read under no_grad: no detach needed
-                if weight.ndim == 1:
-                    vectors.append((weight, dims[0]))
-                    continue
-                magnitude = torch.abs(weight, out=scratch.like(weight.shape, weight.dtype, weight.device))
-                if self.power != 1:
-                    magnitude = magnitude.double() ** self.power
-                for elements, per_position in position_sums(magnitude, dims):
-                    sums.add(elements, per_position)  # a new tensor: the scratch is reused next
+        weights = [(params[name], dims) for name, dims in groups.param_slices.items() if name in params]
+        with torch.no_grad():  # parameters read under no_grad: no detach needed
+            tensors = [(w, dims) for w, dims in weights if w.ndim > 1]
+            for (_, dims), per_dim in zip(tensors, self._magnitude_sums(tensors)):
+                for dim, elements in dims.items():
+                    sums.add(elements, per_dim[dim])
+            # 1-d parameters (norm affines, biases): each position is its own sum, done in one go
+            vectors = [(w, dims[0]) for w, dims in weights if w.ndim == 1]
             if vectors:
                 magnitude = torch.cat([w.cpu() for w, _ in vectors]).double().abs_() ** self.power
                 sums.add(np.concatenate([e for _, e in vectors]), magnitude)
         scores = sums.add_into(np.zeros(groups.n_units))
         return scores ** (1.0 / self.power)
+
+    def _magnitude_sums(self, tensors: List[Tuple[torch.Tensor, Dict[int, np.ndarray]]]) -> List[Dict[int, torch.Tensor]]:
+        """Per tensor, {dim: sum of |w|**power over every other dim}: the native kernels' one read of each
+        weight where they apply (fxprune/native), torch's ops for the rest."""
+        batch, native = MagnitudeSums(self.power), []
+        for w, dims in tensors:
+            native.append(batch.add(w, list(dims)))
+        native_sums = iter(batch.run() or ())     # None: the call failed (out of memory)
+        scratch, out = ScratchBuffer(), []
+        for (w, dims), is_native in zip(tensors, native):
+            found = next(native_sums, None) if is_native else None
+            if found is None:
+                magnitude = torch.abs(w, out=scratch.like(w.shape, w.dtype, w.device))
+                if self.power != 1:
+                    magnitude = magnitude.double() ** self.power
+                # new tensors: the scratch is reused next
+                found = {dim: per_position for dim, (_, per_position) in zip(dims, position_sums(magnitude, dims))}
+            out.append(found)
+        return out
 
 
 @register_importance

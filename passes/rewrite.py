@@ -4,7 +4,8 @@ Requires: the traced GraphModule, its ChannelGroups and a PrunePlan. Produces: a
 (node names preserved, so the verifier can compare node by node) that shares no tensor with the input:
 sliced tensors are new, everything else is copied. The input module and its graph are never modified.
 
-What changes: every sliced parameter/buffer (index_select along its channel dims); modules whose
+What changes: every sliced parameter/buffer (index_select along its channel dims; a cut on the
+columns is one pass of fxprune/native where it applies); modules whose
 parameters changed get resized shallow copies (in/out channels, groups of depthwise convs,
 normalized_shape, attention embed_dim); shape literals the graph carries (view/reshape/expand
 sizes, split sizes, layer_norm's normalized_shape) are recomputed from the kept channels, so the
@@ -25,6 +26,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from fxprune.concrete_tracer import create_node_then_args
 from fxprune.fxutil import ScratchBuffer, get_attr
 from fxprune.ir import ChannelGroups, ChannelMap, PrunePlan, once_per_array
+from fxprune.native import Cuts
 from fxprune.ops import REGISTRY, op_fact
 from fxprune.tracing import graph_module, module_copy, value_spec
 
@@ -102,6 +104,7 @@ class PruneRewrite(PassBase):
         scratch = (ScratchBuffer(), ScratchBuffer())  # a gather cannot read and write the same memory
         # one index tensor per channel array (a conv's outputs index its norm's four tensors too)
         index = once_per_array(lambda elements: torch.from_numpy(self.kept(elements)))
+        native, written_natively = Cuts(), []  # tensors cut on their columns: one native call writes them all
         with torch.no_grad():  # every op below then gives a plain new tensor: no detach needed
             for name, dims in self.groups.param_slices.items():
                 tensor = originals[name]
@@ -113,6 +116,13 @@ class PruneRewrite(PassBase):
                     if len(kept) != tensor.shape[dim]:
                         cuts.append((dim, kept.to(tensor.device)))
                 if cuts:  # a new tensor; unsliced ones are cloned with their module (never shared)
+                    out[name] = _native_cut(native, tensor, cuts)
+                    if out[name] is None:
+                        out[name] = _sliced(tensor, cuts, scratch)
+                    else:
+                        written_natively.append((name, tensor, cuts))
+            if not native.run():  # the call failed (out of memory): torch's ops
+                for name, tensor, cuts in written_natively:
                     out[name] = _sliced(tensor, cuts, scratch)
             for node, entry in entries.items():
                 if entry is not None and entry.adjust_tensors is not None and op_fact(node) is not None:
@@ -123,6 +133,18 @@ class PruneRewrite(PassBase):
             if first_name[id(original)] in new:
                 new[name] = new[first_name[id(original)]]
         return new
+
+
+def _native_cut(native: Cuts, tensor: torch.Tensor, cuts: List[Tuple[int, torch.Tensor]]) -> Optional[torch.Tensor]:
+    """The new tensor the native kernels will write (at `native.run()`) for a cut on dims 0 and 1 or on
+    dim 1 alone, in one pass where torch's ops take two; None for other cuts (a cut on rows alone is one
+    index_select already) or where the kernels do not apply."""
+    dims = [dim for dim, _ in cuts]
+    if dims == [0, 1]:
+        return native.add(tensor, cuts[0][1], cuts[1][1])
+    if dims == [1]:
+        return native.add(tensor, None, cuts[0][1])
+    return None
 
 
 def _sliced(tensor: torch.Tensor, cuts: List[Tuple[int, torch.Tensor]], scratch) -> torch.Tensor:
