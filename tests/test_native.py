@@ -88,10 +88,10 @@ def test_cuts_equal_index_select(shape, dtype):
 
 def test_kernels_decline_what_they_do_not_handle():
     matrix = torch.randn(6, 4)
-    assert native.magnitude_sums(matrix.t(), [0, 1], 1) is None                   # not contiguous
-    assert native.magnitude_sums(matrix.half(), [0, 1], 1) is None                # a dtype they do not sum
-    assert native.magnitude_sums(torch.randn(2, 3, 4), [1, 2], 1) is None         # two dims but not rows and columns
-    assert native.magnitude_sums(matrix, [0, 1], 3) is None
+    assert native.summed_view(matrix.t(), [0, 1], 1) is None                   # not contiguous
+    assert native.summed_view(matrix.half(), [0, 1], 1) is None                # a dtype they do not sum
+    assert native.summed_view(torch.randn(2, 3, 4), [1, 2], 1) is None         # two dims but not rows and columns
+    assert native.summed_view(matrix, [0, 1], 3) is None
     cuts = native.Cuts()
     assert cuts.add(matrix.t(), None, torch.tensor([0])) is None
     assert cuts.add(matrix, torch.tensor([6]), torch.tensor([0])) is None         # out of range: never read

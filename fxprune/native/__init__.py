@@ -69,7 +69,7 @@ def library() -> Optional[ctypes.CDLL]:
     return _library[path]
 
 
-def magnitude_sums(tensor: torch.Tensor, dims: Sequence[int], power: int) -> Optional[Tuple[int, int, int]]:
+def summed_view(tensor: torch.Tensor, dims: Sequence[int], power: int) -> Optional[Tuple[int, int, int]]:
     """The [n, k, inner] view under which `dims` of `tensor` are rows (dim 0) and/or columns (dim 1), or
     None where the kernels do not apply (see MagnitudeSums.add)."""
     if tensor.device.type != "cpu" or tensor.dtype not in _SUM_DTYPES or not tensor.is_contiguous() \
@@ -98,7 +98,7 @@ class MagnitudeSums:
         self.keep_alive: List[object] = []
 
     def add(self, tensor: torch.Tensor, dims: Sequence[int]) -> bool:
-        view = magnitude_sums(tensor, dims, self.power) if self.lib is not None else None
+        view = summed_view(tensor, dims, self.power) if self.lib is not None else None
         if view is None:
             return False
         n, k, inner = view
