@@ -75,26 +75,37 @@ static void run_items(work_queue *queue, int n_threads) {
         pthread_join(threads[t], NULL);
 }
 
-/* The items of n jobs, each cut into blocks of block_rows(job) rows out of rows(job). */
-static work_item *make_items(int64_t n_jobs, const int64_t *rows, const int64_t *block_rows, int64_t *n_items) {
-    int64_t total = 0;
-    for (int64_t j = 0; j < n_jobs; ++j)
-        total += (rows[j] + block_rows[j] - 1) / block_rows[j];
+/* A job's rows and the rows of each of its blocks. */
+typedef void (*job_shape)(const void *jobs, int64_t job, int64_t *rows, int64_t *block_rows);
+
+/* Every job cut into blocks of rows, run on n_threads threads. Returns 0, or -1 when out of memory (nothing
+   is written then). */
+static int run_blocks(const void *jobs, int64_t n_jobs, job_shape shape,
+                      void (*run)(const void *jobs, const work_item *item), int n_threads) {
+    int64_t total = 0, rows, block_rows;
+    for (int64_t j = 0; j < n_jobs; ++j) {
+        shape(jobs, j, &rows, &block_rows);
+        total += (rows + block_rows - 1) / block_rows;
+    }
     work_item *items = (work_item *)malloc(sizeof(work_item) * (size_t)(total > 0 ? total : 1));
     if (!items)
-        return NULL;
+        return -1;
     int64_t i = 0;
-    for (int64_t j = 0; j < n_jobs; ++j)
-        for (int64_t b = 0, begin = 0; begin < rows[j]; ++b, begin += block_rows[j]) {
-            int64_t end = begin + block_rows[j];
+    for (int64_t j = 0; j < n_jobs; ++j) {
+        shape(jobs, j, &rows, &block_rows);
+        for (int64_t b = 0, begin = 0; begin < rows; ++b, begin += block_rows) {
+            int64_t end = begin + block_rows;
             items[i].job = j;
             items[i].begin = begin;
-            items[i].end = end < rows[j] ? end : rows[j];
+            items[i].end = end < rows ? end : rows;
             items[i].block = b;
             ++i;
         }
-    *n_items = total;
-    return items;
+    }
+    work_queue queue = {jobs, items, total, 0, run};
+    run_items(&queue, n_threads);
+    free(items);
+    return 0;
 }
 
 /* |x| or x * x, in the weight's own type: float32 sums within a block are what torch's kernels do too */
@@ -154,28 +165,15 @@ static void sum_block(const void *jobs, const work_item *item) {
         for (int64_t c = 0; c < job->k; ++c)                                                                \
             job->cols[c] += (double)((const T *)job->partial)[b * job->k + c];
 
+static void sum_shape(const void *jobs, int64_t j, int64_t *rows, int64_t *block_rows) {
+    *rows = ((const sum_job *)jobs)[j].n;
+    *block_rows = ((const sum_job *)jobs)[j].block_rows;
+}
+
 /* Returns 0, or -1 when out of memory (nothing is written then). */
 int fxprune_magnitude_sums(sum_job *jobs, int64_t n_jobs, int n_threads) {
-    int64_t *rows = (int64_t *)malloc(sizeof(int64_t) * (size_t)(n_jobs + 1));
-    int64_t *block_rows = (int64_t *)malloc(sizeof(int64_t) * (size_t)(n_jobs + 1));
-    if (!rows || !block_rows) {
-        free(rows);
-        free(block_rows);
+    if (run_blocks(jobs, n_jobs, sum_shape, sum_block, n_threads) != 0)
         return -1;
-    }
-    for (int64_t j = 0; j < n_jobs; ++j) {
-        rows[j] = jobs[j].n;
-        block_rows[j] = jobs[j].block_rows;
-    }
-    int64_t n_items = 0;
-    work_item *items = make_items(n_jobs, rows, block_rows, &n_items);
-    free(rows);
-    free(block_rows);
-    if (!items)
-        return -1;
-    work_queue queue = {jobs, items, n_items, 0, sum_block};
-    run_items(&queue, n_threads);
-    free(items);
     for (int64_t j = 0; j < n_jobs; ++j) {   /* the blocks' column sums, in block order */
         const sum_job *job = &jobs[j];
         if (!job->cols)
@@ -223,27 +221,12 @@ static void cut_block(const void *jobs, const work_item *item) {
     }
 }
 
+static void cut_shape(const void *jobs, int64_t j, int64_t *rows, int64_t *block_rows) {
+    *rows = ((const cut_job *)jobs)[j].n_rows;
+    *block_rows = ((const cut_job *)jobs)[j].block_rows;
+}
+
 /* Returns 0, or -1 when out of memory (nothing is written then). */
 int fxprune_cut(cut_job *jobs, int64_t n_jobs, int n_threads) {
-    int64_t *rows = (int64_t *)malloc(sizeof(int64_t) * (size_t)(n_jobs + 1));
-    int64_t *block_rows = (int64_t *)malloc(sizeof(int64_t) * (size_t)(n_jobs + 1));
-    if (!rows || !block_rows) {
-        free(rows);
-        free(block_rows);
-        return -1;
-    }
-    for (int64_t j = 0; j < n_jobs; ++j) {
-        rows[j] = jobs[j].n_rows;
-        block_rows[j] = jobs[j].block_rows;
-    }
-    int64_t n_items = 0;
-    work_item *items = make_items(n_jobs, rows, block_rows, &n_items);
-    free(rows);
-    free(block_rows);
-    if (!items)
-        return -1;
-    work_queue queue = {jobs, items, n_items, 0, cut_block};
-    run_items(&queue, n_threads);
-    free(items);
-    return 0;
+    return run_blocks(jobs, n_jobs, cut_shape, cut_block, n_threads);
 }
