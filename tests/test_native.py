@@ -2,6 +2,10 @@
 count, refuse what they do not handle, and compile gives the same model with them, without them, and
 where they cannot be built."""
 import logging
+import pathlib
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -153,3 +157,27 @@ def test_the_library_is_built_once_into_the_cache(monkeypatch, tmp_path):
     assert lib is not None and len(built) == 1     # no partial files left behind
     assert native.library() is lib
     np.testing.assert_equal(native.MagnitudeSums(1).run(), [])
+
+
+@needs_kernels
+def test_the_built_library_passes_its_self_test_in_a_child_process():
+    path = native._library_path()
+    assert subprocess.run([sys.executable, native.SELF_TEST, path]).returncode == 0
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler here")
+def test_a_library_that_computes_wrongly_is_never_cached(monkeypatch, tmp_path, caplog):
+    source = pathlib.Path(native.SOURCE).read_text()
+    assert "d[j] = s[cols[j]];" in source
+    wrong = tmp_path / "kernels.c"
+    wrong.write_text(source.replace("d[j] = s[cols[j]];", "d[j] = s[j];"))   # cuts that ignore the columns
+    monkeypatch.setattr(native, "SOURCE", str(wrong))
+    monkeypatch.setenv("FXPRUNE_CACHE", str(tmp_path / "cache"))
+    native._build_key.cache_clear()
+    try:
+        with caplog.at_level(logging.INFO, logger="fxprune"):
+            assert native.library() is None
+    finally:
+        native._build_key.cache_clear()
+    assert "self-test" in caplog.text and "cut" in caplog.text
+    assert list((tmp_path / "cache" / "native").iterdir()) == []

@@ -4,7 +4,8 @@ weight where torch's ops need two or three.
 
 The library is built on first use with the system's C compiler (`$CC`, else `cc`; about a second) into
 the cache folder ($FXPRUNE_CACHE, else $XDG_CACHE_HOME/fxprune, else ~/.cache/fxprune) and loaded with
-ctypes: no Python package and no torch headers are involved. Where it cannot be built (no compiler,
+ctypes: no Python package and no torch headers are involved. A new build is cached only once it has passed
+its self-test in a child process (abi.py). Where it cannot be built (no compiler,
 another platform) or is turned off (FXPRUNE_NATIVE=0), every caller uses torch's ops instead; results
 are the same (slices exactly; magnitude sums to float rounding, as the additions come in another order). The output model never uses these kernels."""
 from __future__ import annotations
@@ -24,10 +25,13 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from .abi import FLOAT32, FLOAT64, CutJob, SumJob, declare
+
 log = logging.getLogger("fxprune")
 
 ENV = "FXPRUNE_NATIVE"                      # "0" turns the kernels off
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels.c")
+SELF_TEST = os.path.join(os.path.dirname(os.path.abspath(__file__)), "abi.py")
 FLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp-simd"]
 TUNED_FLAGS = ["-march=native"]            # dropped where the compiler does not take it
 # rows per work block: about this many elements, so blocks depend on the shape only (not the threads), and
@@ -35,20 +39,7 @@ TUNED_FLAGS = ["-march=native"]            # dropped where the compiler does not
 # embedding would otherwise keep a sixteenth of its size)
 BLOCK_ELEMENTS = 1 << 16
 MAX_SUM_BLOCKS = 256
-_SUM_DTYPES = {torch.float32: 0, torch.float64: 1}
-
-
-class _SumJob(ctypes.Structure):
-    _fields_ = [("data", ctypes.c_void_p), ("n", ctypes.c_int64), ("k", ctypes.c_int64), ("inner", ctypes.c_int64),
-                ("dtype", ctypes.c_int32), ("power", ctypes.c_int32), ("rows", ctypes.c_void_p),
-                ("cols", ctypes.c_void_p), ("partial", ctypes.c_void_p), ("block_rows", ctypes.c_int64)]
-
-
-class _CutJob(ctypes.Structure):
-    _fields_ = [("src", ctypes.c_void_p), ("dst", ctypes.c_void_p), ("k", ctypes.c_int64),
-                ("inner", ctypes.c_int64), ("elem", ctypes.c_int64), ("rows", ctypes.c_void_p),
-                ("n_rows", ctypes.c_int64), ("cols", ctypes.c_void_p), ("n_cols", ctypes.c_int64),
-                ("block_rows", ctypes.c_int64)]
+_SUM_DTYPES = {torch.float32: FLOAT32, torch.float64: FLOAT64}
 
 
 _library: Dict[str, Optional[ctypes.CDLL]] = {}   # one load attempt per process (key: the library path)
@@ -93,7 +84,7 @@ class MagnitudeSums:
 
     def __init__(self, power: int):
         self.power, self.lib = power, library()
-        self.jobs: List[_SumJob] = []
+        self.jobs: List[SumJob] = []
         self.outputs: List[Dict[int, np.ndarray]] = []
         self.keep_alive: List[object] = []
 
@@ -108,7 +99,7 @@ class MagnitudeSums:
         cols = np.empty(k) if sums_cols else None
         partial = np.empty((-(-n // block_rows), k), dtype=np.float32 if tensor.dtype == torch.float32 else np.float64) \
             if sums_cols else None
-        self.jobs.append(_SumJob(tensor.data_ptr(), n, k, inner, _SUM_DTYPES[tensor.dtype], self.power,
+        self.jobs.append(SumJob(tensor.data_ptr(), n, k, inner, _SUM_DTYPES[tensor.dtype], self.power,
                                  _pointer(rows), _pointer(cols), _pointer(partial), block_rows))
         self.outputs.append({d: (rows if d == 0 and sums_rows else cols) for d in dims})
         self.keep_alive += [tensor, partial]
@@ -123,7 +114,7 @@ class MagnitudeSums:
 
     def run(self) -> Optional[List[Dict[int, torch.Tensor]]]:
         if self.jobs:
-            jobs = (_SumJob * len(self.jobs))(*self.jobs)
+            jobs = (SumJob * len(self.jobs))(*self.jobs)
             if self.lib.fxprune_magnitude_sums(jobs, len(self.jobs), torch.get_num_threads()) != 0:
                 return None
         return [{d: torch.from_numpy(v) for d, v in out.items()} for out in self.outputs]
@@ -136,7 +127,7 @@ class Cuts:
 
     def __init__(self):
         self.lib = library()
-        self.jobs: List[_CutJob] = []
+        self.jobs: List[CutJob] = []
         self.keep_alive: List[object] = []
 
     def add(self, tensor: torch.Tensor, rows: Optional[torch.Tensor], cols: torch.Tensor) -> Optional[torch.Tensor]:
@@ -151,7 +142,7 @@ class Cuts:
         out = torch.empty((n_rows, len(cols)) + tuple(tensor.shape[2:]), dtype=tensor.dtype)
         inner = _prod(tensor.shape[2:])
         block_rows = max(1, BLOCK_ELEMENTS // max(len(cols) * inner, 1))
-        self.jobs.append(_CutJob(tensor.data_ptr(), out.data_ptr(), tensor.shape[1], inner, tensor.element_size(),
+        self.jobs.append(CutJob(tensor.data_ptr(), out.data_ptr(), tensor.shape[1], inner, tensor.element_size(),
                                  _pointer(rows), n_rows, _pointer(cols), len(cols), block_rows))
         self.keep_alive += [tensor, out, rows, cols]
         return out
@@ -159,7 +150,7 @@ class Cuts:
     def run(self) -> bool:
         if not self.jobs:
             return True
-        jobs = (_CutJob * len(self.jobs))(*self.jobs)
+        jobs = (CutJob * len(self.jobs))(*self.jobs)
         return self.lib.fxprune_cut(jobs, len(self.jobs), torch.get_num_threads()) == 0
 
 
@@ -225,14 +216,10 @@ def _load(path: str) -> Optional[ctypes.CDLL]:
     try:
         if not os.path.exists(path):
             _build(path)
-        lib = ctypes.CDLL(path)
+        return declare(ctypes.CDLL(path))
     except Exception as exc:  # no compiler, a failed build, a library that does not load: torch's ops serve
         log.info("native kernels unavailable (%s); using torch's ops (compile is slower)", exc)
         return None
-    for name, job in (("fxprune_magnitude_sums", _SumJob), ("fxprune_cut", _CutJob)):
-        fn = getattr(lib, name)
-        fn.argtypes, fn.restype = [ctypes.POINTER(job), ctypes.c_int64, ctypes.c_int], ctypes.c_int
-    return lib
 
 
 def _build(path: str) -> None:
@@ -248,10 +235,17 @@ def _build(path: str) -> None:
             result = subprocess.run([compiler, *flags, "-o", partial, SOURCE, "-lpthread", "-lm"],
                                     capture_output=True, text=True)
             if result.returncode == 0:
-                os.replace(partial, path)
-                log.info("built native kernels into %s", path)
-                return
-        raise RuntimeError(f"{compiler} failed: {(result.stderr.strip().splitlines() or ['?'])[-1]}")
+                break
+        else:
+            raise RuntimeError(f"{compiler} failed: {(result.stderr.strip().splitlines() or ['?'])[-1]}")
+        # checked in a child process before anything loads it here: a library that computes wrongly, or
+        # crashes (code for another CPU), is never cached
+        check = subprocess.run([sys.executable, SELF_TEST, partial], capture_output=True, text=True)
+        if check.returncode != 0:
+            raise RuntimeError(f"the built library failed its self-test "
+                               f"({(check.stderr.strip().splitlines() or ['exit status %d' % check.returncode])[-1]})")
+        os.replace(partial, path)
+        log.info("built native kernels into %s", path)
     finally:
         if os.path.exists(partial):
             os.remove(partial)
