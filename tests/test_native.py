@@ -98,6 +98,10 @@ def test_kernels_decline_what_they_do_not_handle():
     assert native.summed_view(matrix, [0, 1], 3) is None
     cuts = native.Cuts()
     assert cuts.add(matrix.t(), None, torch.tensor([0])) is None
+    complex_matrix = torch.randn(6, 4, dtype=torch.complex64)
+    assert cuts.add(complex_matrix.conj(), None, torch.tensor([0])) is None      # a lazy conjugate bit
+    assert cuts.add(torch.quantize_per_tensor(matrix, 0.1, 0, torch.qint8), None, torch.tensor([0])) is None
+    assert cuts.add(matrix.to_sparse(), None, torch.tensor([0])) is None
     assert cuts.add(matrix, torch.tensor([6]), torch.tensor([0])) is None         # out of range: never read
     assert cuts.add(matrix, None, torch.tensor([-1])) is None
     assert cuts.jobs == []

@@ -63,8 +63,7 @@ def library() -> Optional[ctypes.CDLL]:
 def summed_view(tensor: torch.Tensor, dims: Sequence[int], power: int) -> Optional[Tuple[int, int, int]]:
     """The [n, k, inner] view under which `dims` of `tensor` are rows (dim 0) and/or columns (dim 1), or
     None where the kernels do not apply (see MagnitudeSums.add)."""
-    if tensor.device.type != "cpu" or tensor.dtype not in _SUM_DTYPES or not tensor.is_contiguous() \
-            or power not in (1, 2) or tensor.numel() == 0:
+    if not _plain_memory(tensor) or tensor.dtype not in _SUM_DTYPES or power not in (1, 2):
         return None
     shape, dims = tuple(tensor.shape), sorted(dims)
     if dims == [0, 1] or dims == [1]:
@@ -131,8 +130,7 @@ class Cuts:
         self.keep_alive: List[object] = []
 
     def add(self, tensor: torch.Tensor, rows: Optional[torch.Tensor], cols: torch.Tensor) -> Optional[torch.Tensor]:
-        if self.lib is None or tensor.device.type != "cpu" or not tensor.is_contiguous() or tensor.ndim < 2 \
-                or tensor.numel() == 0:
+        if self.lib is None or not _plain_memory(tensor) or tensor.ndim < 2:
             return None
         rows = None if rows is None else _indices(rows, tensor.shape[0])
         cols = _indices(cols, tensor.shape[1])
@@ -152,6 +150,14 @@ class Cuts:
             return True
         jobs = (CutJob * len(self.jobs))(*self.jobs)
         return self.lib.fxprune_cut(jobs, len(self.jobs), torch.get_num_threads()) == 0
+
+
+def _plain_memory(tensor: torch.Tensor) -> bool:
+    """Whether the tensor's values are its memory as laid out: a dense, contiguous CPU tensor of a plain
+    Tensor or Parameter class, with no quantisation and no lazy conjugate or negative bit."""
+    return (type(tensor) in (torch.Tensor, torch.nn.Parameter) and tensor.device.type == "cpu"
+            and tensor.layout == torch.strided and not tensor.is_quantized and not tensor.is_conj()
+            and not tensor.is_neg() and tensor.is_contiguous() and tensor.numel() > 0)
 
 
 def _indices(index: torch.Tensor, size: int):
