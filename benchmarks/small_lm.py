@@ -22,6 +22,8 @@ from typing import List, Optional, Tuple
 import numpy as np
 import torch
 
+from fxprune.cache import cache_dir as fxprune_cache_dir
+
 CONFIG = dict(vocab_size=256, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
               num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256,
               rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=None, eos_token_id=None,
@@ -37,8 +39,7 @@ SEQ_LEN = 128
 
 
 def cache_dir() -> str:
-    root = os.environ.get("FXPRUNE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "fxprune")
-    return os.path.join(root, "small_lm")
+    return fxprune_cache_dir("small_lm")
 
 
 def stdlib_files() -> Tuple[List[str], List[str]]:

@@ -20,12 +20,12 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from ..cache import cache_dir as default_cache_dir
 from ..latency import LayerSpec
 from .onnx_export import export_onnx, ort_session, physical_cores
 
 log = logging.getLogger("fxprune")
 
-CACHE_ENV = "FXPRUNE_CACHE"   # a folder for the latency tables (default ~/.cache/fxprune)
 
 
 class _CachedLayerTimes:
@@ -36,7 +36,7 @@ class _CachedLayerTimes:
     _table: Optional[Dict[str, float]]
 
     def __init__(self, cache_dir: Optional[str]):
-        self.cache_dir = cache_dir or os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "fxprune")
+        self.cache_dir = cache_dir or default_cache_dir()
         self._table = None
         self.measured = self.cached = 0   # layer widths timed / read from the cache by this target
 

@@ -25,6 +25,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from ..cache import cache_dir
 from .abi import FLOAT32, FLOAT64, CutJob, SumJob, declare
 
 log = logging.getLogger("fxprune")
@@ -181,20 +182,13 @@ def _prod(values) -> int:
 
 
 # ----------------------------------------------------------------------------------------- building
-def cache_dir() -> str:
-    """$FXPRUNE_CACHE, else $XDG_CACHE_HOME/fxprune, else ~/.cache/fxprune (as the latency tables)."""
-    if os.environ.get("FXPRUNE_CACHE"):
-        return os.path.expanduser(os.environ["FXPRUNE_CACHE"])
-    return os.path.join(os.path.expanduser(os.environ.get("XDG_CACHE_HOME") or "~/.cache"), "fxprune")
-
-
 def _compiler() -> Optional[str]:
     return shutil.which(os.environ.get("CC") or "cc")
 
 
 def _library_path() -> str:
     suffix = ".dylib" if sys.platform == "darwin" else ".so"
-    return os.path.join(cache_dir(), "native", f"kernels-{_build_key(_compiler())}{suffix}")
+    return cache_dir("native", f"kernels-{_build_key(_compiler())}{suffix}")
 
 
 @functools.lru_cache(maxsize=None)

@@ -37,6 +37,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from ..cache import CACHE_ENV, cache_dir as fxprune_cache_dir
 from ..errors import FxPruneError
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -44,7 +45,7 @@ Subset = Union[None, int, Sequence[int], np.ndarray]
 
 NPZ_NAME = "cifar10_jpeg.npz"
 PICKLES_DIR_NAME = "cifar-10-batches-py"
-DATA_ENV, CACHE_ENV = "FXPRUNE_DATA", "FXPRUNE_CACHE"
+DATA_ENV = "FXPRUNE_DATA"
 SPLITS = ("train", "test")
 NUM_CLASSES = 10
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -158,11 +159,8 @@ def load_cifar10(path: Optional[PathLike] = None, split: str = "train",
 
 
 def cache_dir() -> Path:
-    """Where decoded arrays are cached: $FXPRUNE_CACHE, else $XDG_CACHE_HOME/fxprune, else ~/.cache/fxprune."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "fxprune"
+    """Where decoded arrays are cached: fxprune's cache folder (fxprune/cache.py)."""
+    return Path(fxprune_cache_dir())
 
 
 def _check_split(split: str) -> None:
