@@ -56,6 +56,8 @@ class L1Importance(Importance):
                 magnitude = torch.abs(w, out=scratch.like(w.shape, w.dtype, w.device))
                 if self.power != 1:
                     magnitude = magnitude.double() ** self.power
+                elif magnitude.dtype in (torch.float16, torch.bfloat16):
+                    magnitude = magnitude.float()  # summed in float, as the kernels do: a half sum keeps 3 digits
                 # new tensors: the scratch is reused next
                 found = {dim: per_position for dim, (_, per_position) in zip(dims, position_sums(magnitude, dims))}
             out.append(found)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ..cache import cache_dir
-from .abi import FLOAT32, FLOAT64, CutJob, SumJob, declare
+from .abi import BFLOAT16, FLOAT16, FLOAT32, FLOAT64, CutJob, SumJob, declare
 
 log = logging.getLogger("fxprune")
 
@@ -40,7 +40,7 @@ TUNED_FLAGS = ["-march=native"]            # dropped where the compiler does not
 # embedding would otherwise keep a sixteenth of its size)
 BLOCK_ELEMENTS = 1 << 16
 MAX_SUM_BLOCKS = 256
-_SUM_DTYPES = {torch.float32: FLOAT32, torch.float64: FLOAT64}
+_SUM_DTYPES = {torch.float32: FLOAT32, torch.float64: FLOAT64, torch.bfloat16: BFLOAT16, torch.float16: FLOAT16}
 
 
 _library: Dict[str, Optional[ctypes.CDLL]] = {}   # one load attempt per process (key: the library path)
@@ -97,7 +97,8 @@ class MagnitudeSums:
         block_rows = max(1, BLOCK_ELEMENTS // max(k * inner, 1), -(-n // MAX_SUM_BLOCKS))
         rows = np.empty(n) if sums_rows else None
         cols = np.empty(k) if sums_cols else None
-        partial = np.empty((-(-n // block_rows), k), dtype=np.float32 if tensor.dtype == torch.float32 else np.float64) \
+        # per-block column sums in the type the kernel adds in: double for float64 weights, else float
+        partial = np.empty((-(-n // block_rows), k), dtype=np.float64 if tensor.dtype == torch.float64 else np.float32) \
             if sums_cols else None
         self.jobs.append(SumJob(tensor.data_ptr(), n, k, inner, _SUM_DTYPES[tensor.dtype], self.power,
                                  _pointer(rows), _pointer(cols), _pointer(partial), block_rows))

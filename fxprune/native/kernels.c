@@ -8,7 +8,7 @@
 
    Work is split into blocks of whole rows whose size depends on the tensor's shape only, and column sums
    add the blocks' partial sums in block order after every thread is done, so results do not depend on the
-   number of threads. Sums within a block are in the weight's type (as torch's), across blocks in double. */
+   number of threads. Sums within a block are in float (double for float64 weights), across blocks in double. */
 #include <math.h>
 #include <pthread.h>
 #include <stdint.h>
@@ -17,15 +17,17 @@
 
 #define FLOAT32 0
 #define FLOAT64 1
+#define BFLOAT16 2
+#define FLOAT16 3
 
 typedef struct {
     const void *data;      /* contiguous [n, k, inner] */
     int64_t n, k, inner;
-    int32_t dtype;         /* FLOAT32 or FLOAT64 */
+    int32_t dtype;         /* FLOAT32, FLOAT64, BFLOAT16 or FLOAT16 */
     int32_t power;         /* 1: |x|, 2: x * x */
     double *rows;          /* [n] sums over (k, inner), or NULL */
     double *cols;          /* [k] sums over (n, inner), or NULL */
-    void *partial;         /* [blocks, k] per-block column sums in the weight's type, when cols is set */
+    void *partial;         /* [blocks, k] per-block column sums (double for FLOAT64, else float), when cols is set */
     int64_t block_rows;
 } sum_job;
 
@@ -108,30 +110,56 @@ static int run_blocks(const void *jobs, int64_t n_jobs, job_shape shape,
     return 0;
 }
 
-/* |x| or x * x, in the weight's own type: float32 sums within a block are what torch's kernels do too */
+/* 16-bit floats widened to float: bfloat16 is float's upper half; IEEE half needs its exponent rebased. */
+static inline float from_bfloat16(uint16_t h) {
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+/* Without branches, so that loops over it vectorise: the exponent and mantissa moved to float's places,
+   then scaled by 2^112 to rebase the exponent (15 -> 127; this makes subnormals right too); all-ones
+   exponents (infinity, NaN) set apart. */
+static inline float from_float16(uint16_t h) {
+    uint32_t shifted = (uint32_t)(h & 0x7fffu) << 13, bits;
+    float f;
+    memcpy(&f, &shifted, sizeof f);
+    f *= 0x1p112f;
+    memcpy(&bits, &f, sizeof bits);
+    bits = (h & 0x7c00u) == 0x7c00u ? 0x7f800000u | (shifted & 0x7fffffu) : bits;
+    bits |= (uint32_t)(h & 0x8000u) << 16;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+#define AS_IS(x) (x)
+
+/* |x| or x * x in the accumulator's type (float32 sums within a block are what torch's kernels do too) */
 #define MAGNITUDE(x) (power == 1 ? (x < 0 ? -x : x) : x * x)
 
-#define SUM_ROWS(T)                                                                                         \
+/* T: the weight's storage type, A: the type it is summed in, LOAD: T -> A */
+#define SUM_ROWS(T, A, LOAD)                                                                                \
     {                                                                                                       \
-        T *acc = job->cols ? (T *)job->partial + item->block * job->k : NULL;                               \
+        A *acc = job->cols ? (A *)job->partial + item->block * job->k : NULL;                               \
         if (acc)                                                                                            \
-            memset(acc, 0, sizeof(T) * (size_t)job->k);                                                     \
+            memset(acc, 0, sizeof(A) * (size_t)job->k);                                                     \
         for (int64_t i = item->begin; i < item->end; ++i) {                                                 \
             const T *row = (const T *)job->data + i * width;                                                \
-            T row_sum = 0;                                                                                  \
+            A row_sum = 0;                                                                                  \
             if (acc && job->inner == 1) {                                                                   \
                 _Pragma("omp simd reduction(+:row_sum)")                                                    \
                 for (int64_t j = 0; j < width; ++j) {                                                       \
-                    T x = row[j], m = MAGNITUDE(x);                                                         \
+                    A x = LOAD(row[j]), m = MAGNITUDE(x);                                                   \
                     acc[j] += m;                                                                            \
                     row_sum += m;                                                                           \
                 }                                                                                           \
             } else if (acc) {                                                                               \
                 for (int64_t j = 0; j < job->k; ++j) {                                                      \
-                    T s = 0;                                                                                \
+                    A s = 0;                                                                                \
                     _Pragma("omp simd reduction(+:s)")                                                      \
                     for (int64_t t = 0; t < job->inner; ++t) {                                              \
-                        T x = row[j * job->inner + t];                                                      \
+                        A x = LOAD(row[j * job->inner + t]);                                                \
                         s += MAGNITUDE(x);                                                                  \
                     }                                                                                       \
                     acc[j] += s;                                                                            \
@@ -140,7 +168,7 @@ static int run_blocks(const void *jobs, int64_t n_jobs, job_shape shape,
             } else {                                                                                        \
                 _Pragma("omp simd reduction(+:row_sum)")                                                    \
                 for (int64_t j = 0; j < width; ++j) {                                                       \
-                    T x = row[j];                                                                           \
+                    A x = LOAD(row[j]);                                                                     \
                     row_sum += MAGNITUDE(x);                                                                \
                 }                                                                                           \
             }                                                                                               \
@@ -153,10 +181,12 @@ static void sum_block(const void *jobs, const work_item *item) {
     const sum_job *job = (const sum_job *)jobs + item->job;
     const int64_t width = job->k * job->inner;
     const int32_t power = job->power;
-    if (job->dtype == FLOAT32)
-        SUM_ROWS(float)
-    else
-        SUM_ROWS(double)
+    switch (job->dtype) {
+    case FLOAT32: SUM_ROWS(float, float, AS_IS) break;
+    case FLOAT64: SUM_ROWS(double, double, AS_IS) break;
+    case BFLOAT16: SUM_ROWS(uint16_t, float, from_bfloat16) break;
+    default: SUM_ROWS(uint16_t, float, from_float16) break;
+    }
 }
 
 /* The blocks' column sums, added in block order in double. */
@@ -180,10 +210,10 @@ int fxprune_magnitude_sums(sum_job *jobs, int64_t n_jobs, int n_threads) {
             continue;
         int64_t blocks = (job->n + job->block_rows - 1) / job->block_rows;
         memset(job->cols, 0, sizeof(double) * (size_t)job->k);
-        if (job->dtype == FLOAT32)
-            ADD_BLOCKS(float)
-        else
+        if (job->dtype == FLOAT64)
             ADD_BLOCKS(double)
+        else
+            ADD_BLOCKS(float)
     }
     return 0;
 }
