@@ -2,12 +2,12 @@
 magnitude sums and the rewrite's slicing of tensors cut on two dims (kernels.c). Each is one read of the
 weight where torch's ops need two or three.
 
-The library is built on first use with the system's C compiler (`$CC`, else `cc`; about a second) into
-the cache folder ($FXPRUNE_CACHE, else $XDG_CACHE_HOME/fxprune, else ~/.cache/fxprune) and loaded with
-ctypes: no Python package and no torch headers are involved. A new build is cached only once it has passed
-its self-test in a child process (abi.py). Where it cannot be built (no compiler,
-another platform) or is turned off (FXPRUNE_NATIVE=0), every caller uses torch's ops instead; results
-are the same (slices exactly; magnitude sums to float rounding, as the additions come in another order). The output model never uses these kernels."""
+The library is built on first use with the system's C compiler (`$CC`, else `cc`; well under a second)
+into fxprune's cache folder (fxprune/cache.py) and loaded with ctypes: no Python package and no torch
+headers are involved. A new build is cached only once it has passed its self-test in a child process
+(abi.py). Where it cannot be built (no compiler, another platform) or is turned off (FXPRUNE_NATIVE=0),
+every caller uses torch's ops instead. Results are the same: slices exactly, magnitude sums to float
+rounding (the additions come in another order). The output model never uses these kernels."""
 from __future__ import annotations
 
 import ctypes
@@ -61,19 +61,21 @@ def library() -> Optional[ctypes.CDLL]:
     return _library[path]
 
 
-def summed_view(tensor: torch.Tensor, dims: Sequence[int], power: int) -> Optional[Tuple[int, int, int]]:
-    """The [n, k, inner] view under which `dims` of `tensor` are rows (dim 0) and/or columns (dim 1), or
-    None where the kernels do not apply (see MagnitudeSums.add)."""
+def summed_view(tensor: torch.Tensor, dims: Sequence[int],
+                power: int) -> Optional[Tuple[int, int, int, bool, bool]]:
+    """(n, k, inner, row sums?, column sums?): the [n, k, inner] view of `tensor` under which `dims` are its
+    rows (dim 0) and/or columns (dim 1), and which of the two are wanted; None where the kernels do not
+    apply (see MagnitudeSums.add)."""
     if not _plain_memory(tensor) or tensor.dtype not in _SUM_DTYPES or power not in (1, 2):
         return None
     shape, dims = tuple(tensor.shape), sorted(dims)
-    if dims == [0, 1] or dims == [1]:
-        return shape[0], shape[1], _prod(shape[2:])
+    if dims == [0, 1]:
+        return shape[0], shape[1], _prod(shape[2:]), True, True
     if dims == [0]:
-        return shape[0], _prod(shape[1:]), 1
-    if len(dims) == 1:
+        return shape[0], _prod(shape[1:]), 1, True, False
+    if len(dims) == 1:   # a lone dim d > 0: the columns of [before d, d, after d]
         d = dims[0]
-        return _prod(shape[:d]), shape[d], _prod(shape[d + 1:])
+        return _prod(shape[:d]), shape[d], _prod(shape[d + 1:]), False, True
     return None
 
 
@@ -92,8 +94,7 @@ class MagnitudeSums:
         view = summed_view(tensor, dims, self.power) if self.lib is not None else None
         if view is None:
             return False
-        n, k, inner = view
-        sums_rows, sums_cols = self._wanted(tensor.ndim, sorted(dims))
+        n, k, inner, sums_rows, sums_cols = view
         block_rows = max(1, BLOCK_ELEMENTS // max(k * inner, 1), -(-n // MAX_SUM_BLOCKS))
         rows = np.empty(n) if sums_rows else None
         cols = np.empty(k) if sums_cols else None
@@ -105,13 +106,6 @@ class MagnitudeSums:
         self.outputs.append({d: (rows if d == 0 and sums_rows else cols) for d in dims})
         self.keep_alive += [tensor, partial]
         return True
-
-    @staticmethod
-    def _wanted(ndim: int, dims: List[int]) -> Tuple[bool, bool]:
-        """(row sums, column sums) of the [n, k, inner] view: a lone dim other than 0 is its columns."""
-        if dims == [0, 1]:
-            return True, True
-        return dims == [0], dims != [0]
 
     def run(self) -> Optional[List[Dict[int, torch.Tensor]]]:
         if self.jobs:
