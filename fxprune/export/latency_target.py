@@ -27,7 +27,6 @@ from .onnx_export import export_onnx, ort_session, physical_cores
 log = logging.getLogger("fxprune")
 
 
-
 class _CachedLayerTimes:
     """What every target shares: layer times cached on disk per target key, measured on a miss by the
     subclass's `_time_layer(spec, in_width, out_width)`."""
